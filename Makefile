@@ -1,0 +1,30 @@
+# The two commands the README opens with: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= /tmp/mmret_demo
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[torch,dev]"
+	touch $@
+
+demo: setup
+	$(PY) tools/make_tiny_model.py --out $(WORKDIR)/tiny_model --preset tiny --seed 0 --force
+	$(PY) -m mmret.demo --model_dir $(WORKDIR)/tiny_model
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,136 @@
+"""Forward latency: our jitted Flax Qwen2-VL vs the Hugging Face PyTorch model, same weights, inputs
+and machine, reported as a ratio (measured interleaved, so machine noise hits both sides alike).
+
+    python benchmarks/forward.py --preset small                      # CPU, float32
+    python benchmarks/forward.py --preset qwen2vl-2b --dtype bfloat16 --batch 8 --length 512 --image_tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmret.models import qwen2_vl
+from mmret.models.qwen2_vl.presets import TOKEN_IDS, hf_config
+
+
+def make_inputs(batch: int, length: int, image_tokens: int, vocab: int, seed: int = 0):
+    """Each row: a few text tokens, one image of ``image_tokens`` merged tokens (a square-ish grid),
+    then text up to ``length``. Returns numpy ids, mask, pixel_values, grid."""
+    rng = np.random.default_rng(seed)
+    gh = int(np.sqrt(image_tokens))
+    while image_tokens % gh:
+        gh -= 1
+    gw = image_tokens // gh
+    grid = np.array([[1, 2 * gh, 2 * gw]] * batch, np.int64)
+    ids = rng.integers(0, min(vocab, 150000), size=(batch, length))
+    ids[:, 1] = TOKEN_IDS["vision_start_token_id"]
+    ids[:, 2 : 2 + image_tokens] = TOKEN_IDS["image_token_id"]
+    ids[:, 2 + image_tokens] = TOKEN_IDS["vision_end_token_id"]
+    mask = np.ones_like(ids)
+    pixel_values = rng.standard_normal((batch * 4 * image_tokens, 1176)).astype(np.float32)
+    return ids, mask, pixel_values, grid
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--image_tokens", type=int, default=64)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--attention_impl", default="xla", choices=["xla", "cudnn", "auto"])
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args()
+
+    import torch
+    import transformers
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg_dict = hf_config(args.preset)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**cfg_dict))
+        hf = hf.to(torch_dtype).eval()
+        hf.save_pretrained(tmp)
+        model = qwen2_vl.from_hf(tmp, dtype=args.dtype, attention_impl=args.attention_impl)
+    hf = hf.to(device)
+
+    ids, mask, pv, grid = make_inputs(args.batch, args.length, args.image_tokens, cfg_dict["vocab_size"])
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids, mask, pv, grid):
+        return nnx.merge(graphdef, state)(ids, mask, pv, grid).last_hidden_state
+
+    j_args = [jnp.asarray(x) for x in (ids, mask, pv, grid)]
+    t_kw = dict(
+        input_ids=torch.tensor(ids, device=device),
+        attention_mask=torch.tensor(mask, device=device),
+        pixel_values=torch.tensor(pv, device=device, dtype=torch_dtype),
+        image_grid_thw=torch.tensor(grid, device=device),
+        mm_token_type_ids=torch.tensor((ids == TOKEN_IDS["image_token_id"]).astype(np.int64), device=device),
+    )
+
+    def run_jax() -> float:
+        t0 = time.perf_counter()
+        forward(state, *j_args).block_until_ready()
+        return time.perf_counter() - t0
+
+    def run_torch() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.model(**t_kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    run_jax()
+    compile_s = time.perf_counter() - t0
+    run_torch()
+    ours, peer = [], []
+    for _ in range(args.iters):  # interleaved
+        ours.append(run_jax())
+        peer.append(run_torch())
+    tokens = args.batch * args.length
+    res = {
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "device": jax.devices()[0].device_kind,
+        "torch_device": device,
+        "torch_attention": hf.config._attn_implementation,
+        "batch": args.batch,
+        "length": args.length,
+        "image_tokens": args.image_tokens,
+        "jax_compile_s": round(compile_s, 2),
+        "mmret_ms": round(1e3 * statistics.median(ours), 2),
+        "hf_ms": round(1e3 * statistics.median(peer), 2),
+        "mmret_tokens_per_s": round(tokens / statistics.median(ours)),
+        "hf_tokens_per_s": round(tokens / statistics.median(peer)),
+        "hf_over_mmret_latency": round(statistics.median(peer) / statistics.median(ours), 3),
+    }
+    print(json.dumps(res, indent=2))
+    print(
+        f"| {args.preset} | {args.dtype} | {res['device']} | {args.batch}x{args.length} ({args.image_tokens} img) "
+        f"| {res['mmret_ms']} | {res['hf_ms']} | {res['hf_over_mmret_latency']}x |"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Hugging Face (safetensors, hub key layout) and mmret."""

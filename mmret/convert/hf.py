@@ -1,0 +1,301 @@
+"""Read and write Qwen2-VL Hugging Face checkpoints (safetensors only), one tensor at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ml_dtypes
+import numpy as np
+
+from mmret.convert.qwen2_vl_table import TABLE, Kind, canonical_hub_key, to_hub, to_ours
+
+if TYPE_CHECKING:  # a runtime import would be circular (qwen2_vl's from_hf imports this module)
+    from mmret.models.qwen2_vl.config import Qwen2VLConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message names the key or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One hub tensor and where it lives in our parameters."""
+
+    hub: str
+    path: tuple[str | int, ...]  # our nnx state path
+    kind: Kind
+    layer: int | None  # block index for a stacked (scanned) parameter
+
+
+def entries(cfg: Qwen2VLConfig, *, with_lm_head: bool | None = None) -> list[Entry]:
+    """The mapping table expanded for one architecture (block counts, tied head, scan layout)."""
+    with_lm_head = cfg.with_lm_head if with_lm_head is None else with_lm_head
+    out = []
+    for rule in TABLE:
+        if rule.hub == "lm_head.weight" and (cfg.text.tie_word_embeddings or not with_lm_head):
+            continue
+        if "{i}" not in rule.hub:
+            out.append(Entry(rule.hub, _path(rule.ours), rule.kind, None))
+            continue
+        depth = cfg.vision.depth if rule.hub.startswith("visual.") else cfg.text.num_hidden_layers
+        for i in range(depth):
+            if cfg.scan_layers:
+                path = _path(rule.ours.replace(".{i}", ""))
+                out.append(Entry(rule.hub.format(i=i), path, rule.kind, i))
+            else:
+                out.append(Entry(rule.hub.format(i=i), _path(rule.ours.format(i=i)), rule.kind, None))
+    return out
+
+
+def _path(dotted: str) -> tuple[str | int, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+
+
+def hub_shape(cfg: Qwen2VLConfig, entry: Entry, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The hub tensor's shape, from the shape of our (unstacked) parameter."""
+    if entry.kind == "linear":
+        return tuple(reversed(ours_shape))
+    if entry.kind == "patch_embed":
+        v = cfg.vision
+        return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return ours_shape
+
+
+#: safetensors dtype names <-> numpy dtypes (bfloat16 / float8 from ml_dtypes).
+ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("bool"),
+}
+_ST_NAMES = {dt: name for name, dt in ST_DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    key: str  # the key as stored in the file
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors file's header (no tensor data is read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > min(_MAX_HEADER, size - 8):
+                raise ConversionError(f"{path}: not a safetensors file (bad header length)")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    out = {}
+    for key, spec in header.items():
+        try:
+            dtype_name, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConversionError(f"{path}: malformed header entry for {key!r}") from e
+        if dtype_name not in ST_DTYPES:
+            raise ConversionError(f"{path}: tensor {key!r} has unsupported dtype {dtype_name}")
+        dtype = ST_DTYPES[dtype_name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != nbytes or 8 + n + end > size:
+            raise ConversionError(f"{path}: tensor {key!r} has inconsistent offsets (truncated file?)")
+        out[key] = TensorInfo(path, key, dtype, shape, 8 + n + begin, nbytes)
+    return out
+
+
+class SafetensorsCheckpoint:
+    """A Hugging Face model directory's tensors, read lazily by (canonical) hub key.
+
+    Tensors are read with plain file reads (no mmap), so reading one costs one copy of it and
+    nothing stays resident afterwards; bfloat16 and float8 come back as ``ml_dtypes`` arrays.
+    """
+
+    def __init__(self, hf_dir: str | Path):
+        self.dir = Path(hf_dir)
+        if not self.dir.is_dir():
+            raise ConversionError(f"{self.dir}: not a directory")
+        pickles = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt"))
+        index = self.dir / INDEX_FILE
+        single = self.dir / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index}: not a safetensors index ({e})") from e
+        elif single.is_file():
+            weight_map = {k: SINGLE_FILE for k in read_header(single)}
+        elif pickles:
+            raise ConversionError(
+                f"{self.dir / pickles[0]}: pickle checkpoints are refused (they can run code when loaded); "
+                "convert it to safetensors first"
+            )
+        else:
+            raise ConversionError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for key, file in weight_map.items():
+            if file not in headers:
+                path = self.dir / file
+                if not path.is_file():
+                    raise ConversionError(f"{path}: listed in {INDEX_FILE} for {key!r} but missing")
+                headers[file] = read_header(path)
+            if key not in headers[file]:
+                raise ConversionError(f"{self.dir / file}: has no tensor {key!r} (listed in {INDEX_FILE})")
+            canonical = canonical_hub_key(key)
+            if canonical in self.tensors:
+                raise ConversionError(f"{self.dir}: tensor {canonical!r} is stored twice (as {key!r})")
+            self.tensors[canonical] = headers[file][key]
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        if key not in self.tensors:
+            raise ConversionError(f"{self.dir}: missing tensor {key!r}")
+        return self.tensors[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
+
+    def get(self, key: str) -> np.ndarray:
+        """Read one tensor into a fresh array."""
+        t = self.info(key)
+        out = np.empty(t.shape, t.dtype)
+        with open(t.file, "rb") as f:
+            f.seek(t.offset)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != t.nbytes:
+            raise ConversionError(f"{t.file}: tensor {key!r} is truncated")
+        return out
+
+    def dtypes(self) -> set[np.dtype]:
+        """The dtypes of all tensors (hub checkpoints normally hold one)."""
+        return {t.dtype for t in self.tensors.values()}
+
+    def dtype(self) -> np.dtype:
+        """The checkpoint's one dtype; an error if it mixes several."""
+        found = self.dtypes()
+        if len(found) != 1:
+            raise ConversionError(f"{self.dir}: tensors have mixed dtypes {sorted(map(str, found))}")
+        return found.pop()
+
+
+def write_safetensors(
+    path: Path, tensors: Iterator[tuple[str, np.ndarray]], plan: list[tuple[str, Any, tuple[int, ...]]]
+) -> None:
+    """Stream tensors into one safetensors file. ``plan`` lists (key, dtype, shape) in the order the
+    (key, array) pairs come, so the header goes first and each tensor is written and dropped; exactly
+    ``len(plan)`` pairs are taken from ``tensors`` (so one iterator can feed several shards)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, dtype, shape in plan:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {
+            "dtype": _ST_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key, dtype, shape in plan:
+            got_key, x = next(tensors, (None, None))
+            if got_key != key or x is None or x.dtype != np.dtype(dtype) or tuple(x.shape) != tuple(shape):
+                got = None if x is None else f"{got_key!r} {x.dtype} {list(x.shape)}"
+                raise ConversionError(f"{path}: expected tensor {key!r} {dtype} {list(shape)}, got {got}")
+            f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+
+
+def read_params(
+    ckpt: SafetensorsCheckpoint, cfg: Qwen2VLConfig, target: dict[tuple, Any], dtype: Any
+) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yield (our path, array in ``dtype``) for every parameter of ``target`` (a flat dict of path ->
+    ShapeDtypeStruct), reading one hub tensor at a time and checking every shape.
+
+    Stacked parameters are assembled in one preallocated array. Unmapped hub tensors are an error,
+    except a tied model's redundant ``lm_head.weight``.
+    """
+    mapped = entries(cfg)
+    known = {e.hub for e in mapped}
+    if cfg.text.tie_word_embeddings or not cfg.with_lm_head:
+        known.add("lm_head.weight")
+    unexpected = sorted(set(ckpt.keys()) - known)
+    if unexpected:
+        raise ConversionError(
+            f"{ckpt.dir}: {len(unexpected)} tensors the Qwen2-VL mapping does not know, e.g. {unexpected[:3]}"
+        )
+    by_path: dict[tuple, list[Entry]] = {}
+    for e in mapped:
+        by_path.setdefault(e.path, []).append(e)
+    missing = sorted(set(target) - set(by_path), key=str)
+    if missing:
+        raise ConversionError(f"no mapping for parameters {missing[:3]}")
+    missing_hub = [e.hub for e in mapped if e.hub not in ckpt.tensors]
+    if missing_hub:
+        more = f" (and {len(missing_hub) - 1} more)" if len(missing_hub) > 1 else ""
+        raise ConversionError(f"{ckpt.dir}: missing tensor {missing_hub[0]!r}{more}")
+    for path, group in by_path.items():  # check every shape before reading anything
+        if path not in target:
+            raise ConversionError(f"mapping names {'.'.join(map(str, path))}, which the model does not have")
+        want = tuple(target[path].shape)
+        layer_shape = want[1:] if group[0].layer is not None else want
+        for e in group:
+            expect = hub_shape(cfg, e, layer_shape)
+            got = ckpt.shape(e.hub)
+            if got != expect:
+                raise ConversionError(
+                    f"{ckpt.dir}: tensor {e.hub!r} has shape {list(got)}, the config implies {list(expect)}"
+                )
+    for path, group in by_path.items():
+        want = tuple(target[path].shape)
+        out = np.empty(want, dtype) if group[0].layer is not None else None
+        for e in group:
+            x = to_ours(ckpt.get(e.hub), e.kind).astype(dtype, copy=False)
+            if out is None:
+                out = x
+            else:
+                out[e.layer] = x
+            del x
+        yield path, out
+
+
+def write_tensors(
+    params: dict[tuple, np.ndarray], cfg: Qwen2VLConfig, *, with_lm_head: bool
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (hub key, hub-layout array) from our flat params, in table order."""
+    for e in entries(cfg, with_lm_head=with_lm_head):
+        x = np.asarray(params[e.path])
+        if e.layer is not None:
+            x = x[e.layer]
+        yield e.hub, to_hub(x, e.kind, hub_shape(cfg, e, x.shape))

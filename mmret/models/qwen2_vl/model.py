@@ -1,0 +1,147 @@
+"""Qwen2-VL in Flax NNX: vision tower + Qwen2 decoder, image features placed at <|image_pad|>."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from mmret.models.partitioning import logical
+from mmret.models.qwen2_vl.attention import padding_mask
+from mmret.models.qwen2_vl.config import Qwen2VLConfig
+from mmret.models.qwen2_vl.decoder import DecoderLayer
+from mmret.models.qwen2_vl.layer_stack import LayerStack
+from mmret.models.qwen2_vl.layers import INIT_STD, RMSNorm, linear
+from mmret.models.qwen2_vl.position_ids import mrope_position_ids
+from mmret.models.qwen2_vl.rope import mrope_cos_sin
+from mmret.models.qwen2_vl.vision import VisionTransformer
+
+
+@struct.dataclass
+class Qwen2VLOutput:
+    last_hidden_state: jax.Array  # [batch, length, hidden]
+    logits: jax.Array | None = None  # [batch, length, vocab] when the LM head is present
+
+
+class LanguageModel(nnx.Module):
+    """Token embedding, decoder layers and the final norm."""
+
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        t = cfg.text
+        self.embed_tokens = nnx.Embed(
+            t.vocab_size,
+            t.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=logical(nnx.initializers.normal(INIT_STD), "vocab", "embed"),
+            rngs=rngs,
+        )
+        self.layers = LayerStack(
+            lambda r: DecoderLayer(cfg, rngs=r), t.num_hidden_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
+        )
+        self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+    def __call__(self, embeds: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.norm(self.layers(embeds, cos, sin, mask))
+
+
+class Qwen2VL(nnx.Module):
+    """The backbone. ``__call__`` takes what the Hugging Face model takes: input_ids [B, L],
+    attention_mask [B, L] (1 = token, 0 = pad; left or right padding), pixel_values [patches, 1176]
+    and image_grid_thw [images, 3] as the Hugging Face processor emits them."""
+
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg, rngs=rngs)
+        self.language_model = LanguageModel(cfg, rngs=rngs)
+        if cfg.with_lm_head and not cfg.text.tie_word_embeddings:
+            self.lm_head = linear(
+                cfg.text.hidden_size,
+                cfg.text.vocab_size,
+                ("embed", "vocab"),
+                bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                rngs=rngs,
+            )
+        else:
+            self.lm_head = None
+
+    def embed_inputs(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, image_grid_thw: jax.Array | None
+    ) -> jax.Array:
+        """Token embeddings with the vision tower's features written over the <|image_pad|> tokens."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        feats = self.visual(pixel_values, image_grid_thw).astype(embeds.dtype)
+        is_img = input_ids == self.cfg.image_token_id
+        if not isinstance(is_img, jax.core.Tracer):
+            n_tokens = int(is_img.sum())
+            if n_tokens != feats.shape[0]:
+                raise ValueError(
+                    f"image features and image tokens do not match: {n_tokens} <|image_pad|> tokens, "
+                    f"{feats.shape[0]} features from image_grid_thw"
+                )
+        idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(is_img.shape)
+        return jnp.where(is_img[..., None], feats[idx], embeds)
+
+    def position_ids(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None, image_grid_thw: jax.Array | None
+    ) -> jax.Array:
+        return mrope_position_ids(
+            input_ids,
+            attention_mask,
+            image_grid_thw,
+            image_token_id=self.cfg.image_token_id,
+            spatial_merge_size=self.cfg.vision.spatial_merge_size,
+            xp=jnp,
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        pixel_values: jax.Array | None = None,
+        image_grid_thw: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        causal: bool | None = None,
+    ) -> Qwen2VLOutput:
+        """``causal`` overrides the configured attention mode (True: causal, False: bidirectional)."""
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw come together")
+        t = self.cfg.text
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
+        causal = self.cfg.attention == "causal" if causal is None else causal
+        mask = padding_mask(attention_mask, causal=causal)
+        hidden = self.language_model(embeds, cos.astype(embeds.dtype), sin.astype(embeds.dtype), mask)
+        logits = self.logits(hidden) if self.cfg.with_lm_head else None
+        return Qwen2VLOutput(last_hidden_state=hidden, logits=logits)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return self.language_model.embed_tokens.attend(hidden)
+
+
+def create(cfg: Qwen2VLConfig, seed: int = 0) -> Qwen2VL:
+    """A randomly initialised model."""
+    return Qwen2VL(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract(cfg: Qwen2VLConfig) -> Qwen2VL:
+    """The model with ``jax.ShapeDtypeStruct`` leaves: nothing is allocated."""
+    return nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

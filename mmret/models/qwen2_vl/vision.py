@@ -1,0 +1,128 @@
+"""The Qwen2-VL vision tower: patch embedding, ViT blocks with 2D RoPE and per-image (block-diagonal)
+attention, QuickGELU MLPs, and the 2x2 patch merger that projects to the LLM width."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmret.models.qwen2_vl.attention import dot_product_attention, segment_mask
+from mmret.models.qwen2_vl.config import Qwen2VLConfig
+from mmret.models.qwen2_vl.layer_stack import LayerStack
+from mmret.models.qwen2_vl.layers import activation, layer_norm, linear
+from mmret.models.qwen2_vl.position_ids import vision_patch_positions
+from mmret.models.qwen2_vl.rope import apply_rotary, vision_cos_sin
+
+_LN_EPS = 1e-6
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        v = cfg.vision
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.num_heads = v.num_heads
+        self.impl = cfg.attention_impl
+        self.qkv = linear(v.embed_dim, 3 * v.embed_dim, ("vision_embed", "vision_heads"), bias=True, **kw)
+        self.proj = linear(v.embed_dim, v.embed_dim, ("vision_heads", "vision_embed"), bias=True, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        n = x.shape[0]
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, -1), 1, 0)
+        # Rotary in float32, as the reference does, then back to the compute dtype.
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+        out = dot_product_attention(q[None], k[None], v[None], mask, impl=self.impl)[0]
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        v = cfg.vision
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.act = activation(v.hidden_act)
+        self.fc1 = linear(v.embed_dim, v.mlp_dim, ("vision_embed", "vision_mlp"), bias=True, **kw)
+        self.fc2 = linear(v.mlp_dim, v.embed_dim, ("vision_mlp", "vision_embed"), bias=True, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        kw = dict(eps=_LN_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.norm1 = layer_norm(cfg.vision.embed_dim, **kw)
+        self.attn = VisionAttention(cfg, rngs=rngs)
+        self.norm2 = layer_norm(cfg.vision.embed_dim, **kw)
+        self.mlp = VisionMLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """LayerNorm, then each 2x2 group of neighbouring patches concatenated and projected by a
+    two-layer GELU MLP to the LLM width."""
+
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        v = cfg.vision
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.merged_dim = v.embed_dim * v.spatial_merge_size**2
+        self.ln_q = layer_norm(v.embed_dim, eps=_LN_EPS, **kw)
+        self.mlp_0 = linear(self.merged_dim, self.merged_dim, ("vision_embed", "merger_mlp"), bias=True, **kw)
+        self.mlp_2 = linear(self.merged_dim, v.out_hidden_size, ("merger_mlp", "embed"), bias=True, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(-1, self.merged_dim)
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+class PatchEmbed(nnx.Module):
+    """The Conv3d with kernel == stride of the reference is a linear map of each flattened patch."""
+
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        v = cfg.vision
+        self.proj = linear(
+            v.patch_dim,
+            v.embed_dim,
+            ("vision_patch", "vision_embed"),
+            bias=False,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        return self.proj(pixel_values)
+
+
+class VisionTransformer(nnx.Module):
+    """pixel_values [patches, 1176] and image_grid_thw [images, 3] -> merged features
+    [patches / merge^2, LLM width], images in order."""
+
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg.vision
+        self.dtype = cfg.dtype
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+        self.blocks = LayerStack(
+            lambda r: VisionBlock(cfg, rngs=r), cfg.vision.depth, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
+        )
+        self.merger = PatchMerger(cfg, rngs=rngs)
+
+    def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
+        v = self.cfg
+        if pixel_values.ndim != 2 or pixel_values.shape[1] != v.patch_dim:
+            raise ValueError(f"pixel_values must be [patches, {v.patch_dim}], got {pixel_values.shape}")
+        n = pixel_values.shape[0]
+        if not isinstance(image_grid_thw, jax.core.Tracer):
+            expected = int(np.prod(np.asarray(image_grid_thw), axis=-1).sum())
+            if expected != n:
+                raise ValueError(f"pixel_values has {n} patches, image_grid_thw describes {expected}")
+        image, rows, cols = vision_patch_positions(image_grid_thw, n, v.spatial_merge_size)
+        cos, sin = vision_cos_sin(rows, cols, v.head_dim, v.rope_theta)
+        mask = segment_mask(image)
+        x = self.patch_embed(pixel_values.astype(self.dtype))
+        x = self.blocks(x, cos, sin, mask)
+        return self.merger(x)
