@@ -204,7 +204,9 @@ class SafetensorsCheckpoint:
         """The checkpoint's one dtype; an error if it mixes several."""
         found = self.dtypes()
         if len(found) != 1:
-            raise ConversionError(f"{self.dir}: tensors have mixed dtypes {sorted(map(str, found))}")
+            raise ConversionError(
+                f"{self.dir}: tensors have mixed dtypes {sorted(map(str, found))}; choose one (--dtype)"
+            )
         return found.pop()
 
 

@@ -1,0 +1,167 @@
+"""Export an mmret orbax checkpoint to a Hugging Face Qwen2-VL directory.
+
+Writes safetensors in the hub key layout (one ``model.safetensors``, or ``model-0000k-of-0000n``
+shards plus ``model.safetensors.index.json`` above ``max_shard_size``), the source ``config.json``
+and the tokenizer / processor files the checkpoint kept. The result loads with
+``transformers.Qwen2VLForConditionalGeneration.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmret.convert.checkpoint import (
+    HF_FILES,
+    Progress,
+    atomic_output_dir,
+    check_output,
+    dtype_name,
+    hf_files_dir,
+    param_shapes,
+    read_info,
+    restore_params,
+)
+from mmret.convert.hf import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    ConversionError,
+    entries,
+    hub_shape,
+    write_safetensors,
+    write_tensors,
+)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+Plan = list[tuple[str, Any, tuple[int, ...]]]  # (hub key, dtype, shape)
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in a size such as ``5GB`` (10^9, as Hugging Face counts), ``500MiB`` or ``1024``."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ConversionError(f"bad size {size!r}; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ConversionError(f"size must be positive, got {size!r}")
+    return value
+
+
+def shard(plan: Plan, max_bytes: int) -> list[tuple[str, Plan]]:
+    """Split the tensors in order into files of at most ``max_bytes`` (a larger tensor gets a file
+    of its own), named as ``save_pretrained`` names them."""
+    groups: list[Plan] = [[]]
+    size = 0
+    for item in plan:
+        nbytes = int(np.prod(item[2], dtype=np.int64)) * np.dtype(item[1]).itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    if len(groups) == 1:
+        return [(SINGLE_FILE, groups[0])]
+    n = len(groups)
+    return [(f"model-{k:05d}-of-{n:05d}.safetensors", g) for k, g in enumerate(groups, 1)]
+
+
+def _config_bytes(src: Path, dtype: str | None) -> bytes:
+    """The stored config.json, its ``dtype`` / ``torch_dtype`` updated when the written dtype differs."""
+    raw = src.read_bytes()
+    if dtype is None:
+        return raw
+    hf = json.loads(raw)
+    keys = [k for k in ("dtype", "torch_dtype") if k in hf and hf[k] != dtype]
+    if not keys:
+        return raw
+    for k in keys:
+        hf[k] = dtype
+    return (json.dumps(hf, indent=2) + "\n").encode()
+
+
+def export_to_hf(
+    ckpt_dir: str | Path,
+    out: str | Path,
+    *,
+    max_shard_size: str | int = "5GB",
+    dtype: Any | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write the checkpoint at ``ckpt_dir`` as a hub model directory ``out`` (atomically).
+
+    Tensors keep the checkpoint's dtype unless ``dtype`` is given; each is laid out and written on
+    its own, so peak host memory is about one copy of the parameters."""
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    check_output(out, force)
+    if out.absolute() == ckpt_dir.absolute():
+        raise ConversionError(f"{out}: the output cannot be the checkpoint itself")
+    max_bytes = parse_size(max_shard_size)
+    out_dtype = None if dtype is None else np.dtype(dtype_name(dtype))
+    info = read_info(ckpt_dir)
+    cfg = info.config(with_lm_head=True)
+    expected = param_shapes(cfg)
+    params = restore_params(ckpt_dir)
+    plan: Plan = []
+    for e in entries(cfg, with_lm_head=True):
+        if e.path not in params:
+            raise ConversionError(f"{ckpt_dir}: no parameter {'.'.join(map(str, e.path))} (for {e.hub!r})")
+        x = params[e.path]
+        if tuple(x.shape) != tuple(expected[e.path].shape):
+            raise ConversionError(
+                f"{ckpt_dir}: parameter {'.'.join(map(str, e.path))} has shape {list(x.shape)}, "
+                f"the config implies {list(expected[e.path].shape)}"
+            )
+        layer_shape = x.shape[1:] if e.layer is not None else x.shape
+        plan.append((e.hub, out_dtype or x.dtype, hub_shape(cfg, e, layer_shape)))
+    # A tied model whose source file also held lm_head.weight (= the embedding) gets it back.
+    head = None
+    if cfg.text.tie_word_embeddings and "lm_head.weight" in info.source.get("keys", ()):
+        embed = next(e for e in entries(cfg) if e.hub == "model.embed_tokens.weight")
+        head = ("lm_head.weight", params[embed.path])
+        plan.append((head[0], out_dtype or head[1].dtype, head[1].shape))
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        pairs = write_tensors(params, cfg, with_lm_head=True)
+        if head is not None:
+            pairs = itertools.chain(pairs, [head])
+        for n, (key, x) in enumerate(pairs, 1):
+            yield key, x if out_dtype is None else x.astype(out_dtype, copy=False)
+            if progress:
+                progress(n, len(plan), key)
+
+    files = shard(plan, max_bytes)
+    dtypes = {np.dtype(d).name for _, d, _ in plan}
+    config_dtype = dtypes.pop() if len(dtypes) == 1 else None
+    with atomic_output_dir(out, force=force) as tmp:
+        stream = tensors()
+        for name, items in files:
+            write_safetensors(tmp / name, stream, items)
+        if next(stream, None) is not None:
+            raise ConversionError("internal error: more tensors than planned")
+        if len(files) > 1:
+            total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, d, s in plan)
+            index = {
+                "metadata": {"total_size": total, "total_parameters": sum(int(np.prod(s)) for _, _, s in plan)},
+                "weight_map": {key: name for name, items in files for key, _, _ in items},
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        src = hf_files_dir(ckpt_dir)
+        for name in HF_FILES:
+            if name == "config.json":
+                (tmp / name).write_bytes(_config_bytes(src / name, config_dtype))
+            elif (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+    return out
