@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from mmret.atomic_dir import OutputExistsError  # noqa: E402
 from mmret.convert import checkpoint  # noqa: E402
 from mmret.convert.checkpoint import (  # noqa: E402
     convert_from_hf,
@@ -286,13 +287,13 @@ def test_output_is_never_clobbered(sources: dict[str, Path], tmp_path: Path) -> 
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="not empty"):
         convert_from_hf(sources["tied_f32"], out)
     assert os.listdir(out) == ["keep.txt"]
     convert_from_hf(sources["tied_f32"], out, force=True)
     assert not (out / "keep.txt").exists() and read_info(out).scan_layers
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-    with pytest.raises(ConversionError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="not empty"):
         export_to_hf(out, sources["tied_f32"])  # an existing model directory
     with pytest.raises(ConversionError, match="bad size"):
         export_to_hf(out, tmp_path / "hf", max_shard_size="5 parsecs")

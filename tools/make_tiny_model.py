@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(_REPO_ROOT))
 
+from mmret.atomic_dir import atomic_output_dir  # noqa: E402
 from mmret.models.qwen2_vl.presets import hf_config  # noqa: E402
 from mmret.models.qwen2_vl.processor_files import write_processor_files  # noqa: E402
 
@@ -39,14 +37,6 @@ MATERIALISABLE_PRESETS = ("tiny", "small")
 
 class UsageError(Exception):
     """A problem with the command line or the output path (reported without a traceback)."""
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
-            raise UsageError(f"--out {out} exists and is not a directory")
-        if any(out.iterdir()) and not force:
-            raise UsageError(f"--out {out} is not empty; pass --force to replace it")
 
 
 def _write_weights(tmp: Path, config_dict: dict[str, Any], seed: int) -> None:
@@ -73,10 +63,7 @@ def write_model_dir(out: str | Path, preset: str = "tiny", seed: int = 0, force:
     if seed < 0:
         raise UsageError(f"--seed must be >= 0, got {seed}")
     out = Path(out).absolute()
-    _check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_output_dir(out, force=force) as tmp:
         config_dict = hf_config(preset)
         config_dict["torch_dtype"] = "float32"  # what is saved
         _write_weights(tmp, config_dict, seed)
@@ -91,18 +78,6 @@ def write_model_dir(out: str | Path, preset: str = "tiny", seed: int = 0, force:
         )
         for path in tmp.iterdir():  # save_pretrained leaves model.safetensors at 0600
             path.chmod(0o644)
-        tmp.chmod(0o755)
-        _check_out(out, force)  # again: it may have changed while we wrote
-        if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -128,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out = write_model_dir(args.out, preset=args.preset, seed=args.seed, force=args.force)
-    except UsageError as e:
+    except (UsageError, OSError) as e:
         print(f"make_tiny_model: error: {e}", file=sys.stderr)
         return 2
     files = sorted(p.name for p in out.iterdir())

@@ -17,14 +17,11 @@ leaves nothing behind. Single-host: parameters are gathered to host numpy arrays
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmret.atomic_dir import atomic_output_dir, check_output
 from mmret.convert.hf import ConversionError, SafetensorsCheckpoint, entries, read_params
 from mmret.models.qwen2_vl.config import Qwen2VLConfig, as_dtype
 from mmret.models.qwen2_vl.model import Qwen2VL, abstract
@@ -71,41 +69,6 @@ Progress = Callable[[int, int, str], None]  # (done, total, name)
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def check_output(out: str | Path, force: bool) -> None:
-    """Refuse an existing non-empty output unless ``force``."""
-    out = Path(out)
-    if force or not (out.exists() or out.is_symlink()):
-        return
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return
-    raise ConversionError(f"{out}: output exists and is not empty (use --force / force=True to replace it)")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh directory beside ``out``; rename it to ``out`` on success, delete it on any error."""
-    out = Path(out)
-    check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)).absolute()
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
-        yield tmp
-        check_output(out, force)
-        old = None
-        if out.is_dir() and not out.is_symlink():
-            old = out.with_name(f"{tmp.name}.old")
-            out.rename(old)
-        elif out.exists() or out.is_symlink():
-            out.unlink()
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
