@@ -1,0 +1,461 @@
+"""Qwen2-VL input processing for retrieval: a query or a candidate -> token ids, image patches, masks.
+
+``Processor(model_dir, ProcessorConfig(...))(text=..., image=..., instruction=...)`` renders the input
+under a template (:mod:`mmret.data.templates`), tokenises it with the directory's tokenizer, turns the
+image into Qwen2-VL patches and returns a :class:`ProcessedExample` of numpy arrays. Numpy and PIL only
+(it runs in data-loading workers); no torch, no transformers call per example.
+
+Equal to Hugging Face on the same inputs: the token ids are those of the tokenizer on the rendered string
+with ``<|image_pad|>`` expanded, and ``pixel_values`` / ``image_grid_thw`` are bit-identical to the PIL
+``Qwen2VLImageProcessor`` (same PIL bicubic resize on uint8, then a per-channel lookup table holding
+exactly Hugging Face's float32 rescale-and-normalise of each of the 256 byte values). One deliberate
+difference: instruction and text are taken literally, so a special-token string inside them (say
+``"<|image_pad|>"``) stays plain text instead of becoming that token.
+
+Pool mask (which tokens enter mean pooling): with ``pool_scope="sequence"`` (the default, U-MARVEL's
+"mean over the sequence without the instruction") every token except the instruction and its two
+markers, template scaffolding included; with ``"content"`` only the image tokens and the free text (a
+token that straddles the end of the text, like ``".\n"`` before the summary suffix, counts as text).
+The ``last_token`` template always pools its last token alone (the appended ``<|endoftext|>``), so mean
+pooling under the mask is last-token pooling.
+
+Truncation: ``max_text_tokens`` caps the free text; ``max_length`` caps the whole sequence by shortening
+the free text first, then the instruction. Image tokens and the template are never cut (an input whose
+image and template alone exceed ``max_length`` is an error). A shortened text is a prefix of the text cut
+at a token boundary, re-rendered and re-tokenised, so ids stay those of the tokenizer on the rendered
+(shortened) prompt.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from mmret.data.smart_resize import UMARVEL_MAX_PIXELS, smart_resize
+from mmret.data.templates import TEXT_KINDS, Piece, TemplateName, TemplateSpec, render_string
+from mmret.models.qwen2_vl.position_ids import mrope_position_ids
+
+if TYPE_CHECKING:
+    import tokenizers
+
+ImageInput = Image.Image | np.ndarray
+PoolScope = Literal["sequence", "content"]
+PaddingSide = Literal["left", "right"]
+
+#: Pool-mask membership per piece kind and scope.
+_POOLED_KINDS: dict[str, frozenset[str]] = {
+    "sequence": frozenset({"special", "image", "embed", "scaffold", "text"}),
+    "content": frozenset({"image", "text"}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorConfig:
+    """How inputs are rendered, truncated and resized.
+
+    ``template`` is a :class:`TemplateSpec` or just its name. ``min_pixels`` / ``max_pixels`` bound the
+    resized image area (None: the model directory's ``preprocessor_config.json`` value; the default cap
+    is U-MARVEL's 300*28*28, at most 300 image tokens). ``max_text_tokens`` caps the free text,
+    ``max_length`` the whole sequence (None: no cap).
+    """
+
+    template: TemplateSpec | TemplateName = "umarvel"
+    min_pixels: int | None = None
+    max_pixels: int | None = UMARVEL_MAX_PIXELS
+    max_text_tokens: int | None = 480
+    max_length: int | None = None
+    pool_scope: PoolScope = "sequence"
+
+    def template_spec(self) -> TemplateSpec:
+        """The template as a :class:`TemplateSpec`."""
+        return self.template if isinstance(self.template, TemplateSpec) else TemplateSpec(name=self.template)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedExample:
+    """One rendered input. Arrays are numpy; ``L`` is the unpadded length, ``N`` the number of patches."""
+
+    input_ids: np.ndarray  # [L] int32
+    attention_mask: np.ndarray  # [L] int32, all ones
+    pool_mask: np.ndarray  # [L] int32, 1 = enters the pooled embedding
+    position_ids: np.ndarray  # [3, L] int32, M-RoPE (t, h, w)
+    pixel_values: np.ndarray | None  # [N, 3 * temporal_patch * patch**2] float32
+    image_grid_thw: np.ndarray | None  # [1, 3] int32
+    num_text_tokens: int  # free-text tokens kept
+    num_instruction_tokens: int  # instruction tokens kept (markers not counted)
+    num_image_tokens: int
+    truncated: bool  # whether text or instruction was shortened
+
+    @property
+    def length(self) -> int:
+        """Number of tokens."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch rows in ``pixel_values`` (0 without an image)."""
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokens:
+    ids: np.ndarray  # [L] int32, image placeholder expanded
+    kinds: list[str]  # kind per token before expansion (one "image" entry)
+    text_starts: list[int]  # char start (in the text piece) of each free-text token
+    instruction_starts: list[int]  # same for the instruction piece
+
+
+class ImagePatcher:
+    """Qwen2-VL image preprocessing: RGB, smart resize (PIL bicubic), rescale + normalise, patchify.
+
+    Rows come out in Hugging Face's order: 2x2 merge blocks in row-major block order, row-major inside a
+    block; each row is (channel, temporal, patch row, patch column), the still image repeated over the
+    temporal patch.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_pixels: int,
+        max_pixels: int,
+        patch_size: int = 14,
+        temporal_patch_size: int = 2,
+        merge_size: int = 2,
+        image_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+        image_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        rescale_factor: float = 1 / 255,
+    ) -> None:
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
+        # Hugging Face: float32(float64(byte) * rescale_factor), then (x - mean) / std in float32.
+        scaled = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+        mean = np.asarray(image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(image_std, dtype=np.float32)[:, None]
+        self._lut = (scaled[None, :] - mean) / std  # [3, 256] float32
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch row (3 * temporal_patch * patch**2 = 1176 for Qwen2-VL)."""
+        return 3 * self.temporal_patch_size * self.patch_size**2
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The resized (height, width) of a ``height`` x ``width`` image."""
+        factor = self.patch_size * self.merge_size
+        return smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def __call__(self, image: ImageInput) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixel_values [N, patch_dim] float32, image_grid_thw [1, 3] int32)`` for one still image."""
+        rgb = to_rgb(image)
+        height, width = self.target_size(rgb.height, rgb.width)
+        if (width, height) != rgb.size:
+            rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
+        pixels = np.asarray(rgb)  # [H, W, 3] uint8
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        gh, gw = height // p, width // p
+        blocks = pixels.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+        blocks = np.ascontiguousarray(blocks).reshape(gh * gw, 3, p * p)
+        out = np.empty((gh * gw, 3, t, p * p), dtype=np.float32)
+        for c in range(3):
+            out[:, c, 0] = np.take(self._lut[c], blocks[:, c])
+        out[:, :, 1:] = out[:, :, :1]
+        return out.reshape(gh * gw, self.patch_dim), np.array([[1, gh, gw]], dtype=np.int32)
+
+
+def to_rgb(image: ImageInput) -> Image.Image:
+    """An RGB PIL image; transparency is composited onto white (as Hugging Face does)."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(
+                f"image array must be uint8 [H, W], [H, W, 3] or [H, W, 4]; got {image.dtype} {list(image.shape)}"
+            )
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a uint8 numpy array, got {type(image).__name__}")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class Processor:
+    """Renders queries and candidates into Qwen2-VL retrieval inputs (see the module docstring).
+
+    ``tokenizer`` may pass an already loaded Hugging Face fast tokenizer; otherwise it is loaded with
+    ``AutoTokenizer.from_pretrained(model_dir)``. Image settings come from the directory's
+    ``preprocessor_config.json`` (min/max pixels overridable in the config).
+    """
+
+    def __init__(self, model_dir: str | Path, config: ProcessorConfig | None = None, *, tokenizer: Any = None) -> None:
+        from tokenizers import Tokenizer
+
+        self.config = config if config is not None else ProcessorConfig()
+        self.template = self.config.template_spec()
+        if self.config.pool_scope not in _POOLED_KINDS:
+            raise ValueError(f"pool_scope must be one of {list(_POOLED_KINDS)}, got {self.config.pool_scope!r}")
+        for name in ("max_text_tokens", "max_length"):
+            value = getattr(self.config, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        model_dir = Path(model_dir)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TypeError(f"need a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
+        # A private copy that reads special-token strings inside free text literally.
+        self._encoder: tokenizers.Tokenizer = Tokenizer.from_str(backend.to_str())
+        self._encoder.encode_special_tokens = True
+        self._encoder.no_truncation()
+        self._encoder.no_padding()
+        added: dict[str, int] = tokenizer.get_added_vocab()
+        self._special_ids: dict[str, int] = {}
+        for token in self.template.special_tokens():
+            if token not in added:
+                raise ValueError(
+                    f"template token {token!r} is not a special token of the tokenizer in {model_dir}; "
+                    "pick one of its existing special tokens (no embedding resize)"
+                )
+            self._special_ids[token] = added[token]
+        self.image_token_id = self._special_ids["<|image_pad|>"]
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else added["<|endoftext|>"]
+        self._scaffold_cache: dict[str, list[int]] = {}
+
+        pre = json.loads((model_dir / "preprocessor_config.json").read_text(encoding="utf-8"))
+        size = pre.get("size") or {}
+        min_pixels = self.config.min_pixels or pre.get("min_pixels") or size.get("shortest_edge")
+        max_pixels = self.config.max_pixels or pre.get("max_pixels") or size.get("longest_edge")
+        self.patcher = ImagePatcher(
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
+            patch_size=int(pre.get("patch_size", 14)),
+            temporal_patch_size=int(pre.get("temporal_patch_size", 2)),
+            merge_size=int(pre.get("merge_size", 2)),
+            image_mean=pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073)),
+            image_std=pre.get("image_std", (0.26862954, 0.26130258, 0.27577711)),
+            rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+        )
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of ``ids`` (special tokens kept)."""
+        return self._encoder.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def render(self, text: str | None = None, *, instruction: str | None = None, has_image: bool = False) -> str:
+        """The prompt string for these inputs, one ``<|image_pad|>`` standing for the image (no truncation)."""
+        return render_string(
+            self.template.render(
+                instruction=instruction or None, text=text or None, has_image=has_image, has_text=bool(text)
+            )
+        )
+
+    def __call__(
+        self, text: str | None = None, image: ImageInput | None = None, *, instruction: str | None = None
+    ) -> ProcessedExample:
+        """Process one query (give ``instruction``) or candidate (no instruction); empty strings count as absent."""
+        text, instruction = text or None, instruction or None
+        if text is None and image is None:
+            raise ValueError("an input needs text or an image")
+        pixel_values = grid = None
+        n_image = 0
+        if image is not None:
+            pixel_values, grid = self.patcher(image)
+            n_image = int(np.prod(grid)) // self.patcher.merge_size**2
+        has_text = text is not None
+        truncated = False
+        while True:
+            pieces = self.template.render(
+                instruction=instruction, text=text, has_image=image is not None, has_text=has_text
+            )
+            tokens = self._tokenize(pieces, n_image)
+            n_text, n_instr = len(tokens.text_starts), len(tokens.instruction_starts)
+            over_text = n_text - self.config.max_text_tokens if self.config.max_text_tokens is not None else 0
+            over_total = len(tokens.ids) - self.config.max_length if self.config.max_length is not None else 0
+            if over_text <= 0 and over_total <= 0:
+                break
+            truncated = True
+            if n_text > 0:
+                lead = 1 if instruction else 0  # the space the template puts between instruction and text
+                keep = n_text - max(over_text, over_total, 1)
+                text = _cut(_piece(pieces, "text"), lead, tokens.text_starts, keep)
+            elif n_instr > 0:
+                keep = n_instr - max(over_total, 1)
+                instruction = _cut(_piece(pieces, "instruction"), 0, tokens.instruction_starts, keep)
+            else:
+                raise ValueError(
+                    f"input needs {len(tokens.ids)} tokens with no text or instruction left ({n_image} image "
+                    f"tokens), more than max_length={self.config.max_length}"
+                )
+        ids = tokens.ids
+        pool = self._pool_mask(tokens.kinds, n_image)
+        attention = np.ones(ids.shape, dtype=np.int32)
+        positions = mrope_position_ids(
+            ids[None],
+            attention[None],
+            grid,
+            image_token_id=self.image_token_id,
+            spatial_merge_size=self.patcher.merge_size,
+            xp=np,
+        )[:, 0].astype(np.int32)
+        return ProcessedExample(
+            input_ids=ids,
+            attention_mask=attention,
+            pool_mask=pool,
+            position_ids=positions,
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            num_text_tokens=n_text,
+            num_instruction_tokens=n_instr,
+            num_image_tokens=n_image,
+            truncated=truncated,
+        )
+
+    def collate(self, examples: Sequence[ProcessedExample], **kwargs: Any) -> dict[str, np.ndarray]:
+        """:func:`collate` with this tokenizer's pad id."""
+        return collate(examples, pad_token_id=self.pad_token_id, **kwargs)
+
+    def _tokenize(self, pieces: list[Piece], n_image: int) -> _Tokens:
+        """Token ids of ``pieces``: runs of text pieces tokenised together, special tokens by id."""
+        ids: list[int] = []
+        kinds: list[str] = []
+        starts: dict[str, list[int]] = {"text": [], "instruction": []}
+        image_at = -1
+        i = 0
+        while i < len(pieces):
+            piece = pieces[i]
+            if piece.kind not in TEXT_KINDS:
+                if piece.kind == "image":
+                    image_at = len(ids)
+                ids.append(self._special_ids[piece.text])
+                kinds.append(piece.kind)
+                i += 1
+                continue
+            j = i
+            while j < len(pieces) and pieces[j].kind in TEXT_KINDS:
+                j += 1
+            run = pieces[i:j]
+            if all(p.kind == "scaffold" for p in run):
+                key = "".join(p.text for p in run)
+                cached = self._scaffold_cache.get(key)
+                if cached is None:
+                    cached = self._scaffold_cache[key] = self._encoder.encode(key, add_special_tokens=False).ids
+                ids += cached
+                kinds += ["scaffold"] * len(cached)
+            else:
+                bounds = list(itertools.accumulate((len(p.text) for p in run), initial=0))
+                enc = self._encoder.encode("".join(p.text for p in run), add_special_tokens=False)
+                ids += enc.ids
+                for start, _ in enc.offsets:
+                    k = bisect.bisect_right(bounds, start) - 1
+                    kind = run[k].kind
+                    kinds.append(kind)
+                    if kind in starts:
+                        starts[kind].append(start - bounds[k])
+            i = j
+        arr = np.asarray(ids, dtype=np.int32)
+        if image_at >= 0:
+            arr = np.concatenate([arr[:image_at], np.full(n_image, self.image_token_id, np.int32), arr[image_at + 1 :]])
+        return _Tokens(arr, kinds, starts["text"], starts["instruction"])
+
+    def _pool_mask(self, kinds: list[str], n_image: int) -> np.ndarray:
+        """[L] int32 pool mask for token ``kinds`` (image placeholder expanded to ``n_image``)."""
+        if self.template.name == "last_token":
+            length = len(kinds) - 1 + n_image if "image" in kinds else len(kinds)
+            mask = np.zeros(length, dtype=np.int32)
+            mask[-1] = 1
+            return mask
+        pooled = _POOLED_KINDS[self.config.pool_scope]
+        per_kind = [(n_image if kind == "image" else 1, int(kind in pooled)) for kind in kinds]
+        counts, values = zip(*per_kind, strict=True)
+        return np.repeat(np.asarray(values, dtype=np.int32), counts)
+
+
+def _piece(pieces: list[Piece], kind: str) -> str:
+    """The string of the (single) piece of ``kind``."""
+    return next(p.text for p in pieces if p.kind == kind)
+
+
+def _cut(rendered: str, lead: int, starts: list[int], keep: int) -> str | None:
+    """The input string behind ``rendered`` (its piece, ``lead`` template characters first) cut to its first
+    ``keep`` tokens (``starts``: each token's start in ``rendered``); None when nothing is left.
+    """
+    cut = starts[keep] if keep > 0 else 0
+    return rendered[lead:cut].rstrip() or None
+
+
+def collate(
+    examples: Sequence[ProcessedExample],
+    *,
+    max_length: int,
+    max_patches: int,
+    max_images: int | None = None,
+    padding_side: PaddingSide = "right",
+    pad_token_id: int = 151643,
+    pixel_dtype: Any = np.float32,
+) -> dict[str, np.ndarray]:
+    """Pad ``examples`` into one batch of fixed shapes.
+
+    Returns ``input_ids``, ``attention_mask``, ``pool_mask`` [B, max_length] int32; ``position_ids``
+    [3, B, max_length] int32 (pads 0: M-RoPE ids do not depend on padding); ``pixel_values``
+    [max_patches, patch_dim] (the examples' patch rows in batch order, then zero rows) with ``patch_mask``
+    [max_patches] int32; ``image_grid_thw`` [max_images, 3] int32 (one row per image in batch order, then
+    zero rows) with ``image_mask`` [max_images] int32; ``lengths`` [B] int32. ``max_images`` defaults to
+    the batch size. Raises ``ValueError`` when an example or the batch does not fit.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    batch = len(examples)
+    max_images = batch if max_images is None else max_images
+    input_ids = np.full((batch, max_length), pad_token_id, dtype=np.int32)
+    attention = np.zeros((batch, max_length), dtype=np.int32)
+    pool = np.zeros((batch, max_length), dtype=np.int32)
+    positions = np.zeros((3, batch, max_length), dtype=np.int32)
+    lengths = np.zeros(batch, dtype=np.int32)
+    pixels = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
+    grids = [ex.image_grid_thw for ex in examples if ex.image_grid_thw is not None]
+    n_patches = sum(p.shape[0] for p in pixels)
+    n_images = sum(g.shape[0] for g in grids)
+    if n_patches > max_patches:
+        raise ValueError(f"batch has {n_patches} image patches, more than max_patches={max_patches}")
+    if n_images > max_images:
+        raise ValueError(f"batch has {n_images} images, more than max_images={max_images}")
+    for b, ex in enumerate(examples):
+        n = ex.length
+        if n > max_length:
+            raise ValueError(f"example {b} has {n} tokens, more than max_length={max_length}")
+        span = slice(max_length - n, max_length) if padding_side == "left" else slice(0, n)
+        input_ids[b, span] = ex.input_ids
+        attention[b, span] = ex.attention_mask
+        pool[b, span] = ex.pool_mask
+        positions[:, b, span] = ex.position_ids
+        lengths[b] = n
+    patch_dim = pixels[0].shape[1] if pixels else 3 * 2 * 14 * 14
+    pixel_values = np.zeros((max_patches, patch_dim), dtype=pixel_dtype)
+    if pixels:
+        pixel_values[:n_patches] = np.concatenate(pixels)
+    patch_mask = (np.arange(max_patches) < n_patches).astype(np.int32)
+    image_grid_thw = np.zeros((max_images, 3), dtype=np.int32)
+    if grids:
+        image_grid_thw[:n_images] = np.concatenate(grids)
+    image_mask = (np.arange(max_images) < n_images).astype(np.int32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "pool_mask": pool,
+        "position_ids": positions,
+        "pixel_values": pixel_values,
+        "patch_mask": patch_mask,
+        "image_grid_thw": image_grid_thw,
+        "image_mask": image_mask,
+        "lengths": lengths,
+    }
