@@ -1,0 +1,342 @@
+"""grain pipelines: M-BEIR records -> processed, padded batches of static shape.
+
+Training: an example is a query, one positive (sampled among its positives) and ``num_negatives`` hard
+negatives (sampled from the negatives file's list for the query, when the config names one). Batches
+have static shapes declared in :class:`PipelineConfig` (a fixed length per sequence and a fixed budget
+of image patches per batch), so one compiled step serves the whole run.
+
+Determinism and resumption: the order is a grain shuffle of the query indices for ``seed``; every
+random choice of an example comes from grain's per-index generator, so an example depends only on
+(seed, epoch, index). The iterator's state (``get_state`` / ``set_state``) is checkpointable and a
+restored iterator yields exactly the batches the uninterrupted one would have. Hosts take disjoint
+slices (``jax.process_index()`` / ``jax.process_count()``) of the same global order.
+
+Bad input: records are validated when read (policy ``on_bad_record``). A record that fails later, in
+a worker (an image that is missing, corrupt, outside the root or too large), raises
+:class:`BadRecordError` naming the record under ``"error"``; under ``"skip"`` the example is replaced
+by the next index's (deterministically) and the skip travels with the batch
+(``batch["meta"]["bad_records"]``) so the main process can count and report it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+from PIL import Image
+
+from mmret.data.bad_records import BAD_IMAGE, BadRecordError, BadRecords, OnBadRecord
+from mmret.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
+from mmret.data.mbeir import (
+    EVAL_TASKS,
+    Candidate,
+    DatasetTask,
+    Instructions,
+    Query,
+    candidate_text,
+    global_pool_path,
+    instructions_path,
+    query_text_parts,
+    read_instructions,
+    read_local_pool,
+    read_pool,
+    read_queries,
+)
+from mmret.data.negatives import read_negatives
+from mmret.data.processor import PaddingSide, ProcessedExample, Processor
+
+NO_NEGATIVES = "no_negatives"
+#: How many following indices a skipped training example may be replaced by before giving up.
+MAX_REPLACEMENTS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Batch shapes and sampling. Lengths are per sequence, patch budgets per batch (all static)."""
+
+    batch_size: int = 8  # per host
+    num_negatives: int = 0
+    max_query_length: int = 512
+    max_candidate_length: int = 512
+    max_query_patches: int = 8 * 1200  # 1200 patches = one image at U-MARVEL's 300-token cap
+    max_candidate_patches: int = 8 * 1200
+    padding_side: PaddingSide = "right"
+    seed: int = 0
+    instruction_seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    num_workers: int = 0  # grain worker processes (0: in the main process)
+    worker_buffer_size: int = 2
+    on_bad_record: OnBadRecord = "error"
+    max_decode_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_query_length", "max_candidate_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"pipeline config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_negatives < 0:
+            raise ValueError(f"pipeline config: num_negatives must be >= 0, got {self.num_negatives}")
+
+
+class RecordStore(Protocol):
+    """Where examples come from: a raw M-BEIR root or an ArrayRecord build (same records, same images)."""
+
+    queries: Sequence[Query]
+    negatives: Mapping[str, tuple[str, ...]]
+    instructions: Instructions | None
+
+    def candidate(self, did: str) -> Candidate: ...
+
+    def image(self, path: str, *, max_pixels: int) -> Image.Image: ...
+
+
+class RawStore:
+    """An M-BEIR root on disk: queries of one split, the candidates they need, images read on demand."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        tasks: Sequence[str | DatasetTask] | None = None,
+        *,
+        negatives_file: str | Path | None = None,
+        bad: BadRecords | None = None,
+    ):
+        self.root = Path(root)
+        self.bad = BadRecords("error") if bad is None else bad
+        self.pool = self._read_pool(split, tasks)
+        self.queries = read_queries(self.root, split, tasks, bad=self.bad, pool=self.pool)
+        path = instructions_path(self.root)
+        self.instructions = read_instructions(path, bad=self.bad) if path.is_file() else None
+        self.negatives = (
+            read_negatives(negatives_file, pool=self.pool, bad=self.bad) if negatives_file is not None else {}
+        )
+
+    def _read_pool(self, split: str, tasks: Sequence[str | DatasetTask] | None) -> dict[str, Candidate]:
+        union = global_pool_path(self.root, split)
+        if tasks is None and union.is_file():
+            return read_pool(union, bad=self.bad)
+        pool: dict[str, Candidate] = {}
+        for task in EVAL_TASKS if tasks is None else tasks:
+            for did, cand in read_local_pool(self.root, task, split, bad=self.bad).items():
+                if pool.setdefault(did, cand) != cand:
+                    raise ValueError(f"{self.root}: did {did!r} differs between local pools")
+        return pool
+
+    def candidate(self, did: str) -> Candidate:
+        return self.pool[did]
+
+    def image(self, path: str, *, max_pixels: int) -> Image.Image:
+        return load_image(self.root, path, max_pixels=max_pixels)
+
+
+@dataclasses.dataclass
+class TrainExample:
+    """One processed training example plus what the batch needs to know about it."""
+
+    query: ProcessedExample
+    candidates: list[ProcessedExample]  # the positive, then the negatives
+    qid: str
+    dids: list[str]
+    positives: frozenset[str]
+    bad: BadRecords
+
+
+class EncodeTrainExample:
+    """grain random map: query index -> :class:`TrainExample` (with skip-and-replace on bad records)."""
+
+    def __init__(self, store: RecordStore, processor: Processor, cfg: PipelineConfig):
+        self.store, self.processor, self.cfg = store, processor, cfg
+
+    def __call__(self, index: int, rng: np.random.Generator) -> TrainExample:
+        bad = BadRecords(self.cfg.on_bad_record)
+        n = len(self.store.queries)
+        for attempt in range(MAX_REPLACEMENTS):
+            try:
+                example = self._encode(self.store.queries[(index + attempt) % n], rng)
+            except BadRecordError as e:
+                bad.handle(e)  # raises under "error"
+                continue
+            example.bad = bad
+            return example
+        raise RuntimeError(f"{MAX_REPLACEMENTS} bad records in a row from index {index}: {bad.report()}")
+
+    def _image(self, path: str | None, what: str) -> Image.Image | None:
+        if path is None:
+            return None
+        try:
+            return self.store.image(path, max_pixels=self.cfg.max_decode_pixels)
+        except BadImageError as e:
+            raise BadRecordError(what, BAD_IMAGE, str(e)) from e
+
+    def _candidate(self, did: str) -> ProcessedExample:
+        cand = self.store.candidate(did)
+        image = self._image(cand.image_path, f"candidate {did}")
+        return self.processor(text=candidate_text(cand) or None, image=image)
+
+    def _encode(self, query: Query, rng: np.random.Generator) -> TrainExample:
+        positive = query.pos_cand_list[int(rng.integers(len(query.pos_cand_list)))]
+        negatives: list[str] = []
+        if self.cfg.num_negatives:
+            pool = [d for d in self.store.negatives.get(query.qid, ()) if d not in query.pos_cand_list]
+            if not pool:
+                raise BadRecordError(f"query {query.qid}", NO_NEGATIVES, "no hard negatives in the negatives file")
+            replace = len(pool) < self.cfg.num_negatives
+            picks = rng.choice(len(pool), self.cfg.num_negatives, replace=replace)
+            negatives = [pool[int(i)] for i in picks]
+        instruction, text = query_text_parts(query, self.store.instructions, seed=self.cfg.instruction_seed)
+        image = self._image(query.image_path, f"query {query.qid}")
+        encoded = self.processor(text=text or None, image=image, instruction=instruction or None)
+        dids = [positive, *negatives]
+        return TrainExample(
+            query=encoded,
+            candidates=[self._candidate(d) for d in dids],
+            qid=query.qid,
+            dids=dids,
+            positives=frozenset(query.pos_cand_list),
+            bad=BadRecords(self.cfg.on_bad_record),
+        )
+
+
+def collate_train(examples: Sequence[TrainExample], processor: Processor, cfg: PipelineConfig) -> dict[str, Any]:
+    """Static-shape batch: ``query`` and ``candidates`` (B * (1 + num_negatives), positives first per
+    query) as :func:`mmret.data.processor.collate` dicts, ``positive_mask`` [B, C] (candidate c is a
+    labelled positive of query b: not a negative for it), and host-only ``meta``."""
+    cands = [c for ex in examples for c in ex.candidates]
+    dids = [d for ex in examples for d in ex.dids]
+    kw = dict(padding_side=cfg.padding_side)
+    batch: dict[str, Any] = {
+        "query": processor.collate(
+            [ex.query for ex in examples], max_length=cfg.max_query_length, max_patches=cfg.max_query_patches, **kw
+        ),
+        "candidates": processor.collate(
+            cands, max_length=cfg.max_candidate_length, max_patches=cfg.max_candidate_patches, **kw
+        ),
+        "positive_mask": np.array([[d in ex.positives for d in dids] for ex in examples], dtype=bool),
+    }
+    batch["meta"] = {
+        "qids": [ex.qid for ex in examples],
+        "dids": dids,
+        "bad_records": BadRecords(cfg.on_bad_record).merge(ex.bad for ex in examples),
+    }
+    return batch
+
+
+def _host_slice(ds: grain.MapDataset, process_index: int | None, process_count: int | None) -> grain.MapDataset:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    return ds[process_index::process_count] if process_count > 1 else ds
+
+
+def _prefetch(it: grain.IterDataset, num_workers: int, buffer_size: int = 2) -> grain.IterDataset:
+    """Move the work into ``num_workers`` grain processes (none: stay in this process)."""
+    if num_workers <= 0:
+        return it
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; a library user may never have parsed them
+        flags.FLAGS.mark_as_parsed()
+    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer_size))
+
+
+def train_dataset(
+    store: RecordStore,
+    processor: Processor,
+    cfg: PipelineConfig,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """The training pipeline as a grain ``IterDataset`` (iterate it; the iterator is checkpointable)."""
+    if not store.queries:
+        raise ValueError("no training queries")
+    ds = grain.MapDataset.source(range(len(store.queries))).seed(cfg.seed)
+    if cfg.shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(cfg.num_epochs)
+    ds = _host_slice(ds, process_index, process_count)
+    ds = ds.random_map(EncodeTrainExample(store, processor, cfg))
+    ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda exs: collate_train(exs, processor, cfg))
+    return _prefetch(ds.to_iter_dataset(), cfg.num_workers, cfg.worker_buffer_size)
+
+
+def encode_dataset(
+    items: Sequence[Any],
+    encode: Callable[[Any], ProcessedExample],
+    ids: Callable[[Any], str],
+    *,
+    batch_size: int,
+    max_length: int,
+    max_patches: int,
+    processor: Processor,
+    padding_side: PaddingSide = "right",
+    num_workers: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Ordered, static-shape batches of ``encode(item)`` for embedding queries or a pool: every item
+    exactly once (this host's slice), the last batch padded with copies flagged ``valid = 0``."""
+    ds = _host_slice(grain.MapDataset.source(items), process_index, process_count)
+
+    def batch_fn(chunk: Sequence[tuple[str, ProcessedExample]]) -> dict[str, Any]:
+        n = len(chunk)
+        chunk = list(chunk) + [chunk[-1]] * (batch_size - n)
+        out = processor.collate(
+            [e for _, e in chunk], max_length=max_length, max_patches=max_patches, padding_side=padding_side
+        )
+        out["valid"] = np.arange(batch_size) < n
+        out["meta"] = {"ids": [i for i, _ in chunk[:n]]}
+        return out
+
+    ds = ds.map(lambda item: (ids(item), encode(item))).batch(batch_size, batch_fn=batch_fn)
+    return _prefetch(ds.to_iter_dataset(), num_workers)
+
+
+def query_dataset(
+    store: RecordStore,
+    processor: Processor,
+    *,
+    instruction_seed: int = 0,
+    max_decode_pixels: int = DEFAULT_MAX_PIXELS,
+    **kw: Any,
+) -> grain.IterDataset:
+    """Embedding pipeline over ``store.queries`` (with their instructions)."""
+
+    def encode(query: Query) -> ProcessedExample:
+        instruction, text = query_text_parts(query, store.instructions, seed=instruction_seed)
+        image = None if query.image_path is None else store.image(query.image_path, max_pixels=max_decode_pixels)
+        return processor(text=text or None, image=image, instruction=instruction or None)
+
+    return encode_dataset(store.queries, encode, lambda q: q.qid, processor=processor, **kw)
+
+
+def candidate_dataset(
+    store: RecordStore,
+    dids: Sequence[str],
+    processor: Processor,
+    *,
+    max_decode_pixels: int = DEFAULT_MAX_PIXELS,
+    **kw: Any,
+) -> grain.IterDataset:
+    """Embedding pipeline over the candidates ``dids`` (no instruction)."""
+
+    def encode(did: str) -> ProcessedExample:
+        cand = store.candidate(did)
+        image = None if cand.image_path is None else store.image(cand.image_path, max_pixels=max_decode_pixels)
+        return processor(text=candidate_text(cand) or None, image=image)
+
+    return encode_dataset(dids, encode, lambda d: d, processor=processor, **kw)
+
+
+def iterate(dataset: grain.IterDataset, bad: BadRecords | None = None) -> Iterator[dict[str, Any]]:
+    """Iterate a training dataset, folding each batch's skipped records into ``bad``."""
+    for batch in dataset:
+        if bad is not None:
+            bad.merge([batch["meta"]["bad_records"]])
+        yield batch

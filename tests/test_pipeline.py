@@ -1,0 +1,195 @@
+"""The grain training and embedding pipelines on the synthetic M-BEIR corpus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmret.data.bad_records import BadRecordError, BadRecords
+from mmret.data.negatives import read_negatives, write_negatives
+from mmret.data.pipeline import PipelineConfig, RawStore, candidate_dataset, iterate, query_dataset, train_dataset
+from mmret.data.processor import Processor, ProcessorConfig
+from mmret.data.synthetic import write_synthetic_mbeir
+from mmret.models.qwen2_vl.processor_files import write_processor_files
+
+CFG = PipelineConfig(
+    batch_size=4,
+    max_query_length=160,
+    max_candidate_length=160,
+    max_query_patches=4 * 256,
+    max_candidate_patches=4 * 256,
+)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn") / "mbeir"
+    write_synthetic_mbeir(out, scale="tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory) -> Processor:
+    d = tmp_path_factory.mktemp("proc")
+    write_processor_files(d)
+    return Processor(d, ProcessorConfig(max_pixels=64 * 28 * 28))
+
+
+@pytest.fixture(scope="module")
+def store(root) -> RawStore:
+    return RawStore(root, "train")
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def arrays(batch) -> dict[str, np.ndarray]:
+    flat = {f"query.{k}": v for k, v in batch["query"].items()}
+    flat.update({f"candidates.{k}": v for k, v in batch["candidates"].items()})
+    flat["positive_mask"] = batch["positive_mask"]
+    return flat
+
+
+def assert_same(a, b):
+    fa, fb = arrays(a), arrays(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+    assert a["meta"]["qids"] == b["meta"]["qids"] and a["meta"]["dids"] == b["meta"]["dids"]
+
+
+def test_batches_have_static_shapes_and_label_positives(store, processor):
+    it = iter(train_dataset(store, processor, CFG, process_index=0, process_count=1))
+    batches = take(it, 6)
+    shapes = {k: v.shape for k, v in arrays(batches[0]).items()}
+    assert shapes["query.input_ids"] == (4, 160) and shapes["query.pixel_values"] == (1024, 1176)
+    assert shapes["candidates.position_ids"] == (3, 4, 160)
+    for b in batches[1:]:
+        assert {k: v.shape for k, v in arrays(b).items()} == shapes
+    by_qid = {q.qid: q for q in store.queries}
+    for b in batches:
+        qids, dids = b["meta"]["qids"], b["meta"]["dids"]
+        for i, qid in enumerate(qids):
+            assert dids[i] in by_qid[qid].pos_cand_list  # the sampled positive is a labelled one
+            assert b["positive_mask"][i, i]
+            for j, did in enumerate(dids):
+                assert b["positive_mask"][i, j] == (did in by_qid[qid].pos_cand_list)
+        # Image tokens in the ids match the patches of each sequence.
+        q = b["query"]
+        n_tokens = int((q["input_ids"] == processor.image_token_id).sum())
+        assert n_tokens * 4 == int(q["patch_mask"].sum()) == int(q["image_grid_thw"].prod(-1).sum())
+
+
+def test_deterministic_for_a_seed(store, processor):
+    a = take(iter(train_dataset(store, processor, CFG, process_index=0, process_count=1)), 3)
+    b = take(iter(train_dataset(store, processor, CFG, process_index=0, process_count=1)), 3)
+    for x, y in zip(a, b, strict=True):
+        assert_same(x, y)
+    other = PipelineConfig(**{**CFG.__dict__, "seed": 1})
+    c = take(iter(train_dataset(store, processor, other, process_index=0, process_count=1)), 3)
+    assert [x["meta"]["qids"] for x in a] != [x["meta"]["qids"] for x in c]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_restored_iterator_yields_the_same_batches(store, processor, workers):
+    cfg = PipelineConfig(**{**CFG.__dict__, "num_workers": workers})
+    it = iter(train_dataset(store, processor, cfg, process_index=0, process_count=1))
+    take(it, 3)
+    state = it.get_state()
+    expected = take(it, 4)
+    restored = iter(train_dataset(store, processor, cfg, process_index=0, process_count=1))
+    restored.set_state(state)
+    for x, y in zip(expected, take(restored, 4), strict=True):
+        assert_same(x, y)
+
+
+def test_hosts_read_disjoint_slices_covering_an_epoch(store, processor):
+    cfg = PipelineConfig(**{**CFG.__dict__, "num_epochs": 1, "batch_size": 8})
+    seen = []
+    for host in range(2):
+        ds = train_dataset(store, processor, cfg, process_index=host, process_count=2)
+        seen.append([q for b in ds for q in b["meta"]["qids"]])
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == len(store.queries) // 2 // 8 * 8  # full batches only
+    assert len(set(seen[0]) | set(seen[1])) == len(seen[0]) + len(seen[1])
+
+
+def test_hard_negatives_come_from_the_negatives_file(root, processor, tmp_path):
+    store = RawStore(root, "train")
+    rng = np.random.default_rng(0)
+    dids = sorted(store.pool)
+    negs = {}
+    for q in store.queries:
+        choice = [d for d in rng.choice(dids, 6, replace=False) if d not in q.pos_cand_list]
+        negs[q.qid] = choice
+    path = tmp_path / "negatives.jsonl"
+    write_negatives(path, negs.items())
+    assert read_negatives(path, pool=store.pool) == {k: tuple(v) for k, v in negs.items()}
+    store = RawStore(root, "train", negatives_file=path)
+    cfg = PipelineConfig(**{**CFG.__dict__, "num_negatives": 2})
+    b = next(iter(train_dataset(store, processor, cfg, process_index=0, process_count=1)))
+    assert b["candidates"]["input_ids"].shape[0] == 4 * 3
+    qids, dids_b = b["meta"]["qids"], b["meta"]["dids"]
+    for i, qid in enumerate(qids):
+        own = dids_b[3 * i : 3 * i + 3]
+        assert own[1] in negs[qid] and own[2] in negs[qid]
+
+
+def test_negatives_file_with_unknown_did_is_reported(root, tmp_path):
+    path = tmp_path / "negatives.jsonl"
+    path.write_text(json.dumps({"qid": "9:1", "neg_cand_list": ["9:99999999"]}) + "\n")
+    store = RawStore(root, "train")
+    with pytest.raises(BadRecordError, match=r"negatives.jsonl:1: negative_not_in_pool"):
+        read_negatives(path, pool=store.pool)
+
+
+def _corrupt_first_query_image(root: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the corpus whose first image query (train split) points at a truncated file."""
+    copy = tmp_path / "mbeir"
+    shutil.copytree(root, copy)
+    store = RawStore(copy, "train")
+    query = next(q for q in store.queries if q.image_path)
+    (copy / query.image_path).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return copy, query.qid
+
+
+def test_bad_image_stops_with_the_record_named(root, processor, tmp_path):
+    copy, qid = _corrupt_first_query_image(root, tmp_path)
+    store = RawStore(copy, "train")
+    cfg = PipelineConfig(**{**CFG.__dict__, "num_epochs": 1, "shuffle": False})
+    with pytest.raises(BadRecordError, match=rf"query {qid}: bad_image"):
+        for _ in train_dataset(store, processor, cfg, process_index=0, process_count=1):
+            pass
+
+
+def test_bad_image_is_skipped_and_counted(root, processor, tmp_path):
+    copy, qid = _corrupt_first_query_image(root, tmp_path)
+    store = RawStore(copy, "train")
+    cfg = PipelineConfig(**{**CFG.__dict__, "num_epochs": 1, "shuffle": False, "on_bad_record": "skip"})
+    bad = BadRecords("skip")
+    qids = [
+        q
+        for b in iterate(train_dataset(store, processor, cfg, process_index=0, process_count=1), bad)
+        for q in b["meta"]["qids"]
+    ]
+    assert qid not in qids
+    assert bad.counts == {"bad_image": 1}
+    assert any(qid in line for line in bad.report())
+
+
+def test_query_and_candidate_pipelines_cover_everything_once(root, processor):
+    store = RawStore(root, "test", tasks=["cirr_task7", "webqa_task1"])
+    kw = dict(batch_size=8, max_length=160, max_patches=8 * 256, process_index=0, process_count=1)
+    qs = list(query_dataset(store, processor, **kw))
+    ids = [i for b in qs for i in b["meta"]["ids"]]
+    assert ids == [q.qid for q in store.queries]
+    assert sum(int(b["valid"].sum()) for b in qs) == len(store.queries)
+    assert all(b["input_ids"].shape == (8, 160) for b in qs)
+    dids = sorted(store.pool)[:21]
+    cs = list(candidate_dataset(store, dids, processor, **kw))
+    assert [i for b in cs for i in b["meta"]["ids"]] == dids and cs[-1]["valid"].sum() == 21 - 16
