@@ -71,6 +71,8 @@ class PipelineConfig:
     num_epochs: int | None = None  # None: repeat forever
     num_workers: int = 0  # grain worker processes (0: in the main process)
     worker_buffer_size: int = 2
+    read_threads: int = 1  # threads per process mapping examples (more contend for the GIL; scale with workers)
+    prefetch_batches: int = 2
     on_bad_record: OnBadRecord = "error"
     max_decode_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap
 
@@ -263,7 +265,8 @@ def train_dataset(
     ds = _host_slice(ds, process_index, process_count)
     ds = ds.random_map(EncodeTrainExample(store, processor, cfg))
     ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda exs: collate_train(exs, processor, cfg))
-    return _prefetch(ds.to_iter_dataset(), cfg.num_workers, cfg.worker_buffer_size)
+    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches * cfg.batch_size)
+    return _prefetch(ds.to_iter_dataset(read), cfg.num_workers, cfg.worker_buffer_size)
 
 
 def encode_dataset(
