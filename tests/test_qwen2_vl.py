@@ -298,3 +298,17 @@ def test_param_count_equals_hf_on_meta_device(preset):
     # The published sizes, as a sanity check on the presets themselves.
     approx = {"qwen2vl-2b": 2.21e9, "qwen2vl-7b": 8.29e9}[preset]
     assert abs(expected - approx) / approx < 0.01
+
+
+def test_static_padding_of_patches_and_grid_rows_changes_nothing(pair):
+    """Batches of static shape: zero patch rows after the images and zero grid rows (no image)."""
+    _, path = pair
+    b = CASES["padded_batch"]
+    model = qwen2_vl.from_hf(path, jnp.float32)
+    base = np.asarray(ours(model, b).last_hidden_state)
+    pv = np.concatenate([b.pixel_values, np.zeros((36, 1176), np.float32)])
+    grid = np.concatenate([b.grid, np.zeros((2, 3), np.int64)])
+    padded = np.asarray(model(b.ids, b.mask, pv, grid).last_hidden_state)
+    assert rel_err(padded, base, b.mask) < 1e-5
+    with pytest.raises(ValueError, match="patches"):
+        model(b.ids, b.mask, b.pixel_values[:-4], b.grid)

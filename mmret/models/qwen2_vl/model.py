@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from mmret.models.partitioning import logical
@@ -78,12 +79,14 @@ class Qwen2VL(nnx.Module):
             return embeds
         feats = self.visual(pixel_values, image_grid_thw).astype(embeds.dtype)
         is_img = input_ids == self.cfg.image_token_id
-        if not isinstance(is_img, jax.core.Tracer):
+        if not isinstance(is_img, jax.core.Tracer) and not isinstance(image_grid_thw, jax.core.Tracer):
             n_tokens = int(is_img.sum())
-            if n_tokens != feats.shape[0]:
+            merge = self.cfg.vision.spatial_merge_size**2
+            n_feats = int(np.prod(np.asarray(image_grid_thw), axis=-1).sum()) // merge
+            if n_tokens != n_feats:
                 raise ValueError(
                     f"image features and image tokens do not match: {n_tokens} <|image_pad|> tokens, "
-                    f"{feats.shape[0]} features from image_grid_thw"
+                    f"{n_feats} features from image_grid_thw"
                 )
         idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(is_img.shape)
         return jnp.where(is_img[..., None], feats[idx], embeds)

@@ -84,19 +84,23 @@ def vision_patch_positions(image_grid_thw: Any, num_patches: int, spatial_merge_
 
     The processor lays an image's patches out frame by frame, then by 2x2 merge blocks in row-major
     block order, then row-major inside a block; this recovers each patch's grid row and column.
-    Works inside jit (``image_grid_thw`` may be traced; ``num_patches`` is static).
+    Rows beyond the patches the grids describe are padding: image index -1 (zero-size grid rows are
+    allowed, so batches keep a static number of grid rows). Works inside jit (``image_grid_thw`` may
+    be traced; ``num_patches`` is static).
     """
     import jax.numpy as jnp
 
     grid = jnp.asarray(image_grid_thw).astype(jnp.int32)
     sizes = grid[:, 0] * grid[:, 1] * grid[:, 2]
     offsets = jnp.cumsum(sizes) - sizes
+    index = jnp.arange(num_patches)
     image = jnp.repeat(jnp.arange(grid.shape[0]), sizes, total_repeat_length=num_patches)
-    p = jnp.arange(num_patches) - offsets[image]
-    h, w = grid[image, 1], grid[image, 2]
+    image = jnp.where(index < sizes.sum(), image, -1)
+    safe = jnp.maximum(image, 0)
+    h, w = jnp.maximum(grid[safe, 1], 1), jnp.maximum(grid[safe, 2], 1)
     m = spatial_merge_size
-    p = p % (h * w)
+    p = (index - offsets[safe]) % (h * w)
     block, inner = p // (m * m), p % (m * m)
-    row = (block // (w // m)) * m + inner // m
-    col = (block % (w // m)) * m + inner % m
+    row = (block // jnp.maximum(w // m, 1)) * m + inner // m
+    col = (block % jnp.maximum(w // m, 1)) * m + inner % m
     return image, row, col

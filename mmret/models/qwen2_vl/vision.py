@@ -100,7 +100,8 @@ class PatchEmbed(nnx.Module):
 
 class VisionTransformer(nnx.Module):
     """pixel_values [patches, 1176] and image_grid_thw [images, 3] -> merged features
-    [patches / merge^2, LLM width], images in order."""
+    [patches / merge^2, LLM width], images in order. Rows after those the grids describe are padding
+    (static batch shapes): they attend only to each other and their features come last."""
 
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg.vision
@@ -118,7 +119,7 @@ class VisionTransformer(nnx.Module):
         n = pixel_values.shape[0]
         if not isinstance(image_grid_thw, jax.core.Tracer):
             expected = int(np.prod(np.asarray(image_grid_thw), axis=-1).sum())
-            if expected != n:
+            if expected > n:
                 raise ValueError(f"pixel_values has {n} patches, image_grid_thw describes {expected}")
         image, rows, cols = vision_patch_positions(image_grid_thw, n, v.spatial_merge_size)
         cos, sin = vision_cos_sin(rows, cols, v.head_dim, v.rope_theta)
