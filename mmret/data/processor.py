@@ -409,13 +409,16 @@ def collate(
     [3, B, max_length] int32 (pads 0: M-RoPE ids do not depend on padding); ``pixel_values``
     [max_patches, patch_dim] (the examples' patch rows in batch order, then zero rows) with ``patch_mask``
     [max_patches] int32; ``image_grid_thw`` [max_images, 3] int32 (one row per image in batch order, then
-    zero rows) with ``image_mask`` [max_images] int32; ``lengths`` [B] int32. ``max_images`` defaults to
-    the batch size. Raises ``ValueError`` when an example or the batch does not fit.
+    zero rows) with ``image_mask`` [max_images] int32; ``lengths`` [B] int32; ``text_tokens`` [B] int32
+    (free-text plus instruction tokens: 0 for an image-only candidate). ``max_images`` defaults to the
+    batch size. Raises ``ValueError`` when an example or the batch does not fit.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     batch = len(examples)
     max_images = batch if max_images is None else max_images
+    if max_patches % 4:
+        raise ValueError(f"max_patches={max_patches} must be a multiple of 4 (the 2x2 patch merger)")
     input_ids = np.full((batch, max_length), pad_token_id, dtype=np.int32)
     attention = np.zeros((batch, max_length), dtype=np.int32)
     pool = np.zeros((batch, max_length), dtype=np.int32)
@@ -458,4 +461,5 @@ def collate(
         "image_grid_thw": image_grid_thw,
         "image_mask": image_mask,
         "lengths": lengths,
+        "text_tokens": np.array([ex.num_text_tokens + ex.num_instruction_tokens for ex in examples], np.int32),
     }
