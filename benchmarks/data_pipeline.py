@@ -29,6 +29,7 @@ from mmret.data.pipeline import PipelineConfig, RawStore, train_dataset  # noqa:
 from mmret.data.processor import Processor, ProcessorConfig  # noqa: E402
 from mmret.data.smart_resize import UMARVEL_MAX_PIXELS  # noqa: E402
 from mmret.data.synthetic import write_synthetic_mbeir  # noqa: E402
+from mmret.data.tfds_mbeir import ArrayRecordStore, build_tfds_mbeir  # noqa: E402
 from mmret.models.qwen2_vl.processor_files import write_processor_files  # noqa: E402
 
 TASKS = ["cirr_task7", "fashioniq_task7"]
@@ -106,14 +107,9 @@ def main() -> None:
             "read_threads": args.read_threads,
         }
         results["raw"] = measure(RawStore(root, "train", tasks=TASKS), processor, cfg, args.examples)
-        try:
-            from mmret.data.tfds_mbeir import ArrayRecordStore, build
-        except ImportError:
-            results["tfds"] = "not available"
-        else:
-            build(root, tmp / "tfds", splits=["train"])
-            store = ArrayRecordStore(tmp / "tfds", "train", tasks=TASKS)
-            results["tfds"] = measure(store, processor, cfg, args.examples)
+        build_tfds_mbeir(root, tmp / "tfds", splits=["train"], tasks=TASKS)
+        store = ArrayRecordStore(tmp / "tfds", "train", tasks=TASKS)
+        results["tfds"] = measure(store, processor, cfg, args.examples)
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

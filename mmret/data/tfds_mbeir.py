@@ -1,0 +1,886 @@
+"""An M-BEIR root converted into TFDS ArrayRecord datasets (image bytes embedded), and a store reading it.
+
+Pods then read a few large sharded files instead of millions of small images. TensorFlow is never
+needed: records are ``tf.train.Example`` protos written with TFDS's own (TF-free) serializer, whose
+features are plain text and bytes, and TFDS decodes them through numpy. Layout of a build::
+
+    mmret_build.json                      manifest: source, splits, counts, task ranges, skip report
+    mbeir_queries/1.0.0/                  TFDS dataset, splits train / val / test (those built)
+        dataset_info.json  features.json
+        mbeir_queries-<split>.array_record-XXXXX-of-YYYYY
+    mbeir_candidates/1.0.0/               the pool of each split (as RawStore reads it), same layout
+    index/<split>/                        numpy lookup tables (no pickles), memory-mapped by readers
+        dids.npy                          candidate ids in record order (fixed-width bytes)
+        did_sorted.npy  did_rows.npy      sorted ids and their record rows (did -> row)
+        image_keys.npy  image_rows.npy    sorted 64-bit path hashes -> row (>= 0 candidate, < 0 query)
+    instructions/query_instructions.tsv   copied byte for byte (when the root has it)
+    negatives/train.jsonl                 the validated negatives file (when one was given)
+
+A record has the features ``id`` (qid / did), ``record`` (the source JSON object, re-serialised),
+``source`` (``<relative file>:<line>`` in the root), ``image`` (the image file's bytes, empty without
+an image) and, for queries, ``task`` (``<dataset>_task<N>``). Read one without TF::
+
+    import tensorflow_datasets as tfds
+    ds = tfds.data_source("mbeir_queries", data_dir=BUILD, split="train")
+    # or: tfds.builder_from_directory(f"{BUILD}/mbeir_queries/1.0.0").as_data_source(split="train")
+    ds[0]  # {'id': b'0:1', 'image': b'', 'record': b'{"qid": ...}', 'source': b'query/train/...:1', 'task': ...}
+
+The build validates every record with the reader (:func:`~mmret.data.mbeir.parse_query`,
+:func:`~mmret.data.mbeir.parse_candidate`, duplicate ids, positives in the pool) and decodes every image
+once under the pixel cap; a bad record, including a missing, corrupt, escaping or over-cap image,
+stops the build (``on_bad_record="error"``, naming ``file:line``) or is skipped and counted
+(``"skip"``; a query whose positive was skipped is then skipped too). Records keep the reader's order,
+so :class:`ArrayRecordStore` and :class:`~mmret.data.pipeline.RawStore` index the same queries alike.
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import collections
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+from PIL import Image
+
+from mmret.atomic_dir import atomic_output_dir
+from mmret.data.bad_records import BAD_IMAGE, DUPLICATE_ID, BadRecordError, BadRecords, OnBadRecord
+from mmret.data.images import (
+    DEFAULT_MAX_PIXELS,
+    MISSING,
+    UNREADABLE,
+    UNSAFE_PATH,
+    BadImageError,
+    load_image_bytes,
+    resolve_image_path,
+    unsafe_path_reason,
+)
+from mmret.data.mbeir import (
+    EVAL_TASKS,
+    SPLITS,
+    Candidate,
+    DatasetTask,
+    Instructions,
+    Query,
+    check_against_pool,
+    dataset_task,
+    global_pool_path,
+    instructions_path,
+    iter_jsonl,
+    local_pool_path,
+    parse_candidate,
+    parse_query,
+    query_path,
+    read_instructions,
+)
+from mmret.data.negatives import read_negatives, write_negatives
+
+FORMAT = "mmret.tfds_mbeir"
+FORMAT_VERSION = 1
+MANIFEST = "mmret_build.json"
+QUERIES = "mbeir_queries"
+CANDIDATES = "mbeir_candidates"
+TFDS_VERSION = "1.0.0"
+#: What TFDS itself writes (one record per chunk: cheap random access).
+ARRAY_RECORD_OPTIONS = "group_size:1"
+#: Shard size when no shard count is asked for.
+DEFAULT_SHARD_BYTES = 1 << 30
+#: Records per image-check batch handed to the worker processes.
+_CHUNK = 512
+
+
+class BuildError(Exception):
+    """A problem with the input as a whole (a missing file, an empty split), not with one record."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def dataset_dir(build: str | Path, name: str) -> Path:
+    """The TFDS builder directory of ``name`` (:data:`QUERIES` or :data:`CANDIDATES`) in a build."""
+    return Path(build) / name / TFDS_VERSION
+
+
+def path_key(path: str) -> int:
+    """The 64-bit key of an image path in ``image_keys.npy`` (blake2b, little-endian)."""
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _features(name: str) -> Any:
+    import tensorflow_datasets as tfds
+
+    spec: dict[str, Any] = {
+        "id": tfds.features.Text(),
+        "record": tfds.features.Text(),
+        "source": tfds.features.Text(),
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+    }
+    if name == QUERIES:
+        spec["task"] = tfds.features.Text()
+    return tfds.features.FeaturesDict(spec)
+
+
+def read_manifest(build: str | Path) -> dict[str, Any]:
+    """The build's manifest; :class:`BuildError` when ``build`` is not an mmret TFDS build."""
+    path = Path(build) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BuildError(f"{build}: not an M-BEIR TFDS build (no {MANIFEST}; see tools/build_tfds_mbeir.py)") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise BuildError(
+            f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
+            f"expected {FORMAT!r} v{FORMAT_VERSION}"
+        )
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+class _ShardWriter:
+    """One split of one TFDS dataset: contiguous ArrayRecord shards, named ``-XXXXX-of-YYYYY`` on close."""
+
+    def __init__(self, directory: Path, name: str, split: str, *, per_shard: int | None, shard_bytes: int) -> None:
+        self.directory, self.name, self.split = directory, name, split
+        self.per_shard, self.shard_bytes = per_shard, shard_bytes
+        self.shard_lengths: list[int] = []
+        self.num_bytes = self.num_records = 0
+        self._writer: Any = None
+        self._count = self._bytes = 0
+
+    def _partial(self, index: int) -> Path:
+        return self.directory / f".{self.name}-{self.split}.array_record-{index:05d}.partial"
+
+    def write(self, data: bytes) -> None:
+        if self._writer is None:
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            self._writer = ArrayRecordWriter(str(self._partial(len(self.shard_lengths))), ARRAY_RECORD_OPTIONS)
+        self._writer.write(data)
+        self._count += 1
+        self.num_records += 1
+        self._bytes += len(data)
+        self.num_bytes += len(data)
+        full = self._count >= self.per_shard if self.per_shard else self._bytes >= self.shard_bytes
+        if full:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self.shard_lengths.append(self._count)
+            self._count = self._bytes = 0
+
+    def close(self) -> Any:
+        """Close the last shard, rename them all, return the TFDS ``SplitInfo``."""
+        import tensorflow_datasets as tfds
+
+        self._close_shard()
+        n = len(self.shard_lengths)
+        for i in range(n):
+            self._partial(i).rename(self.directory / f"{self.name}-{self.split}.array_record-{i:05d}-of-{n:05d}")
+        return tfds.core.SplitInfo(name=self.split, shard_lengths=list(self.shard_lengths), num_bytes=self.num_bytes)
+
+
+def _read_image_job(args: tuple[str, str, int, bool]) -> tuple[bytes | None, BadImageError | None]:
+    """Read (and with ``verify``, decode under the cap) one image: ``(bytes, None)`` or ``(None, error)``."""
+    root, rel_path, max_pixels, verify = args
+    try:
+        path = resolve_image_path(root, rel_path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise BadImageError(rel_path, UNREADABLE, f"{type(e).__name__}: {e}") from e
+        if verify:
+            load_image_bytes(data, max_pixels=max_pixels, name=rel_path)
+        return data, None
+    except BadImageError as e:
+        return None, e
+
+
+class _ImageReader:
+    """Reads the images of records in order, checking each distinct path once (optionally in processes)."""
+
+    def __init__(self, root: Path, max_pixels: int, num_workers: int) -> None:
+        self.root, self.max_pixels = str(root), max_pixels
+        self.good: set[int] = set()  # path keys already decoded fine
+        self.bad: dict[str, BadImageError] = {}
+        self.num_checked = 0
+        self.num_workers = num_workers
+        self._pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 0 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def read(self, paths: Sequence[str | None]) -> list[bytes | BadImageError]:
+        """The bytes (``b""`` for ``None``) or the error of each path."""
+        out: list[bytes | BadImageError | None] = [None] * len(paths)
+        jobs, slots = [], []
+        verifying: set[str] = set()  # decode a path once even when several records of the batch use it
+        for i, p in enumerate(paths):
+            if p is None:
+                out[i] = b""
+            elif p in self.bad:
+                out[i] = self.bad[p]
+            else:
+                verify = p not in verifying and path_key(p) not in self.good
+                if verify:
+                    verifying.add(p)
+                jobs.append((self.root, p, self.max_pixels, verify))
+                slots.append(i)
+        if self._pool is not None and len(jobs) > 1:
+            results = self._pool.map(_read_image_job, jobs, chunksize=max(1, len(jobs) // (4 * self.num_workers)))
+        else:
+            results = [_read_image_job(j) for j in jobs]
+        for i, job, (data, err) in zip(slots, jobs, results, strict=True):
+            if err is None and job[1] in self.bad:  # a record of this batch found it bad
+                err = self.bad[job[1]]
+            if err is not None:
+                self.bad[job[1]] = err
+                out[i] = err
+            else:
+                if job[3]:
+                    self.num_checked += 1
+                    self.good.add(path_key(job[1]))
+                out[i] = data
+        return out  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A validated record waiting for its image: fields of the TFDS example and its id / image path."""
+
+    where: str
+    rid: str
+    image_path: str | None
+    example: dict[str, Any]
+
+
+class _Progress:
+    def __init__(self, what: str, every: int, log: Callable[[str], None] | None) -> None:
+        self.what, self.every, self.log = what, every, log
+        self.start = time.perf_counter()
+        self.seen = self.written = 0
+        self._next = every
+
+    def tick(self, seen: int, written: int, *, final: bool = False) -> None:
+        self.seen, self.written = seen, written
+        if self.log is None or self.every <= 0 or not (final or seen >= self._next):
+            return
+        while self._next <= seen:
+            self._next += self.every
+        rate = seen / max(time.perf_counter() - self.start, 1e-9)
+        done = "done: " if final else ""
+        self.log(f"  {self.what}: {done}{seen} valid records read, {written} written ({rate:.0f}/s)")
+
+
+class _SplitBuilder:
+    """Writes the candidates, then the queries, of one split; collects the lookup tables."""
+
+    def __init__(self, b: _Build, split: str) -> None:
+        self.b, self.split = b, split
+        self.dids: list[str] = []
+        self.did_set: set[str] = set()
+        self.image_keys = array.array("Q")  # compact: a real pool has millions of images
+        self.image_rows = array.array("q")
+        self.task_ranges: dict[str, list[int]] = {}
+        self.pool_files: list[str] = []
+
+    def _rel(self, where: str) -> str:
+        file, _, line = where.rpartition(":")
+        return f"{os.path.relpath(file, self.b.root)}:{line}"
+
+    def _flush(
+        self, pending: list[_Pending], writer: _ShardWriter, serializer: Any, features: Any, on_written: Callable
+    ) -> None:
+        images = self.b.images.read([p.image_path for p in pending])
+        for p, image in zip(pending, images, strict=True):
+            if isinstance(image, BadImageError):
+                self.b.bad.handle(BadRecordError(p.where, BAD_IMAGE, str(image)))
+                continue
+            p.example["image"] = image
+            on_written(p)
+            writer.write(serializer.serialize_example(features.encode_example(p.example)))
+        pending.clear()
+
+    def _write(self, name: str, records: Iterator[_Pending], upper_bound: int, on_written: Callable) -> Any:
+        from tensorflow_datasets.core import example_serializer
+
+        features = self.b.features[name]
+        serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+        per_shard = math.ceil(upper_bound / self.b.num_shards) if self.b.num_shards else None
+        writer = _ShardWriter(
+            dataset_dir(self.b.tmp, name), name, self.split, per_shard=per_shard, shard_bytes=self.b.shard_bytes
+        )
+        progress = _Progress(f"{self.split} {name.removeprefix('mbeir_')}", self.b.progress_every, self.b.log)
+        pending: list[_Pending] = []
+        seen = 0
+        for rec in records:
+            pending.append(rec)
+            if len(pending) >= _CHUNK:
+                seen += len(pending)
+                self._flush(pending, writer, serializer, features, on_written)
+                progress.tick(seen, writer.num_records)
+        seen += len(pending)
+        self._flush(pending, writer, serializer, features, on_written)
+        progress.tick(seen, writer.num_records, final=True)
+        info = writer.close()
+        if not info.shard_lengths:
+            raise BuildError(f"{self.b.root}: no valid {name.removeprefix('mbeir_')} in split {self.split!r}")
+        return info
+
+    # -- candidates
+
+    def _pool_sources(self) -> list[Path]:
+        union = global_pool_path(self.b.root, self.split)
+        if self.b.tasks is None and union.is_file():
+            return [union]
+        paths = [local_pool_path(self.b.root, t, self.split) for t in (self.b.tasks or EVAL_TASKS)]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise BuildError(f"{missing[0]}: no {self.split} pool ({union.name} is not there either)")
+        return list(dict.fromkeys(paths))
+
+    def _candidates(self, sources: list[Path]) -> Iterator[_Pending]:
+        union = len(sources) > 1
+        fingerprints: dict[str, tuple[Any, ...]] = {}
+        yielded: set[str] = set()
+        for path in sources:
+            seen: set[str] = set()
+            for where, obj in iter_jsonl(path, self.b.bad):
+                try:
+                    cand = parse_candidate(obj, where, keep_src_content=False)
+                    if cand.did in seen:
+                        raise BadRecordError(where, DUPLICATE_ID, f"did {cand.did!r} appears twice")
+                    seen.add(cand.did)
+                except BadRecordError as e:
+                    self.b.bad.handle(e)
+                    continue
+                if union:  # the same candidate may sit in several local pools (RawStore's merge)
+                    fp = (cand.text, cand.image_path, cand.modality)
+                    if fingerprints.setdefault(cand.did, fp) != fp:
+                        raise BuildError(f"{where}: did {cand.did!r} differs between local pools")
+                    if cand.did in yielded:
+                        continue
+                    yielded.add(cand.did)
+                example = {"id": cand.did, "record": json.dumps(obj), "source": self._rel(where)}
+                yield _Pending(where, cand.did, cand.image_path, example)
+
+    def _add_candidate(self, p: _Pending) -> None:
+        row = len(self.dids)
+        self.dids.append(p.rid)
+        self.did_set.add(p.rid)
+        if p.image_path is not None:
+            self.image_keys.append(path_key(p.image_path))
+            self.image_rows.append(row)
+
+    # -- queries
+
+    def _queries(self) -> Iterator[_Pending]:
+        seen: set[str] = set()
+        pool = _KeySet(self.did_set)
+        for task in self.b.tasks or EVAL_TASKS:
+            path = query_path(self.b.root, self.split, task)
+            for where, obj in iter_jsonl(path, self.b.bad):
+                try:
+                    query = parse_query(obj, where, task=task, keep_src_content=False)
+                    if query.qid in seen:
+                        raise BadRecordError(where, DUPLICATE_ID, f"qid {query.qid!r} appears twice")
+                    check_against_pool(query, pool, where)
+                except BadRecordError as e:
+                    self.b.bad.handle(e)
+                    continue
+                seen.add(query.qid)  # as the reader: before the image check
+                example = {"id": query.qid, "task": task.name, "record": json.dumps(obj), "source": self._rel(where)}
+                yield _Pending(where, query.qid, query.image_path, example)
+
+    def _add_query(self, p: _Pending) -> None:
+        row = self._num_queries
+        self._num_queries += 1
+        self.task_ranges.setdefault(p.example["task"], [row, row])[1] = row + 1  # tasks come in order
+        if p.image_path is not None:
+            self.image_keys.append(path_key(p.image_path))
+            self.image_rows.append(-1 - row)
+
+    # -- all
+
+    def run(self) -> tuple[Any, Any]:
+        self._num_queries = 0
+        tasks = self.b.tasks or EVAL_TASKS
+        query_files = [query_path(self.b.root, self.split, t) for t in tasks]
+        for task, path in zip(tasks, query_files, strict=True):
+            if not path.is_file():
+                raise BuildError(f"{path}: no {self.split} queries for {task.name} (choose the tasks to build)")
+        sources = self._pool_sources()
+        self.pool_files = [str(p.relative_to(self.b.root)) for p in sources]
+        cand_info = self._write(CANDIDATES, self._candidates(sources), _count_lines(sources), self._add_candidate)
+        query_info = self._write(QUERIES, self._queries(), _count_lines(query_files), self._add_query)
+        n = self._num_queries
+        self.task_ranges = {t.name: self.task_ranges.get(t.name, [n, n]) for t in tasks}
+        self._write_index()
+        return query_info, cand_info
+
+    def _write_index(self) -> None:
+        d = self.b.tmp / "index" / self.split
+        d.mkdir(parents=True)
+        dids = np.array(self.dids, dtype=np.bytes_)
+        order = np.argsort(dids, kind="stable")
+        np.save(d / "dids.npy", dids)
+        np.save(d / "did_sorted.npy", dids[order])
+        np.save(d / "did_rows.npy", order.astype(np.int64))
+        keys = np.frombuffer(self.image_keys, dtype=np.uint64)
+        rows = np.frombuffer(self.image_rows, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]  # a path used by several records: keep its first record
+        np.save(d / "image_keys.npy", keys[first])
+        np.save(d / "image_rows.npy", rows[first])
+
+
+def _count_lines(paths: Iterable[Path]) -> int:
+    """An upper bound on the records of some JSON-lines files (their newline count), for shard sizes."""
+    n = 0
+    for path in paths:
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                n += chunk.count(b"\n")
+            n += 1
+    return max(n, 1)
+
+
+class _KeySet(Mapping[str, None]):
+    """A set seen as a mapping (what :func:`~mmret.data.mbeir.check_against_pool` looks ids up in)."""
+
+    def __init__(self, keys: set[str]) -> None:
+        self._keys = keys
+
+    def __getitem__(self, key: str) -> None:
+        if key not in self._keys:
+            raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclasses.dataclass
+class BuildReport:
+    """What a build wrote: per split ``{"queries": n, "candidates": m}``, the skip report, sizes, timing."""
+
+    out: Path
+    counts: dict[str, dict[str, int]]
+    bad: BadRecords
+    num_bytes: int
+    images_checked: int
+    seconds: float
+
+    def lines(self) -> list[str]:
+        """A short human-readable summary (counts, size, speed, then the bad-record report)."""
+        n = sum(sum(c.values()) for c in self.counts.values())
+        out = [
+            f"wrote {self.out}: {n} records ({self.num_bytes / 1e6:.1f} MB, {self.images_checked} distinct images "
+            f"checked) in {self.seconds:.1f}s ({n / max(self.seconds, 1e-9):.0f} records/s)"
+        ]
+        out += [f"  {s}: {c['queries']} queries, {c['candidates']} candidates" for s, c in self.counts.items()]
+        return out + self.bad.report()
+
+
+@dataclasses.dataclass
+class _Build:
+    root: Path
+    tmp: Path
+    tasks: tuple[DatasetTask, ...] | None
+    bad: BadRecords
+    images: _ImageReader
+    num_shards: int | None
+    shard_bytes: int
+    progress_every: int
+    log: Callable[[str], None] | None
+    features: dict[str, Any]
+
+
+def build_tfds_mbeir(
+    mbeir_root: str | Path,
+    out: str | Path,
+    *,
+    splits: Sequence[str] = SPLITS,
+    tasks: Sequence[str | DatasetTask] | None = None,
+    num_shards: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    on_bad_record: OnBadRecord = "error",
+    bad: BadRecords | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    negatives_file: str | Path | None = None,
+    num_workers: int = 0,
+    progress_every: int = 10_000,
+    log: Callable[[str], None] | None = None,
+    force: bool = False,
+) -> BuildReport:
+    """Convert the M-BEIR root ``mbeir_root`` into a TFDS build at ``out`` (written beside it, renamed at the end).
+
+    Per split: the queries of ``tasks`` (default: the 16 evaluated dataset-tasks, in that order) and the
+    pool RawStore would read (the global ``mbeir_union_<split>`` pool when ``tasks`` is None and it exists,
+    else the union of the tasks' local pools). ``num_shards``: at most that many contiguous shards per
+    split and dataset (default: one per ``shard_bytes``). ``max_pixels``: the decode cap every image is
+    checked against. ``negatives_file``: a negatives file (:mod:`mmret.data.negatives`) for the train
+    queries, validated against the train pool and copied. ``num_workers`` > 0 reads and checks images in
+    that many processes (spawned: call it under ``if __name__ == "__main__":``). ``log`` gets a progress
+    line every ``progress_every`` records. ``bad`` (a :class:`BadRecords`) replaces ``on_bad_record`` and
+    collects the skips. Raises :class:`BadRecordError` (under ``"error"``) or :class:`BuildError`.
+    """
+    root = Path(mbeir_root)
+    if not root.is_dir():
+        raise BuildError(f"{root}: M-BEIR root is not a directory")
+    splits = list(dict.fromkeys(splits))
+    for s in splits:
+        if s not in SPLITS:
+            raise ValueError(f"unknown split {s!r} (choose from {', '.join(SPLITS)})")
+    if not splits:
+        raise ValueError("no split to build")
+    if num_shards is not None and num_shards <= 0:
+        raise ValueError(f"num_shards must be positive, got {num_shards}")
+    if negatives_file is not None and "train" not in splits:
+        raise ValueError("a negatives file needs the train split")
+    task_list = None if tasks is None else tuple(dict.fromkeys(dataset_task(t) for t in tasks))
+    bad = BadRecords(on_bad_record) if bad is None else bad
+    start = time.perf_counter()
+    images = _ImageReader(root, max_pixels, num_workers)
+    try:
+        with atomic_output_dir(out, force=force) as tmp:
+            for name in (QUERIES, CANDIDATES):
+                dataset_dir(tmp, name).mkdir(parents=True)
+            b = _Build(
+                root, tmp, task_list, bad, images, num_shards, shard_bytes, progress_every, log,
+                {name: _features(name) for name in (QUERIES, CANDIDATES)},
+            )  # fmt: skip
+            infos: dict[str, list[Any]] = {QUERIES: [], CANDIDATES: []}
+            manifest_splits: dict[str, Any] = {}
+            counts: dict[str, dict[str, int]] = {}
+            for split in splits:
+                if log is not None and progress_every > 0:
+                    log(f"split {split}:")
+                sb = _SplitBuilder(b, split)
+                qinfo, cinfo = sb.run()
+                infos[QUERIES].append(qinfo)
+                infos[CANDIDATES].append(cinfo)
+                counts[split] = {"queries": qinfo.num_examples, "candidates": cinfo.num_examples}
+                manifest_splits[split] = {
+                    **counts[split],
+                    "pool_files": sb.pool_files,
+                    "task_ranges": sb.task_ranges,
+                }
+                if split == "train" and negatives_file is not None:
+                    negs = read_negatives(negatives_file, pool=_KeySet(sb.did_set), bad=bad)
+                    (tmp / "negatives").mkdir()
+                    write_negatives(tmp / "negatives" / "train.jsonl", negs.items())
+            instructions = instructions_path(root)
+            if instructions.is_file():
+                read_instructions(instructions, bad=bad)  # validate
+                (tmp / "instructions").mkdir()
+                shutil.copyfile(instructions, tmp / "instructions" / instructions.name)
+            _write_tfds_metadata(tmp, infos, b.features)
+            num_bytes = sum(i.num_bytes for v in infos.values() for i in v)
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "source_root": str(root.absolute()),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "tasks": None if task_list is None else [t.name for t in task_list],
+                "max_pixels": max_pixels,
+                "splits": manifest_splits,
+                "negatives": {"train": "negatives/train.jsonl"} if negatives_file is not None else {},
+                "instructions": instructions.is_file(),
+                "num_bytes": num_bytes,
+                "bad_records": {
+                    "on_bad_record": bad.on_bad_record,
+                    "skipped": dict(bad.counts),
+                    "examples": bad.examples,
+                },
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    finally:
+        images.close()
+    return BuildReport(Path(out), counts, bad, num_bytes, images.num_checked, time.perf_counter() - start)
+
+
+def _write_tfds_metadata(tmp: Path, infos: Mapping[str, list[Any]], features: Mapping[str, Any]) -> None:
+    import tensorflow_datasets as tfds
+
+    for name, split_infos in infos.items():
+        tfds.folder_dataset.write_metadata(
+            data_dir=dataset_dir(tmp, name),
+            features=features[name],
+            split_infos=split_infos,
+            version=TFDS_VERSION,
+            check_data=False,  # reading it back through as_dataset would need TensorFlow
+            description=f"M-BEIR {name.removeprefix('mbeir_')} with embedded image bytes (mmret).",
+        )
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+class _Reader:
+    """The data sources and lookup tables of one split of a build, opened lazily in each process."""
+
+    def __init__(self, build: Path, split: str, cache_size: int) -> None:
+        self.build, self.split, self.cache_size = build, split, cache_size
+        self._reset()
+
+    def _where(self, name: str) -> str:
+        return f"{dataset_dir(self.build, name)} {self.split}"
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._sources: dict[str, Any] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._where_prefix = {name: self._where(name) for name in (QUERIES, CANDIDATES)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"build": self.build, "split": self.split, "cache_size": self.cache_size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # a forked child: reopen everything
+            self._reset()
+
+    def source(self, name: str) -> Any:
+        """The TFDS data source of ``name`` for this split (``tfds.builder_from_directory(...).as_data_source``)."""
+        self._check_pid()
+        ds = self._sources.get(name)
+        if ds is None:
+            with self._lock:
+                ds = self._sources.get(name)
+                if ds is None:
+                    import tensorflow_datasets as tfds
+
+                    builder = tfds.builder_from_directory(str(dataset_dir(self.build, name)))
+                    ds = self._sources[name] = builder.as_data_source(split=self.split)
+        return ds
+
+    def array(self, name: str) -> np.ndarray:
+        """``index/<split>/<name>.npy``, memory-mapped (shared by every process through the page cache)."""
+        self._check_pid()
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = np.load(self.build / "index" / self.split / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            self._arrays[name] = arr
+        return arr
+
+    def record(self, name: str, row: int) -> dict[str, Any]:
+        """Record ``row`` of ``name``: text fields as ``str``, ``image`` as ``bytes``; remembers its image."""
+        raw = self.source(name)[row]
+        rec = {k: (v if k == "image" else v.decode("utf-8")) for k, v in raw.items()}
+        rec["image"] = bytes(rec["image"])
+        rec["where"] = f"{self._where_prefix[name]}[{row}] (from {rec['source']})"
+        return rec
+
+    def remember(self, path: str | None, data: bytes) -> None:
+        if path is None or self.cache_size <= 0:
+            return
+        with self._lock:
+            self._cache[path] = data
+            self._cache.move_to_end(path)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def cached(self, path: str) -> bytes | None:
+        self._check_pid()
+        with self._lock:
+            return self._cache.get(path)
+
+    def did_row(self, did: str) -> int | None:
+        """The candidate row of ``did`` (binary search in ``did_sorted.npy``), ``None`` when absent."""
+        try:
+            key = did.encode("ascii")
+        except (UnicodeEncodeError, AttributeError):
+            return None
+        ids = self.array("did_sorted")
+        if not len(ids) or len(key) > ids.dtype.itemsize:
+            return None
+        i = int(np.searchsorted(ids, np.bytes_(key)))
+        if i == len(ids) or ids[i] != key:
+            return None
+        return int(self.array("did_rows")[i])
+
+    def image_row(self, path: str) -> int | None:
+        """The row of a record holding image ``path`` (>= 0 candidate, < 0 query ``-1 - row``) or ``None``."""
+        keys = self.array("image_keys")
+        key = np.uint64(path_key(path))
+        i = int(np.searchsorted(keys, key))
+        if i == len(keys) or keys[i] != key:
+            return None
+        return int(self.array("image_rows")[i])
+
+
+class _Queries(Sequence[Query]):
+    """The queries of some tasks (contiguous row ranges), decoded on access."""
+
+    def __init__(self, reader: _Reader, ranges: Sequence[tuple[int, int]], keep_src_content: bool) -> None:
+        self._reader, self._keep = reader, keep_src_content
+        self._ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        self._offsets = [0]
+        for a, b in self._ranges:
+            self._offsets.append(self._offsets[-1] + b - a)
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def row(self, index: int) -> int:
+        """The record row of the ``index``-th query."""
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"query index {index} out of range ({n} queries)")
+        k = bisect.bisect_right(self._offsets, index) - 1
+        return self._ranges[k][0] + index - self._offsets[k]
+
+    @overload
+    def __getitem__(self, index: int) -> Query: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Query]: ...
+    def __getitem__(self, index: int | slice) -> Query | list[Query]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        rec = self._reader.record(QUERIES, self.row(index))
+        query = parse_query(
+            json.loads(rec["record"]), rec["where"], task=dataset_task(rec["task"]), keep_src_content=self._keep
+        )
+        self._reader.remember(query.image_path, rec["image"])
+        return query
+
+    def __iter__(self) -> Iterator[Query]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+class _Pool(Mapping[str, Candidate]):
+    """``did -> Candidate`` over the split's candidate records (membership needs no record read)."""
+
+    def __init__(self, reader: _Reader, keep_src_content: bool) -> None:
+        self._reader, self._keep = reader, keep_src_content
+
+    def __getitem__(self, did: str) -> Candidate:
+        row = self._reader.did_row(did)
+        if row is None:
+            raise KeyError(did)
+        rec = self._reader.record(CANDIDATES, row)
+        cand = parse_candidate(json.loads(rec["record"]), rec["where"], keep_src_content=self._keep)
+        if cand.did != did:
+            raise KeyError(f"{did!r}: the index of {self._reader.build} points at {cand.did!r} (corrupt build?)")
+        self._reader.remember(cand.image_path, rec["image"])
+        return cand
+
+    def __contains__(self, did: object) -> bool:
+        return isinstance(did, str) and self._reader.did_row(did) is not None
+
+    def __len__(self) -> int:
+        return len(self._reader.array("dids"))
+
+    def __iter__(self) -> Iterator[str]:
+        """The dids in pool order."""
+        for did in self._reader.array("dids"):
+            yield did.decode("ascii")
+
+
+class ArrayRecordStore:
+    """A TFDS build (:func:`build_tfds_mbeir`) as a :class:`~mmret.data.pipeline.RecordStore`.
+
+    ``queries`` (a lazy sequence, the order RawStore gives for the same split and tasks), ``pool`` (a lazy
+    ``did -> Candidate`` mapping), ``candidate(did)``, ``image(path, max_pixels=...)`` (the embedded bytes,
+    decoded with :func:`~mmret.data.images.load_image_bytes`), ``instructions`` and ``negatives`` (from
+    ``negatives_file``, e.g. the build's ``negatives/train.jsonl``). Records are read through the TFDS data
+    sources on demand; only the few last images read are kept (``image_cache_size``), so that
+    ``image()`` right after ``candidate()`` costs no second read. Picklable: grain workers reopen the
+    files lazily. Unlike RawStore with ``tasks``, the pool is always the whole split's pool of the build.
+    """
+
+    def __init__(
+        self,
+        build: str | Path,
+        split: str = "train",
+        tasks: Sequence[str | DatasetTask] | None = None,
+        *,
+        negatives_file: str | Path | None = None,
+        bad: BadRecords | None = None,
+        keep_src_content: bool = False,
+        image_cache_size: int = 64,
+    ) -> None:
+        self.build = Path(build)
+        self.split = split
+        self.manifest = read_manifest(self.build)
+        info = self.manifest["splits"].get(split)
+        if info is None:
+            raise BuildError(
+                f"{self.build}: split {split!r} was not built (built: {', '.join(self.manifest['splits'])})"
+            )
+        ranges: dict[str, list[int]] = info["task_ranges"]
+        names = list(ranges) if tasks is None else [dataset_task(t).name for t in tasks]
+        missing = [n for n in names if n not in ranges]
+        if missing:
+            raise BuildError(
+                f"{self.build}: task {missing[0]} is not in the {split} build (built: {', '.join(ranges)})"
+            )
+        self.bad = BadRecords("error") if bad is None else bad
+        self._reader = _Reader(self.build, split, image_cache_size)
+        self.queries: Sequence[Query] = _Queries(self._reader, [tuple(ranges[n]) for n in names], keep_src_content)
+        self.pool: Mapping[str, Candidate] = _Pool(self._reader, keep_src_content)
+        path = instructions_path(self.build)
+        self.instructions: Instructions | None = read_instructions(path, bad=self.bad) if path.is_file() else None
+        self.negatives: Mapping[str, tuple[str, ...]] = (
+            read_negatives(negatives_file, pool=self.pool, bad=self.bad) if negatives_file is not None else {}
+        )
+
+    def candidate(self, did: str) -> Candidate:
+        """The candidate ``did`` (``KeyError`` when the split's pool has none)."""
+        return self.pool[did]
+
+    def image(self, path: str, *, max_pixels: int) -> Image.Image:
+        """The RGB image embedded for ``path``; :class:`~mmret.data.images.BadImageError` when bad or absent."""
+        data = self._reader.cached(path)
+        if data is None:
+            reason = unsafe_path_reason(path)
+            if reason is not None:
+                raise BadImageError(str(path), UNSAFE_PATH, reason)
+            data = self._lookup_image(path)
+        return load_image_bytes(data, max_pixels=max_pixels, name=path)
+
+    def _lookup_image(self, path: str) -> bytes:
+        row = self._reader.image_row(path)
+        if row is not None:
+            name, row = (CANDIDATES, row) if row >= 0 else (QUERIES, -1 - row)
+            rec = self._reader.record(name, row)
+            obj = json.loads(rec["record"])
+            if obj.get("img_path" if name == CANDIDATES else "query_img_path") == path:
+                self._reader.remember(path, rec["image"])
+                return rec["image"]
+        raise BadImageError(path, MISSING, f"no record of the {self.split} build {self.build} holds it")
