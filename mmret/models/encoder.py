@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmret.losses import l2_normalize
 from mmret.models.qwen2_vl import Qwen2VL
 
 Pooling = Literal["mean", "last"]
@@ -40,10 +41,6 @@ class EncoderConfig:
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"encoder.{field} must be one of {allowed}, got {getattr(self, field)!r}")
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
 def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
