@@ -162,7 +162,7 @@ def test_bad_image_stops_with_the_record_named(root, processor, tmp_path):
     copy, qid = _corrupt_first_query_image(root, tmp_path)
     store = RawStore(copy, "train")
     cfg = PipelineConfig(**{**CFG.__dict__, "num_epochs": 1, "shuffle": False})
-    with pytest.raises(BadRecordError, match=rf"query {qid}: bad_image"):
+    with pytest.raises(BadRecordError, match=rf"mbeir_\w+_train\.jsonl:\d+ \(query {qid}\): bad_image"):
         for _ in train_dataset(store, processor, cfg, process_index=0, process_count=1):
             pass
 

@@ -187,6 +187,7 @@ class Query:
     pos_cand_list: tuple[str, ...]
     neg_cand_list: tuple[str, ...]
     src_content: str | None = None
+    where: str | None = dataclasses.field(default=None, compare=False)  # file:line it was read from
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -379,7 +380,7 @@ def parse_query(
         raise BadRecordError(where, NO_POSITIVES, f"query {qid} has an empty pos_cand_list")
     neg = _id_list(obj, "neg_cand_list", where, required=False)
     src = _src_content(obj.get("query_src_content")) if keep_src_content else None
-    return Query(qid, dataset_id, task_id, text, image_path, modality, pos, neg, src)
+    return Query(qid, dataset_id, task_id, text, image_path, modality, pos, neg, src, where)
 
 
 def parse_candidate(obj: Mapping[str, Any], where: str, *, keep_src_content: bool = True) -> Candidate:

@@ -191,7 +191,7 @@ class EncodeTrainExample:
             picks = rng.choice(len(pool), self.cfg.num_negatives, replace=replace)
             negatives = [pool[int(i)] for i in picks]
         instruction, text = query_text_parts(query, self.store.instructions, seed=self.cfg.instruction_seed)
-        image = self._image(query.image_path, f"query {query.qid}")
+        image = self._image(query.image_path, f"{query.where or 'query'} (query {query.qid})")
         encoded = self.processor(text=text or None, image=image, instruction=instruction or None)
         dids = [positive, *negatives]
         return TrainExample(
