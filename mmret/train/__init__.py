@@ -1,0 +1,1 @@
+"""Training: the contrastive step (plain or GradCache) and, later, the trainer loop."""

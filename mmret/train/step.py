@@ -1,0 +1,116 @@
+"""The bi-encoder training step: embed queries and candidates, InfoNCE over the global batch, update.
+
+Functional around NNX (``nnx.split`` / ``nnx.merge`` around a jitted step, as the Flax Gemma example
+does) so parameter, optimiser and batch shardings are explicit jit arguments. With
+``grad_cache_chunk`` the batch arrives in chunks (a leading axis on every query / candidate array)
+and the gradient is taken with GradCache (:mod:`mmret.train.grad_cache`), equal to the plain step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mmret.losses import Temperature, info_nce
+from mmret.models.encoder import Encoder
+from mmret.train.grad_cache import grad_cache_value_and_grad
+
+
+class Retriever(nnx.Module):
+    """What trains: the encoder (backbone + pooling) and the InfoNCE temperature."""
+
+    def __init__(self, encoder: Encoder, temperature: Temperature):
+        self.encoder = encoder
+        self.temperature = temperature
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    symmetric: bool = False  # add the candidate->query term (U-MARVEL's caption stage)
+    grad_cache: bool = False  # the batch is chunked; take the gradient with GradCache
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree, so it can be sharded, donated and checkpointed."""
+
+    step: jax.Array
+    params: nnx.State  # trainable
+    rest: nnx.State  # frozen parameters and other variables
+    opt_state: optax.OptState
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "rest", "opt_state"], meta_fields=[])
+
+
+def split_model(model: Retriever, trainable: Any = nnx.Param) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable state, everything else)."""
+    return nnx.split(model, trainable, ...)
+
+
+def init_state(params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+
+
+def _positive_index(batch_size: int, num_candidates: int) -> jax.Array:
+    """Candidates are grouped per query, positive first: query b's target is b * (C / B)."""
+    return jnp.arange(batch_size) * (num_candidates // batch_size)
+
+
+def embeddings_loss(
+    q: jax.Array, c: jax.Array, positive_mask: jax.Array, temperature: jax.Array, cfg: StepConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return info_nce(
+        q,
+        c,
+        positive_index=_positive_index(q.shape[0], c.shape[0]),
+        positive_mask=positive_mask,
+        temperature=temperature,
+        symmetric=cfg.symmetric,
+    )
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig = StepConfig()
+) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
+    """``step(state, batch) -> (state, metrics)``; jit it with the shardings you want (and donate state)."""
+
+    def merge(params: nnx.State, rest: nnx.State) -> Retriever:
+        return nnx.merge(graphdef, params, rest)
+
+    def plain(params: nnx.State, rest: nnx.State, batch: dict[str, Any]):
+        def loss_fn(p):
+            model = merge(p, rest)
+            q, c = model.encoder(batch["query"]), model.encoder(batch["candidates"])
+            return embeddings_loss(q, c, batch["positive_mask"], model.temperature(), cfg)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def grad_cache(params: nnx.State, rest: nnx.State, batch: dict[str, Any]):
+        def embed(p, chunk):
+            return merge(p, rest).encoder(chunk)
+
+        def loss_fn(q, c, p):  # the loss's own parameters (the temperature) are read from p
+            return embeddings_loss(q, c, batch["positive_mask"], merge(p, rest).temperature(), cfg)
+
+        (loss, metrics), (grads, g_extra) = grad_cache_value_and_grad(
+            embed, loss_fn, params, batch["query"], batch["candidates"], params
+        )
+        return (loss, metrics), jax.tree.map(jnp.add, grads, g_extra)
+
+    value_and_grad = grad_cache if cfg.grad_cache else plain
+
+    def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+        (loss, metrics), grads = value_and_grad(state.params, state.rest, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, state.rest, opt_state), metrics
+
+    return step
