@@ -193,3 +193,19 @@ def test_query_and_candidate_pipelines_cover_everything_once(root, processor):
     dids = sorted(store.pool)[:21]
     cs = list(candidate_dataset(store, dids, processor, **kw))
     assert [i for b in cs for i in b["meta"]["ids"]] == dids and cs[-1]["valid"].sum() == 21 - 16
+
+
+def test_grad_cache_chunks_hold_the_same_examples(store, processor):
+    chunked_cfg = PipelineConfig(**{**CFG.__dict__, "grad_cache_chunk": 2})
+    flat = next(iter(train_dataset(store, processor, CFG, process_index=0, process_count=1)))
+    chunked = next(iter(train_dataset(store, processor, chunked_cfg, process_index=0, process_count=1)))
+    assert chunked["meta"]["qids"] == flat["meta"]["qids"]
+    q, fq = chunked["query"], flat["query"]
+    assert q["input_ids"].shape == (2, 2, 160) and q["pixel_values"].shape == (2, 512, 1176)
+    np.testing.assert_array_equal(q["input_ids"].reshape(4, 160), fq["input_ids"])
+    np.testing.assert_array_equal(q["position_ids"].transpose(1, 0, 2, 3).reshape(3, 4, 160), fq["position_ids"])
+    real = [q["pixel_values"][i][q["patch_mask"][i] > 0] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(real), fq["pixel_values"][fq["patch_mask"] > 0])
+    np.testing.assert_array_equal(chunked["positive_mask"], flat["positive_mask"])
+    with pytest.raises(ValueError, match="grad_cache_chunk=3 must divide batch_size=4"):
+        PipelineConfig(**{**CFG.__dict__, "grad_cache_chunk": 3})

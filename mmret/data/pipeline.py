@@ -75,6 +75,7 @@ class PipelineConfig:
     prefetch_batches: int = 2
     on_bad_record: OnBadRecord = "error"
     max_decode_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap
+    grad_cache_chunk: int | None = None  # queries per chunk: collate in chunks for a GradCache step
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_query_length", "max_candidate_length"):
@@ -82,6 +83,14 @@ class PipelineConfig:
                 raise ValueError(f"pipeline config: {name} must be positive, got {getattr(self, name)}")
         if self.num_negatives < 0:
             raise ValueError(f"pipeline config: num_negatives must be >= 0, got {self.num_negatives}")
+        if self.grad_cache_chunk is not None:
+            n = self.batch_size // self.grad_cache_chunk if self.grad_cache_chunk > 0 else 0
+            if n == 0 or self.batch_size % self.grad_cache_chunk:
+                chunk, batch = self.grad_cache_chunk, self.batch_size
+                raise ValueError(f"pipeline config: grad_cache_chunk={chunk} must divide batch_size={batch}")
+            for name in ("max_query_patches", "max_candidate_patches"):
+                if getattr(self, name) % (4 * n):
+                    raise ValueError(f"pipeline config: {name} must be a multiple of 4 * {n} chunks")
 
 
 class RecordStore(Protocol):
@@ -207,17 +216,32 @@ class EncodeTrainExample:
 def collate_train(examples: Sequence[TrainExample], processor: Processor, cfg: PipelineConfig) -> dict[str, Any]:
     """Static-shape batch: ``query`` and ``candidates`` (B * (1 + num_negatives), positives first per
     query) as :func:`mmret.data.processor.collate` dicts, ``positive_mask`` [B, C] (candidate c is a
-    labelled positive of query b: not a negative for it), and host-only ``meta``."""
-    cands = [c for ex in examples for c in ex.candidates]
+    labelled positive of query b: not a negative for it), and host-only ``meta``.
+
+    With ``grad_cache_chunk`` every query / candidate array gets a leading [B / chunk] axis: chunk i
+    holds queries i*chunk.. and their candidates, each chunk padded to its share of the budgets.
+    """
     dids = [d for ex in examples for d in ex.dids]
-    kw = dict(padding_side=cfg.padding_side)
+    n = 1 if cfg.grad_cache_chunk is None else len(examples) // cfg.grad_cache_chunk
+    per = len(examples) // n
+
+    def side(pick: Callable[[TrainExample], list[ProcessedExample]], length: int, patches: int) -> dict[str, Any]:
+        chunks = [
+            processor.collate(
+                [e for ex in examples[i * per : (i + 1) * per] for e in pick(ex)],
+                max_length=length,
+                max_patches=patches // n,
+                padding_side=cfg.padding_side,
+            )
+            for i in range(n)
+        ]
+        if cfg.grad_cache_chunk is None:
+            return chunks[0]
+        return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
+
     batch: dict[str, Any] = {
-        "query": processor.collate(
-            [ex.query for ex in examples], max_length=cfg.max_query_length, max_patches=cfg.max_query_patches, **kw
-        ),
-        "candidates": processor.collate(
-            cands, max_length=cfg.max_candidate_length, max_patches=cfg.max_candidate_patches, **kw
-        ),
+        "query": side(lambda ex: [ex.query], cfg.max_query_length, cfg.max_query_patches),
+        "candidates": side(lambda ex: ex.candidates, cfg.max_candidate_length, cfg.max_candidate_patches),
         "positive_mask": np.array([[d in ex.positives for d in dids] for ex in examples], dtype=bool),
     }
     batch["meta"] = {
