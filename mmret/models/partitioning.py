@@ -27,6 +27,7 @@ LOGICAL_AXES = (
     "vision_mlp",  # ViT MLP width
     "vision_patch",  # flattened patch (3 * 2 * 14 * 14)
     "merger_mlp",  # patch merger hidden width
+    "lora_rank",  # the low-rank axis of LoRA adapters (mmret.lora)
 )
 
 Initializer = Callable[..., jax.Array]
