@@ -82,7 +82,7 @@ def test_batches_have_static_shapes_and_label_positives(store, processor):
         # Image tokens in the ids match the patches of each sequence.
         q = b["query"]
         n_tokens = int((q["input_ids"] == processor.image_token_id).sum())
-        assert n_tokens * 4 == int(q["patch_mask"].sum()) == int(q["image_grid_thw"].prod(-1).sum())
+        assert n_tokens * 4 == int(q["patch_mask"].sum()) == int((q["image_grid_thw"].prod(-1) * q["image_mask"]).sum())
 
 
 def test_deterministic_for_a_seed(store, processor):

@@ -343,9 +343,12 @@ def test_collate_and_position_ids_equal_model(proc: Processor, padding_side: str
     n_patches = sum(ex.num_patches for ex in examples)
     batch = proc.collate(examples, max_length=max_length, max_patches=n_patches + 20, padding_side=padding_side)
     assert batch["input_ids"].shape == (4, max_length) and batch["position_ids"].shape == (3, 4, max_length)
-    assert batch["pixel_values"].shape == (n_patches + 20, 1176) and batch["image_grid_thw"].shape == (4, 3)
+    assert batch["pixel_values"].shape == (n_patches + 20, 1176) and batch["image_grid_thw"].shape == (5, 3)
     assert batch["patch_mask"].sum() == n_patches and not batch["pixel_values"][n_patches:].any()
-    assert batch["image_mask"].tolist() == [1, 1, 1, 0] and not batch["image_grid_thw"][3].any()
+    assert batch["image_mask"].tolist() == [1, 1, 1, 0, 0] and not batch["image_grid_thw"][4].any()
+    # The filler row covers exactly the 20 padding patch rows, so the grids describe every row.
+    assert batch["image_grid_thw"][3].tolist() == [1, 2, 10]
+    assert int(batch["image_grid_thw"].prod(-1).sum()) == n_patches + 20
     np.testing.assert_array_equal(
         batch["pixel_values"][:n_patches], np.concatenate([ex.pixel_values for ex in examples if ex.num_patches])
     )

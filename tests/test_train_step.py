@@ -47,7 +47,9 @@ def batch_of(proc, queries, cands, chunks: int = 1):
     def collate(exs):
         per = len(exs) // chunks
         parts = [
-            proc.collate(exs[i * per : (i + 1) * per], max_length=LENGTH, max_patches=PATCHES // chunks)
+            proc.collate(
+                exs[i * per : (i + 1) * per], max_length=LENGTH, max_patches=PATCHES // chunks, max_images=2 * per
+            )
             for i in range(chunks)
         ]
         return parts[0] if chunks == 1 else jax.tree.map(lambda *xs: np.stack(xs), *parts)

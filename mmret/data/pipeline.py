@@ -226,14 +226,18 @@ def collate_train(examples: Sequence[TrainExample], processor: Processor, cfg: P
     per = len(examples) // n
 
     def side(pick: Callable[[TrainExample], list[ProcessedExample]], length: int, patches: int) -> dict[str, Any]:
+        groups = [[e for ex in examples[i * per : (i + 1) * per] for e in pick(ex)] for i in range(n)]
+        # Grid rows: one per image plus the filler, rounded to 2x the sequences so the rows split evenly
+        # over the batch shards wherever the sequences do (hosts concatenate their blocks).
         chunks = [
             processor.collate(
-                [e for ex in examples[i * per : (i + 1) * per] for e in pick(ex)],
+                group,
                 max_length=length,
                 max_patches=patches // n,
+                max_images=2 * len(group),
                 padding_side=cfg.padding_side,
             )
-            for i in range(n)
+            for group in groups
         ]
         if cfg.grad_cache_chunk is None:
             return chunks[0]

@@ -408,15 +408,16 @@ def collate(
     Returns ``input_ids``, ``attention_mask``, ``pool_mask`` [B, max_length] int32; ``position_ids``
     [3, B, max_length] int32 (pads 0: M-RoPE ids do not depend on padding); ``pixel_values``
     [max_patches, patch_dim] (the examples' patch rows in batch order, then zero rows) with ``patch_mask``
-    [max_patches] int32; ``image_grid_thw`` [max_images, 3] int32 (one row per image in batch order, then
-    zero rows) with ``image_mask`` [max_images] int32; ``lengths`` [B] int32; ``text_tokens`` [B] int32
+    [max_patches] int32; ``image_grid_thw`` [max_images, 3] int32 (one row per image in batch order, then a
+    filler row (1, 2, padding/2) covering the padding patch rows, then zero rows) with ``image_mask``
+    [max_images] int32 (1 for real images); ``lengths`` [B] int32; ``text_tokens`` [B] int32
     (free-text plus instruction tokens: 0 for an image-only candidate). ``max_images`` defaults to the
-    batch size. Raises ``ValueError`` when an example or the batch does not fit.
+    batch size + 1 (room for the filler). Raises ``ValueError`` when an example or the batch does not fit.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     batch = len(examples)
-    max_images = batch if max_images is None else max_images
+    max_images = batch + 1 if max_images is None else max_images
     if max_patches % 4:
         raise ValueError(f"max_patches={max_patches} must be a multiple of 4 (the 2x2 patch merger)")
     input_ids = np.full((batch, max_length), pad_token_id, dtype=np.int32)
@@ -450,6 +451,10 @@ def collate(
     image_grid_thw = np.zeros((max_images, 3), dtype=np.int32)
     if grids:
         image_grid_thw[:n_images] = np.concatenate(grids)
+    if n_patches < max_patches:  # a filler "image" covers the padding rows, so patch blocks stay aligned
+        if n_images >= max_images:
+            raise ValueError(f"batch has {n_images} images and padding patches: max_images must be > {n_images}")
+        image_grid_thw[n_images] = (1, 2, (max_patches - n_patches) // 2)
     image_mask = (np.arange(max_images) < n_images).astype(np.int32)
     return {
         "input_ids": input_ids,

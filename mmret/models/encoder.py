@@ -79,6 +79,7 @@ class Encoder(nnx.Module):
             batch.get("pixel_values"),
             batch.get("image_grid_thw"),
             batch.get("position_ids"),
+            image_mask=batch.get("image_mask"),
             causal=self.cfg.attention == "causal",
         )
         return self._pool(out.last_hidden_state, batch["attention_mask"], batch["pool_mask"])
@@ -99,7 +100,7 @@ class Encoder(nnx.Module):
         has_image = is_img.any(axis=1)
         if batch.get("pixel_values") is None:
             return text_emb
-        feats = self.backbone.embed_inputs(ids, batch["pixel_values"], batch["image_grid_thw"])
+        feats = self.backbone.embed_inputs(ids, batch["pixel_values"], batch["image_grid_thw"], batch.get("image_mask"))
         image_emb = mean_pool(feats, is_img)
         fused = has_text[:, None] * l2_normalize(text_emb) + has_image[:, None] * l2_normalize(image_emb)
         return fused

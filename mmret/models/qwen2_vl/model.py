@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
 from mmret.models.partitioning import logical
@@ -71,24 +70,39 @@ class Qwen2VL(nnx.Module):
             self.lm_head = None
 
     def embed_inputs(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None, image_grid_thw: jax.Array | None
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        image_grid_thw: jax.Array | None,
+        image_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """Token embeddings with the vision tower's features written over the <|image_pad|> tokens."""
+        """Token embeddings with the vision tower's features written over the <|image_pad|> tokens.
+
+        ``image_mask`` [images] marks the grid rows that are images the tokens refer to; other rows
+        (fillers that cover padding patch rows, so that each host's block of a global batch stays
+        aligned) produce features no token takes. Tokens take the images' features in order.
+        """
         embeds = self.language_model.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
         feats = self.visual(pixel_values, image_grid_thw).astype(embeds.dtype)
         is_img = input_ids == self.cfg.image_token_id
-        if not isinstance(is_img, jax.core.Tracer) and not isinstance(image_grid_thw, jax.core.Tracer):
-            n_tokens = int(is_img.sum())
-            merge = self.cfg.vision.spatial_merge_size**2
-            n_feats = int(np.prod(np.asarray(image_grid_thw), axis=-1).sum()) // merge
-            if n_tokens != n_feats:
-                raise ValueError(
-                    f"image features and image tokens do not match: {n_tokens} <|image_pad|> tokens, "
-                    f"{n_feats} features from image_grid_thw"
-                )
-        idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(is_img.shape)
+        merge = self.cfg.vision.spatial_merge_size**2
+        grid = jnp.asarray(image_grid_thw).astype(jnp.int32)
+        feats_per_row = grid[:, 0] * grid[:, 1] * grid[:, 2] // merge
+        tokens_per_row = feats_per_row if image_mask is None else feats_per_row * (jnp.asarray(image_mask) > 0)
+        concrete = not any(isinstance(x, jax.core.Tracer) for x in (is_img, tokens_per_row))
+        if concrete and int(is_img.sum()) != int(tokens_per_row.sum()):
+            raise ValueError(
+                f"image features and image tokens do not match: {int(is_img.sum())} <|image_pad|> tokens, "
+                f"{int(tokens_per_row.sum())} features from image_grid_thw"
+            )
+        ordinal = (jnp.cumsum(is_img.reshape(-1)) - 1).reshape(is_img.shape)  # k-th image token overall
+        token_end = jnp.cumsum(tokens_per_row)
+        row = jnp.clip(jnp.searchsorted(token_end, ordinal, side="right"), 0, grid.shape[0] - 1)
+        within = ordinal - (token_end[row] - tokens_per_row[row])
+        feat_start = jnp.cumsum(feats_per_row) - feats_per_row
+        idx = jnp.clip(feat_start[row] + within, 0, feats.shape[0] - 1)
         return jnp.where(is_img[..., None], feats[idx], embeds)
 
     def position_ids(
@@ -111,9 +125,11 @@ class Qwen2VL(nnx.Module):
         image_grid_thw: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
+        image_mask: jax.Array | None = None,
         causal: bool | None = None,
     ) -> Qwen2VLOutput:
-        """``causal`` overrides the configured attention mode (True: causal, False: bidirectional)."""
+        """``causal`` overrides the configured attention mode (True: causal, False: bidirectional).
+        ``image_mask``: see :meth:`embed_inputs` (static batches with filler grid rows)."""
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -122,7 +138,7 @@ class Qwen2VL(nnx.Module):
         t = self.cfg.text
         if position_ids is None:
             position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_mask)
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         causal = self.cfg.attention == "causal" if causal is None else causal
         mask = padding_mask(attention_mask, causal=causal)
