@@ -1,0 +1,96 @@
+"""One process of the multi-host test (run by tests/test_multihost.py, not collected by pytest).
+
+    python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES WORKDIR
+
+Trains 3 SGD steps of the tiny retriever on a fixed global batch of 4 queries + 4 candidates, built
+as hosts build it: each host collates its own block of 2 and the blocks are concatenated. With one
+process the same blocks are collated locally and concatenated; the results must agree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+pid, nproc, port, local_devices, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if nproc > 1:
+    jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mmret import sharding  # noqa: E402
+from mmret.data.processor import Processor, ProcessorConfig  # noqa: E402
+from mmret.losses import Temperature  # noqa: E402
+from mmret.models import qwen2_vl  # noqa: E402
+from mmret.models.encoder import Encoder, EncoderConfig  # noqa: E402
+from mmret.models.qwen2_vl.presets import hf_config  # noqa: E402
+from mmret.train.step import Retriever, init_state, make_train_step, split_model  # noqa: E402
+
+BLOCK, LENGTH, PATCHES = 2, 64, 2 * 64
+
+
+def examples(proc: Processor) -> tuple[list, list]:
+    rng = np.random.default_rng(0)
+    words = "red blue green circle square star left right small large".split()
+
+    def ex(i: int):
+        img = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) if i % 2 == 0 else None
+        return proc(text=" ".join(rng.choice(words, 5)), image=img)
+
+    return [ex(i) for i in range(2 * BLOCK)], [ex(i + 1) for i in range(2 * BLOCK)]
+
+
+def block(proc: Processor, exs: list) -> dict:
+    return proc.collate(exs, max_length=LENGTH, max_patches=PATCHES, max_images=2 * len(exs))
+
+
+def main() -> None:
+    proc = Processor(workdir, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
+    queries, cands = examples(proc)
+    mine = range(2 * BLOCK) if nproc == 1 else range(pid * BLOCK, (pid + 1) * BLOCK)
+    blocks = [range(b * BLOCK, (b + 1) * BLOCK) for b in range(2)] if nproc == 1 else [mine]
+    parts = [
+        {
+            "query": block(proc, [queries[i] for i in r]),
+            "candidates": block(proc, [cands[i] for i in r]),
+            "positive_mask": np.eye(2 * BLOCK, dtype=bool)[list(r)],
+        }
+        for r in blocks
+    ]
+    def concat(path, *xs):  # hosts' blocks concatenate along each array's batch dim
+        return np.concatenate(xs, axis=sharding.BATCH_AXES.get(getattr(path[-1], "key", None), 0))
+
+    local = jax.tree_util.tree_map_with_path(concat, *parts)
+
+    mesh = sharding.make_mesh({"data": -1})
+    cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(hf_config("tiny"))
+    model = Retriever(Encoder(qwen2_vl.create(cfg, seed=1), EncoderConfig()), Temperature(0.05))
+    sharding.place_model(model, mesh)
+    tx = optax.sgd(0.5)
+    graphdef, params, rest = split_model(model)
+    state = init_state(params, rest, tx)
+    step = jax.jit(make_train_step(graphdef, tx))
+    batch = sharding.put_batch(local, mesh)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    final = multihost_utils.process_allgather(state.params, tiled=True)
+    if pid == 0:
+        leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(final))}
+        np.savez(os.path.join(workdir, f"result_{nproc}.npz"), losses=np.array(losses), **leaves)
+    print(f"process {pid}/{nproc}: devices {jax.device_count()} losses {losses}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
