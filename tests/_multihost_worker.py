@@ -67,6 +67,7 @@ def main() -> None:
         }
         for r in blocks
     ]
+
     def concat(path, *xs):  # hosts' blocks concatenate along each array's batch dim
         return np.concatenate(xs, axis=sharding.BATCH_AXES.get(getattr(path[-1], "key", None), 0))
 

@@ -1,1 +1,1 @@
-"""Training: the contrastive step (plain or GradCache) and, later, the trainer loop."""
+"""Training: the contrastive step (plain or GradCache), GradCache itself, and the trainer loop."""

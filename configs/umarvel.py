@@ -1,0 +1,92 @@
+"""U-MARVEL, stage 3 (M-BEIR with instructions) on Qwen2-VL-7B-Instruct: ../shared/RECIPES.md s.3.
+
+    python -m mmret.launch --config=configs/umarvel.py --workdir=DIR \
+        --config.model.hf_dir=/path/to/Qwen2-VL-7B-Instruct --config.data.root=/path/to/M-BEIR
+    python -m mmret.launch --config=configs/umarvel.py:demo --workdir=DIR     # tiny model, synthetic corpus
+
+Presets (the ``:arg`` suffix): none = the paper's stage-3 recipe; ``demo`` = the same code on the tiny
+random model and the synthetic M-BEIR corpus (written by tools/make_tiny_model.py and
+tools/make_synthetic_mbeir.py), a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Paper: 60 sequences per device on 64 devices (~3840 global). data.pipeline.batch_size is per host:
+# 8 devices per host -> 480 per host (set it to 60 * local devices on other hosts).
+PAPER_BATCH_PER_HOST = 480
+PAPER_TRAIN_QUERIES = 1_100_000
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = dict(
+        hf_dir=ml_collections.FieldReference(None, field_type=str),
+        checkpoint=ml_collections.FieldReference(None, field_type=str),
+        preset=ml_collections.FieldReference(None, field_type=str),
+        seed=0,
+        dtype="bfloat16",
+        param_dtype="float32",
+        scan_layers=True,
+        remat="dots_with_no_batch_dims",
+        attention_impl="auto",
+    )
+    # Bidirectional attention, mean pooling with the instruction (and its markers) left out, L2 norm.
+    c.encoder = dict(pooling="mean", attention="bidirectional", fusion="joint", normalize=True)
+    c.temperature = dict(init=0.05, learnable=True, min=0.01, max=1.0)
+    c.lora = dict(rank=128, alpha=256.0, dropout=0.0, lora_only=True)
+    c.freeze = (r"(.*\.)?visual\..*",)  # vision tower and merger frozen
+    c.data = dict(
+        root=ml_collections.FieldReference(None, field_type=str),
+        format="raw",
+        split="train",
+        negatives_file=ml_collections.FieldReference(None, field_type=str),
+        processor=dict(template="umarvel", max_pixels=300 * 28 * 28, max_text_tokens=480),
+        pipeline=dict(
+            batch_size=PAPER_BATCH_PER_HOST,
+            num_negatives=0,
+            max_query_length=800,
+            max_candidate_length=800,
+            max_query_patches=PAPER_BATCH_PER_HOST * 1200,
+            max_candidate_patches=PAPER_BATCH_PER_HOST * 1200,
+            num_workers=8,
+            on_bad_record="skip",
+        ),
+    )
+    steps = PAPER_TRAIN_QUERIES // (PAPER_BATCH_PER_HOST * 8)  # one epoch over 8 hosts
+    c.optimizer = dict(learning_rate=4e-4, total_steps=steps, warmup_ratio=0.03, weight_decay=0.0)
+    c.grad_cache_chunk = 60
+    c.mesh = dict(data=-1, fsdp=8, tensor=1)
+    c.log_every = 10
+    c.checkpoint = dict(every=500, keep=3)
+
+    if arg == "demo":
+        c.model.hf_dir = "/tmp/mmret_demo/tiny_model"
+        c.model.dtype = "float32"
+        c.model.remat = "none"
+        c.model.attention_impl = "xla"
+        c.lora.rank = 8
+        c.lora.alpha = 16.0
+        c.data.root = "/tmp/mmret_demo/mbeir"
+        c.data.processor.max_pixels = 64 * 28 * 28
+        c.data.processor.max_text_tokens = 64
+        c.data.pipeline.update(
+            batch_size=16,
+            max_query_length=192,
+            max_candidate_length=192,
+            max_query_patches=16 * 256,
+            max_candidate_patches=16 * 256,
+            num_workers=0,
+            on_bad_record="error",
+        )
+        c.optimizer.learning_rate = 2e-3
+        c.optimizer.total_steps = 60
+        c.grad_cache_chunk = 8
+        c.mesh = dict(data=-1, fsdp=1, tensor=1)
+        c.log_every = 5
+        c.checkpoint = dict(every=20, keep=2)
+    elif arg:
+        raise ValueError(f"configs/umarvel.py: unknown preset {arg!r} (known: demo)")
+    c.lock()
+    return c

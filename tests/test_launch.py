@@ -1,0 +1,78 @@
+"""The entry point: config files and presets, overrides, clear errors, and a short demo run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmret.launch import CONFIGS, resolve_config_arg
+from mmret.train.trainer import as_trainer_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs.umarvel import get_config  # noqa: E402
+
+
+def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mmret.launch", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_bare_config_name_resolves_to_configs_dir():
+    assert resolve_config_arg(["x", "--config=umarvel.py:demo"]) == ["x", f"--config={CONFIGS / 'umarvel.py'}:demo"]
+    assert resolve_config_arg(["--config=configs/umarvel.py"]) == ["--config=configs/umarvel.py"]
+
+
+def test_default_config_is_the_papers_stage_3_recipe():
+    c = get_config()
+    assert (c.lora.rank, c.lora.alpha) == (128, 256.0)
+    assert c.optimizer.learning_rate == 4e-4 and c.optimizer.warmup_ratio == 0.03 and c.optimizer.weight_decay == 0
+    assert c.temperature.init == 0.05 and c.temperature.learnable
+    assert c.data.processor.max_pixels == 300 * 28 * 28 and c.data.processor.max_text_tokens == 480
+    assert c.encoder.attention == "bidirectional" and c.encoder.pooling == "mean"
+    assert c.model.dtype == "bfloat16" and c.model.param_dtype == "float32"
+    assert any("visual" in f for f in c.freeze)
+    # It needs a model and an M-BEIR root; given them, it is a valid trainer config.
+    with pytest.raises(ValueError, match="hf_dir"):
+        as_trainer_config(c)
+    c.unlock()
+    c.model.hf_dir, c.data.root = "/models/Qwen2-VL-7B-Instruct", "/data/M-BEIR"
+    cfg = as_trainer_config(c)
+    assert cfg.data.pipeline.batch_size * 8 == 3840 and cfg.lora.rank == 128
+
+
+def test_unknown_key_and_bad_value_are_rejected_before_anything_runs(tmp_path):
+    r = launch("--config=umarvel.py:demo", f"--workdir={tmp_path}", "--config.optimizer.total_stepz=3")
+    assert r.returncode != 0 and "unknown config key: total_stepz" in r.stderr
+    r = launch("--config=umarvel.py:demo", f"--workdir={tmp_path}", "--config.optimizer.total_steps=abc")
+    assert r.returncode != 0 and "total_steps=abc" in r.stderr
+    r = launch("--config=umarvel.py", f"--workdir={tmp_path}")
+    assert r.returncode != 0 and "bad config" in r.stderr and "hf_dir" in r.stderr
+    r = launch("--config=umarvel.py:nope", f"--workdir={tmp_path}")
+    assert r.returncode != 0 and "unknown preset 'nope'" in r.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_demo_preset_trains_through_the_entry_point(tmp_path):
+    from mmret.data.synthetic import write_synthetic_mbeir
+
+    write_synthetic_mbeir(tmp_path / "mbeir", scale="tiny")
+    subprocess.run([sys.executable, "tools/make_tiny_model.py", "--out", str(tmp_path / "model")], check=True, cwd=ROOT)
+    r = launch(
+        "--config=umarvel.py:demo",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.model.hf_dir={tmp_path / 'model'}",
+        f"--config.data.root={tmp_path / 'mbeir'}",
+        "--config.optimizer.total_steps=3",
+        "--config.log_every=1",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [1, 2, 3]
+    assert all(rec["loss"] > 0 for rec in records)
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
