@@ -5,7 +5,8 @@ modalities), ``writer`` (ids, pools, qrels, instructions, images). Entry point:
 :func:`write_synthetic_mbeir`, or ``tools/make_synthetic_mbeir.py``.
 """
 
-from mmret.data.synthetic.tasks import DATASETS, FUSION_TASK_IDS, TASK_MODALITIES, TASKS, TaskSpec
+from mmret.data.mbeir import TASK_MODALITIES
+from mmret.data.synthetic.tasks import DATASETS, FUSION_TASK_IDS, TASKS, TaskSpec
 from mmret.data.synthetic.writer import SCALES, Summary, write_corpus, write_synthetic_mbeir
 
 __all__ = [

@@ -40,6 +40,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mmret.data.mbeir import DATASET_IDS, DatasetTask
 from mmret.data.synthetic.scenes import (
     COLOURS,
     FASHION_COLOURS,
@@ -63,30 +64,21 @@ from mmret.data.synthetic.scenes import (
     scene_phrase,
 )
 
-#: Task id -> (query modality, candidate modality), as in M-BEIR (task 5 is unused there).
-TASK_MODALITIES: dict[int, tuple[str, str]] = {
-    0: ("text", "image"),
-    1: ("text", "text"),
-    2: ("text", "image,text"),
-    3: ("image", "text"),
-    4: ("image", "image"),
-    6: ("image,text", "text"),
-    7: ("image,text", "image"),
-    8: ("image,text", "image,text"),
+#: Lower-case dataset name (as in file names) -> display name (the instructions file's dataset column).
+DISPLAY_NAMES: dict[str, str] = {
+    "visualnews": "VisualNews",
+    "fashion200k": "Fashion200K",
+    "webqa": "WebQA",
+    "edis": "EDIS",
+    "nights": "NIGHTS",
+    "oven": "OVEN",
+    "infoseek": "InfoSeek",
+    "fashioniq": "FashionIQ",
+    "cirr": "CIRR",
+    "mscoco": "MSCOCO",
 }
-#: Lower-case dataset name (as in file names) -> (dataset id, display name).
-DATASETS: dict[str, tuple[int, str]] = {
-    "visualnews": (0, "VisualNews"),
-    "fashion200k": (1, "Fashion200K"),
-    "webqa": (2, "WebQA"),
-    "edis": (3, "EDIS"),
-    "nights": (4, "NIGHTS"),
-    "oven": (5, "OVEN"),
-    "infoseek": (6, "InfoSeek"),
-    "fashioniq": (7, "FashionIQ"),
-    "cirr": (8, "CIRR"),
-    "mscoco": (9, "MSCOCO"),
-}
+#: Lower-case dataset name -> (dataset id, display name); the ids are the reader's (one format table).
+DATASETS: dict[str, tuple[int, str]] = {name: (DATASET_IDS[name], DISPLAY_NAMES[name]) for name in DISPLAY_NAMES}
 FUSION_TASK_IDS = frozenset({6, 7, 8})
 
 
@@ -989,28 +981,10 @@ def fashioniq_composed(rng: random.Random, n: int, ctx: Context) -> SplitData:
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """One dataset-task of the corpus."""
+class TaskSpec(DatasetTask):
+    """One dataset-task of the corpus: the reader's :class:`DatasetTask` plus its generator."""
 
-    dataset: str
-    task_id: int
     generate: Generator
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}_task{self.task_id}"
-
-    @property
-    def dataset_id(self) -> int:
-        return DATASETS[self.dataset][0]
-
-    @property
-    def query_modality(self) -> str:
-        return TASK_MODALITIES[self.task_id][0]
-
-    @property
-    def cand_modality(self) -> str:
-        return TASK_MODALITIES[self.task_id][1]
 
 
 #: The 16 evaluated dataset-tasks, in the order papers report them.
