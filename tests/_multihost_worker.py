@@ -25,8 +25,8 @@ if nproc > 1:
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from helpers import random_pairs  # noqa: E402  (tests/ is this script's directory)
 from jax.experimental import multihost_utils  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from mmret import sharding  # noqa: E402
 from mmret.data.processor import Processor, ProcessorConfig  # noqa: E402
@@ -39,24 +39,13 @@ from mmret.train.step import Retriever, init_state, make_train_step, split_model
 BLOCK, LENGTH, PATCHES = 2, 64, 2 * 64
 
 
-def examples(proc: Processor) -> tuple[list, list]:
-    rng = np.random.default_rng(0)
-    words = "red blue green circle square star left right small large".split()
-
-    def ex(i: int):
-        img = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) if i % 2 == 0 else None
-        return proc(text=" ".join(rng.choice(words, 5)), image=img)
-
-    return [ex(i) for i in range(2 * BLOCK)], [ex(i + 1) for i in range(2 * BLOCK)]
-
-
 def block(proc: Processor, exs: list) -> dict:
     return proc.collate(exs, max_length=LENGTH, max_patches=PATCHES, max_images=2 * len(exs))
 
 
 def main() -> None:
     proc = Processor(workdir, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
-    queries, cands = examples(proc)
+    queries, cands = random_pairs(proc, 2 * BLOCK)
     mine = range(2 * BLOCK) if nproc == 1 else range(pid * BLOCK, (pid + 1) * BLOCK)
     blocks = [range(b * BLOCK, (b + 1) * BLOCK) for b in range(2)] if nproc == 1 else [mine]
     parts = [

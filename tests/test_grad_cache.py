@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
+from helpers import random_pairs  # noqa: E402
 
 from mmret.data.processor import Processor, ProcessorConfig
 from mmret.losses import info_nce
@@ -25,16 +25,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("proc")
     write_processor_files(d)
     proc = Processor(d, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
-    rng = np.random.default_rng(0)
-    words = "red blue green circle square star left right small large".split()
-
-    def example(i: int):
-        text = " ".join(rng.choice(words, 5))
-        img = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) if i % 2 == 0 else None
-        return proc(text=text, image=img)
-
-    queries = [example(i) for i in range(CHUNK * N_CHUNKS)]
-    cands = [example(i + 1) for i in range(CHUNK * N_CHUNKS)]
+    queries, cands = random_pairs(proc, CHUNK * N_CHUNKS)
     cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(hf_config("tiny"))
     encoder = Encoder(qwen2_vl.create(cfg, seed=1), EncoderConfig())
     return proc, queries, cands, encoder

@@ -20,6 +20,8 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import load_tool  # noqa: E402
+
 from mmret.models.qwen2_vl import processor_files as pf  # noqa: E402
 from mmret.models.qwen2_vl.presets import PRESETS, hf_config  # noqa: E402
 
@@ -28,17 +30,9 @@ HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 IMAGE_PAD_ID = 151655
 
 
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "tools" / "make_tiny_model.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool() -> ModuleType:
-    return _load_tool()
+    return load_tool("make_tiny_model")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import time
@@ -13,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import load_tool  # noqa: E402
 from PIL import Image
 
 from mmret.data.synthetic import DATASETS, FUSION_TASK_IDS, TASK_MODALITIES, TASKS
@@ -33,14 +33,6 @@ CAND_FIELDS = {"did": str, "txt": (str, type(None)), "img_path": (str, type(None
 ID = re.compile(r"(\d+):([1-9]\d*)")
 
 
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_synthetic_mbeir", REPO / "tools" / "make_synthetic_mbeir.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -54,7 +46,7 @@ def _tree_hash(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tool() -> ModuleType:
-    return _load_tool()
+    return load_tool("make_synthetic_mbeir")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ images and training batches as the raw root, and bad images reported or skipped 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import pickle
@@ -16,6 +15,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from helpers import load_tool  # noqa: E402
 from PIL import Image
 
 from mmret.data.bad_records import BadRecordError, BadRecords
@@ -45,17 +45,9 @@ CFG = PipelineConfig(
 BIG = 10**9  # a decode cap that lets every synthetic image through
 
 
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_tfds_mbeir", REPO / "tools" / "build_tfds_mbeir.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool() -> ModuleType:
-    return _load_tool()
+    return load_tool("build_tfds_mbeir")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from PIL import Image
+from helpers import random_pairs  # noqa: E402
 
 from mmret import sharding
 from mmret.data.processor import Processor, ProcessorConfig
@@ -28,14 +28,7 @@ def examples(tmp_path_factory):
     d = tmp_path_factory.mktemp("proc")
     write_processor_files(d)
     proc = Processor(d, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
-    rng = np.random.default_rng(0)
-    words = "red blue green circle square star left right small large".split()
-
-    def ex(i: int):
-        img = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) if i % 2 == 0 else None
-        return proc(text=" ".join(rng.choice(words, 5)), image=img)
-
-    return proc, [ex(i) for i in range(B)], [ex(i + 1) for i in range(B)]
+    return (proc, *random_pairs(proc, B))
 
 
 def retriever(seed: int = 1) -> Retriever:
