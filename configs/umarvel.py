@@ -60,32 +60,46 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=8, tensor=1)
     c.log_every = 10
     c.checkpoint = dict(every=500, keep=3)
+    # M-BEIR test evaluation (--mode=eval, or eval.at_end): the 16 tasks, local and global pools.
+    c.eval = dict(
+        root=ml_collections.FieldReference(None, field_type=str),  # default: data.root
+        pools=("local", "global"),
+        batch_size=0,  # 0: data.pipeline.batch_size
+        shard_size=65536,
+        num_workers=8,
+        at_start=False,
+        at_end=False,
+        check_exact=1000,
+    )
 
     if arg == "demo":
         c.model.hf_dir = "/tmp/mmret_demo/tiny_model"
         c.model.dtype = "float32"
         c.model.remat = "none"
         c.model.attention_impl = "xla"
-        c.lora.rank = 8
-        c.lora.alpha = 16.0
+        # The tiny model is random: there is nothing for adapters to adapt, so the demo trains every
+        # weight, the vision tower included (LoRA, freezing and merging are covered by the tests).
+        c.lora.rank = 0
+        c.freeze = ()
         c.data.root = "/tmp/mmret_demo/mbeir"
         c.data.processor.max_pixels = 64 * 28 * 28
         c.data.processor.max_text_tokens = 64
         c.data.pipeline.update(
             batch_size=16,
-            max_query_length=192,
-            max_candidate_length=192,
-            max_query_patches=16 * 256,
-            max_candidate_patches=16 * 256,
+            max_query_length=96,  # the synthetic corpus's longest input is 83 tokens
+            max_candidate_length=96,
+            max_query_patches=16 * 64,  # its images are at most 64 patches (16 image tokens)
+            max_candidate_patches=16 * 64,
             num_workers=0,
             on_bad_record="error",
         )
-        c.optimizer.learning_rate = 2e-3
-        c.optimizer.total_steps = 60
+        c.optimizer.learning_rate = 1e-3
+        c.optimizer.total_steps = 300
         c.grad_cache_chunk = 8
         c.mesh = dict(data=-1, fsdp=1, tensor=1)
-        c.log_every = 5
-        c.checkpoint = dict(every=20, keep=2)
+        c.log_every = 25
+        c.checkpoint = dict(every=100, keep=2)
+        c.eval.update(shard_size=4096, num_workers=0, at_start=True, at_end=True, check_exact=0)
     elif arg:
         raise ValueError(f"configs/umarvel.py: unknown preset {arg!r} (known: demo)")
     c.lock()

@@ -1,12 +1,18 @@
 """The one entry point for jobs.
 
     python -m mmret.launch --config=configs/umarvel.py[:preset] --workdir=DIR [--config.a.b=value ...]
+        [--mode=train|embed|eval] [--step=N]
 
 ``--config`` takes a Python config file exposing ``get_config(arg)`` (a bare name such as
 ``umarvel.py`` resolves to ``configs/umarvel.py``); ``--config.a.b=value`` overrides one field, and
 unknown keys or values of the wrong type are rejected before anything starts. When the environment
 says the job spans several hosts (a coordinator address, or SLURM / TPU pod variables), JAX's
 distributed runtime is initialised first.
+
+Modes: ``train`` (default) trains, evaluating the model before (``eval.at_start``) and after
+(``eval.at_end``) training and printing the before/after table; ``embed`` writes the embeddings of
+checkpoint ``--step`` (default: the latest; 0: before training) under ``DIR/eval/<step>/embeddings``;
+``eval`` embeds, searches and reports it under ``DIR/eval/<step>/<pool>/`` (see :mod:`mmret.eval`).
 """
 
 from __future__ import annotations
@@ -59,13 +65,35 @@ def main(argv: list[str]) -> None:
 
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
+    mode = flags.FLAGS.mode
+    step = None if flags.FLAGS.step < 0 else flags.FLAGS.step
     try:
         trainer_cfg = as_trainer_config(cfg)
     except (ValueError, TypeError) as e:
         sys.exit(f"mmret.launch: bad config: {e}")
-    train(trainer_cfg, workdir)
+    from mmret.eval import run as eval_run
+
+    if mode == "embed":
+        from mmret.eval.embed import embed, resolve_step
+
+        step = resolve_step(workdir, step)
+        embed(trainer_cfg, eval_run.eval_dir(workdir, step) / "embeddings", workdir=workdir, step=step)
+        return
+    if mode == "eval":
+        eval_run.evaluate_run(trainer_cfg, workdir, step)
+        return
+    ecfg = trainer_cfg.eval
+    if ecfg.at_start:
+        eval_run.evaluate_run(trainer_cfg, workdir, 0)
+    summary = train(trainer_cfg, workdir)
+    after = summary["final_step"]
+    evaluated = ecfg.at_end and not summary["preempted"]
+    if evaluated:
+        eval_run.evaluate_run(trainer_cfg, workdir, after)
     if jax.process_index() == 0:
         print("\n".join(summary_table(Path(workdir) / "metrics.jsonl")))
+        if evaluated and ecfg.at_start:
+            print(eval_run.before_after(workdir, 0, after, ecfg.pools))
 
 
 def summary_table(metrics_file: Path, rows: int = 6) -> list[str]:
@@ -91,6 +119,8 @@ def run() -> None:
 
     config_flags.DEFINE_config_file("config", None, "Python config file (get_config(arg)); path[:preset].")
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+    flags.DEFINE_enum("mode", "train", ["train", "embed", "eval"], "Train (and evaluate per eval.at_*), or embed/eval.")
+    flags.DEFINE_integer("step", -1, "Checkpoint to embed/evaluate: -1 the latest, 0 the model before training.")
     flags.mark_flags_as_required(["config", "workdir"])
     sys.argv = resolve_config_arg(sys.argv)
     try:

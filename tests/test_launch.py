@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmret.launch import CONFIGS, resolve_config_arg
@@ -78,3 +79,27 @@ def test_demo_preset_trains_through_the_entry_point(tmp_path):
     assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses  # the demo trains: its loss falls
     assert (tmp_path / "run" / "checkpoints" / "8").is_dir()
     assert "| step | loss |" in r.stdout  # the closing result table
+    # Evaluated before and after training on both pools; the before/after table closes the run.
+    reports = {
+        (step, pool): json.loads((tmp_path / "run" / "eval" / step / pool / "report.json").read_text())
+        for step in ("0", "8")
+        for pool in ("local", "global")
+    }
+    assert all(rep["complete"] and rep["pool"] == pool for (_, pool), rep in reports.items())
+    assert reports[("8", "local")]["checkpoint"].endswith("checkpoints/8")
+    assert "local pool, step 0 -> step 8:" in r.stdout and "global pool, step 0 -> step 8:" in r.stdout
+    # The two steps' embeddings differ (the trained checkpoint was loaded, not the start model).
+    shard = Path("embeddings/queries/cirr_task7/shard-00000.npz")
+    before, after = (np.load(tmp_path / "run" / "eval" / step / shard)["embeddings"] for step in ("0", "8"))
+    assert before.shape == after.shape == (24, 64) and np.abs(before - after).max() > 1e-2
+    # --mode=eval of an evaluated step reuses its reports.
+    r = launch(
+        "--config=umarvel.py:demo",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.model.hf_dir={tmp_path / 'model'}",
+        f"--config.data.root={tmp_path / 'mbeir'}",
+        "--mode=eval",
+        "--step=8",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval step 8, local pool: average" in r.stdout and "embed " not in r.stdout

@@ -312,20 +312,39 @@ def encode_dataset(
     process_count: int | None = None,
 ) -> grain.IterDataset:
     """Ordered, static-shape batches of ``encode(item)`` for embedding queries or a pool: every item
-    exactly once (this host's slice), the last batch padded with copies flagged ``valid = 0``."""
-    ds = _host_slice(grain.MapDataset.source(items), process_index, process_count)
+    exactly once (this host's slice), the last batch padded with copies flagged ``valid = 0``.
 
-    def batch_fn(chunk: Sequence[tuple[str, ProcessedExample]]) -> dict[str, Any]:
-        n = len(chunk)
-        chunk = list(chunk) + [chunk[-1]] * (batch_size - n)
-        out = processor.collate(
-            [e for _, e in chunk], max_length=max_length, max_patches=max_patches, padding_side=padding_side
+    An item may be ``None``: a padding slot (``valid = 0``), so that callers can give every host the
+    same number of batches. ``meta["ids"]`` lists the ids of the valid rows, in row order."""
+    # Indices, not the items: grain treats a None element as filtered out.
+    ds = _host_slice(grain.MapDataset.range(len(items)), process_index, process_count)
+    filler: list[ProcessedExample] = []  # for a batch of padding slots only: the first real item, encoded once
+
+    def fill() -> ProcessedExample:
+        if not filler:
+            filler.append(encode(next(i for i in items if i is not None)))
+        return filler[0]
+
+    def one(index: int) -> tuple[str | None, ProcessedExample | None]:
+        item = items[index]
+        return (None, None) if item is None else (ids(item), encode(item))
+
+    def batch_fn(chunk: Sequence[tuple[str | None, ProcessedExample | None]]) -> dict[str, Any]:
+        real = [e for _, e in chunk if e is not None]
+        pad = real[-1] if real else fill()
+        examples = [pad if e is None else e for _, e in chunk] + [pad] * (batch_size - len(chunk))
+        out = processor.collate(  # 2 image rows per example (as in training): divisible like the batch
+            examples,
+            max_length=max_length,
+            max_patches=max_patches,
+            max_images=2 * batch_size,
+            padding_side=padding_side,
         )
-        out["valid"] = np.arange(batch_size) < n
-        out["meta"] = {"ids": [i for i, _ in chunk[:n]]}
+        out["valid"] = np.array([i is not None for i, _ in chunk] + [False] * (batch_size - len(chunk)))
+        out["meta"] = {"ids": [i for i, _ in chunk if i is not None]}
         return out
 
-    ds = ds.map(lambda item: (ids(item), encode(item))).batch(batch_size, batch_fn=batch_fn)
+    ds = ds.map(one).batch(batch_size, batch_fn=batch_fn)
     return _prefetch(ds.to_iter_dataset(), num_workers)
 
 
@@ -333,29 +352,32 @@ def query_dataset(
     store: RecordStore,
     processor: Processor,
     *,
+    queries: Sequence[Query | None] | None = None,
     instruction_seed: int = 0,
     max_decode_pixels: int = DEFAULT_MAX_PIXELS,
     **kw: Any,
 ) -> grain.IterDataset:
-    """Embedding pipeline over ``store.queries`` (with their instructions)."""
+    """Embedding pipeline over ``queries`` (default ``store.queries``; ``None`` entries are padding
+    slots, see :func:`encode_dataset`), with their instructions."""
 
     def encode(query: Query) -> ProcessedExample:
         instruction, text = query_text_parts(query, store.instructions, seed=instruction_seed)
         image = None if query.image_path is None else store.image(query.image_path, max_pixels=max_decode_pixels)
         return processor(text=text or None, image=image, instruction=instruction or None)
 
-    return encode_dataset(store.queries, encode, lambda q: q.qid, processor=processor, **kw)
+    items = store.queries if queries is None else queries
+    return encode_dataset(items, encode, lambda q: q.qid, processor=processor, **kw)
 
 
 def candidate_dataset(
     store: RecordStore,
-    dids: Sequence[str],
+    dids: Sequence[str | None],
     processor: Processor,
     *,
     max_decode_pixels: int = DEFAULT_MAX_PIXELS,
     **kw: Any,
 ) -> grain.IterDataset:
-    """Embedding pipeline over the candidates ``dids`` (no instruction)."""
+    """Embedding pipeline over the candidates ``dids`` (no instruction; ``None``: a padding slot)."""
 
     def encode(did: str) -> ProcessedExample:
         cand = store.candidate(did)

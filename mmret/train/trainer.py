@@ -55,6 +55,7 @@ from mmret import sharding
 from mmret.data.bad_records import BadRecords
 from mmret.data.pipeline import PipelineConfig, RawStore, train_dataset
 from mmret.data.processor import Processor, ProcessorConfig
+from mmret.eval.config import EvalConfig
 from mmret.lora import ALSO_TRAIN, LLM_LINEARS, PathRegex, apply_lora, set_dropout_key
 from mmret.lora import trainable_filter as lora_trainable_filter
 from mmret.losses import MAX_TEMPERATURE, MIN_TEMPERATURE, Temperature
@@ -152,6 +153,7 @@ class TrainerConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     max_nonfinite_steps: int = 10
     inject_nonfinite_steps: tuple[int, ...] = ()  # testing hook: these steps (1-based, as logged) see NaN parameters
+    eval: EvalConfig = EvalConfig()  # embedding, search and report (mmret.eval)
 
     def __post_init__(self) -> None:
         sources = [s for s in ("hf_dir", "checkpoint", "preset") if getattr(self.model, s)]
@@ -281,6 +283,26 @@ def load_backbone(cfg: ModelConfig) -> qwen2_vl.Qwen2VL:
         hf_config(cfg.preset), dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options
     )
     return qwen2_vl.create(model_cfg, seed=cfg.seed)
+
+
+def build_retriever(cfg: TrainerConfig) -> Retriever:
+    """The model a run of ``cfg`` starts from (backbone, LoRA adapters, temperature), in host memory."""
+    with _host_memory():
+        backbone = load_backbone(cfg.model)
+        if cfg.lora.rank > 0:
+            apply_lora(
+                backbone,
+                rank=cfg.lora.rank,
+                alpha=cfg.lora.alpha,
+                dropout=cfg.lora.dropout,
+                target=cfg.lora.target,
+                rngs=cfg.seed,
+            )
+        t = cfg.temperature
+        return Retriever(
+            Encoder(backbone, cfg.encoder),
+            Temperature(t.init, learnable=t.learnable, min_temperature=t.min, max_temperature=t.max),
+        )
 
 
 def _host_memory() -> contextlib.AbstractContextManager[Any]:
@@ -568,29 +590,14 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
     data_iter = iter(train_dataset(store, processor, pipeline))
 
     # --------------------------------------------------------------------------------------- model
-    with _host_memory():  # built in host memory, then placed on the mesh (shard section)
-        backbone = load_backbone(cfg.model)
-        if cfg.lora.rank > 0:
-            apply_lora(
-                backbone,
-                rank=cfg.lora.rank,
-                alpha=cfg.lora.alpha,
-                dropout=cfg.lora.dropout,
-                target=cfg.lora.target,
-                rngs=cfg.seed,
-            )
-        t = cfg.temperature
-        model = Retriever(
-            Encoder(backbone, cfg.encoder),
-            Temperature(t.init, learnable=t.learnable, min_temperature=t.min, max_temperature=t.max),
-        )
+    model = build_retriever(cfg)  # in host memory, then placed on the mesh (shard section)
     wrt = trainable_filter(cfg)
 
     # --------------------------------------------------------------------------------------- shard
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
         sharding.place_model(model, mesh, rules)
     graphdef, params, rest = nnx.split(model, wrt, ...)
-    del model, backbone
+    del model
     tx = make_optimizer(cfg.optimizer)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = jax.tree.map(lambda x: x.sharding, params)

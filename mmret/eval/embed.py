@@ -1,0 +1,509 @@
+"""Embedding export: M-BEIR test queries and candidate pools -> float16 shards on disk, resumable.
+
+An embeddings directory::
+
+    embeddings.json                   what made them: model source and step, encoder, processor, root, ...
+    queries/<task>/group.json         {"count": n, "shards": k}
+    queries/<task>/shard-00000.npz    ``embeddings`` [m, D] float16 and ``ids`` [m], in file order
+    pools/local/<task>/...            the task's local pool (candidates get no instruction)
+    pools/global/members.json         the union pool's dids, in file order
+    pools/global/extra/...            only union-pool candidates that are in no local pool
+
+The union pool is the 16 local pools concatenated, so the global pool reuses the local pools'
+embeddings: no candidate is embedded twice. A shard is written atomically once complete; a rerun
+skips finished shards (resumption after a crash), and refuses a directory made by another model.
+
+Data-parallel over every device of every host: each shard's items are split into one contiguous part
+per host, every host runs the same number of batches (padding slots are flagged invalid), the batch is
+sharded over the mesh's data x fsdp axes, and the primary process writes the gathered embeddings.
+
+    python tools/embed.py --workdir RUN [--step N] --out DIR       # a training run's checkpoint
+    python tools/embed.py --hf_dir MODEL --mbeir_root ROOT --out DIR  # a Hugging Face model directory
+    python -m mmret.launch --config=... --workdir=RUN --mode=embed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mmret import sharding
+from mmret.data.bad_records import BadRecords
+from mmret.data.mbeir import (
+    EVAL_TASKS,
+    Candidate,
+    Query,
+    dataset_task,
+    global_pool_path,
+    instructions_path,
+    local_pool_path,
+    read_global_pool,
+    read_instructions,
+    read_local_pool,
+    read_queries,
+)
+from mmret.data.pipeline import candidate_dataset, query_dataset
+from mmret.data.processor import Processor
+from mmret.eval.config import EvalConfig
+from mmret.lora import merge_lora
+from mmret.models.encoder import Encoder
+from mmret.train.metrics import format_duration
+from mmret.train.trainer import TrainerConfig, build_retriever, config_to_json, processor_dir
+from mmret.train.trainer import trainable_filter as run_trainable_filter
+
+log = logging.getLogger("mmret.eval")
+
+MANIFEST = "embeddings.json"
+GROUP = "group.json"
+MEMBERS = "members.json"
+
+
+# ============================================================================================ the model
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """The finished checkpoints of a training run (orbax renames a step directory into place when done)."""
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()) if d.is_dir() else []
+
+
+def resolve_step(workdir: str | Path, step: int | None) -> int:
+    """``step`` (0: the model the run started from), or the run's latest checkpoint when None."""
+    steps = checkpoint_steps(workdir)
+    if step is None:
+        if not steps:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no finished checkpoint to evaluate (give --step 0?)")
+        return steps[-1]
+    if step != 0 and step not in steps:
+        raise FileNotFoundError(f"{workdir}/checkpoints/{step}: no such checkpoint (have: {steps or 'none'})")
+    return step
+
+
+def _restore_into(model: nnx.Module, wrt: Any, item_dir: Path) -> None:
+    """Read the parameters of ``model`` selected by ``wrt`` from an orbax item saved by the trainer
+    (``{"params": ...}`` plus the optimiser state, which is not read)."""
+    import orbax.checkpoint as ocp
+
+    _, state, _ = nnx.split(model, wrt, ...)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(
+            item_dir,
+            args=ocp.args.PyTreeRestore(
+                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True
+            ),
+        )
+    nnx.update(model, out["params"])  # a State shaped like the template
+
+
+def load_encoder(cfg: TrainerConfig, *, workdir: str | Path | None = None, step: int = 0) -> Encoder:
+    """The embedder of a run of ``cfg`` at ``step`` (0: before training, i.e. the model source), with
+    LoRA adapters merged into plain weights; in host memory."""
+    model = build_retriever(cfg)
+    if step:
+        if workdir is None:
+            raise ValueError("a checkpoint step needs the run's workdir")
+        ckpt = Path(workdir) / "checkpoints" / str(step)
+        _restore_into(model, run_trainable_filter(cfg), ckpt / "state")
+        if (ckpt / "frozen").is_dir():  # checkpoint.save_frozen: the frozen weights too
+            _restore_into(model, nnx.Not(run_trainable_filter(cfg)), ckpt / "frozen")
+    merge_lora(model)
+    return model.encoder
+
+
+def source_of(cfg: TrainerConfig, workdir: str | Path | None, step: int) -> dict[str, Any]:
+    """What an embeddings directory was made from (compared on resumption)."""
+    if workdir is not None:
+        return {"workdir": str(Path(workdir).absolute()), "step": step}
+    m = cfg.model
+    return {"hf_dir": m.hf_dir, "checkpoint": m.checkpoint, "preset": m.preset, "seed": m.seed}
+
+
+# ============================================================================================= the work
+
+
+@dataclasses.dataclass
+class Group:
+    """Items embedded into one directory of shards: a task's queries, a pool, the global extras."""
+
+    name: str  # relative directory, e.g. "queries/visualnews_task0"
+    kind: str  # "query" | "candidate"
+    items: list[Any]  # Query objects or dids
+
+    def ids(self, items: Sequence[Any]) -> list[str]:
+        return [q.qid for q in items] if self.kind == "query" else list(items)
+
+
+class EvalStore:
+    """The records an evaluation embeds (a :class:`mmret.data.pipeline.RecordStore`): test queries,
+    every candidate of the pools read, images read on demand from inside the root."""
+
+    def __init__(self, root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str], bad: BadRecords):
+        from mmret.data.images import load_image
+
+        self.root = Path(root)
+        self._load_image = load_image
+        self.negatives: dict[str, tuple[str, ...]] = {}
+        path = instructions_path(self.root)
+        self.instructions = read_instructions(path, bad=bad) if path.is_file() else None
+        self.pools: dict[str, dict[str, Candidate]] = {}
+        pool_tasks = list(tasks) if "local" in pools else []
+        if "global" in pools:  # the union pool reuses every local pool that exists
+            pool_tasks += [t.name for t in EVAL_TASKS if t.name not in pool_tasks]
+        for task in pool_tasks:
+            path = local_pool_path(self.root, task, split)
+            if path.is_file() or task in tasks:
+                self.pools[task] = read_local_pool(self.root, task, split, bad=bad)
+        self.candidates: dict[str, Candidate] = {}
+        for pool in self.pools.values():
+            self.candidates.update(pool)
+        self.members: list[str] = []
+        if "global" in pools:
+            union = read_global_pool(self.root, split, bad=bad)
+            self.members = list(union)
+            for did, cand in union.items():
+                self.candidates.setdefault(did, cand)
+        self.task_queries = {t: read_queries(self.root, split, t, bad=bad) for t in tasks}
+        self.queries: list[Query] = [q for qs in self.task_queries.values() for q in qs]
+
+    def candidate(self, did: str) -> Candidate:
+        return self.candidates[did]
+
+    def image(self, path: str, *, max_pixels: int) -> Any:
+        return self._load_image(self.root, path, max_pixels=max_pixels)
+
+    def groups(self, tasks: Sequence[str], pools: Sequence[str]) -> list[Group]:
+        out = [Group(f"queries/{t}", "query", self.task_queries[t]) for t in tasks]
+        out += [Group(f"pools/local/{t}", "candidate", list(p)) for t, p in self.pools.items()]
+        if "global" in pools:
+            local = set().union(*(p.keys() for p in self.pools.values())) if self.pools else set()
+            out.append(Group("pools/global/extra", "candidate", [d for d in self.members if d not in local]))
+        return out
+
+
+# ============================================================================================ embedding
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.npz"
+
+
+def _done_shards(directory: Path, n: int) -> np.ndarray:
+    """Which of ``n`` shards exist, as the primary process sees them (every host must agree)."""
+    done = np.array([(directory / shard_name(i)).is_file() for i in range(n)], dtype=bool)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    return done
+
+
+class Progress:
+    """One line per update: ``embed queries/x: 1200/20000 [##---] 350/s eta 54s``, at most every ``every`` s."""
+
+    def __init__(self, name: str, total: int, every: float = 10.0):
+        self.name, self.total, self.every = name, total, every
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+        self.enabled = jax.process_index() == 0
+
+    def add(self, n: int, *, force: bool = False) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if not self.enabled or not (force or now - self.last >= self.every):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        frac = self.done / max(self.total, 1)
+        bar = "#" * int(round(frac * 20))
+        eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
+        print(f"embed {self.name}: {self.done}/{self.total} [{bar:-<20}] {rate:.1f}/s eta {eta}", flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    batch_size: int  # per host
+    max_length: int
+    max_patches: int
+
+
+def eval_shapes(cfg: TrainerConfig, ecfg: EvalConfig) -> Shapes:
+    """Static batch shapes for embedding (the ``eval`` fields, else the training pipeline's)."""
+    p = cfg.data.pipeline
+    batch = ecfg.batch_size or p.batch_size
+    length = ecfg.max_length or max(p.max_query_length, p.max_candidate_length)
+    per_example = max(p.max_query_patches, p.max_candidate_patches) / p.batch_size
+    patches = ecfg.max_patches or 4 * math.ceil(per_example * batch / 4)
+    return Shapes(batch, length, patches)
+
+
+class Embedder:
+    """The jitted, data-parallel embedding function of an encoder on a mesh."""
+
+    def __init__(self, encoder: Encoder, cfg: TrainerConfig):
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.rules = sharding.make_rules(overrides=cfg.rules)
+        with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+            sharding.place_model(encoder, self.mesh, self.rules)
+        graphdef, state = nnx.split(encoder)
+        self.state = state
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.dim = encoder.backbone.cfg.text.hidden_size
+
+        def embed(state: nnx.State, batch: dict[str, Any]) -> jax.Array:
+            return nnx.merge(graphdef, state)(batch)
+
+        self._fn = jax.jit(embed, out_shardings=replicated)
+
+    def __call__(self, host_batch: dict[str, Any]) -> jax.Array:
+        """Embeddings [hosts * batch, D] of the global batch (every host's block, host-major), replicated."""
+        arrays = {k: v for k, v in host_batch.items() if k not in ("meta", "valid")}
+        with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+            batch = sharding.put_batch(arrays, self.mesh, self.rules)
+            return self._fn(self.state, batch)
+
+
+def _host_slots(items: Sequence[Any], batch: int) -> tuple[list[Any], list[int]]:
+    """This host's contiguous part of ``items`` padded with ``None`` to the number of batches every
+    host runs, and each host's part length (for reassembly)."""
+    hosts, me = jax.process_count(), jax.process_index()
+    per = math.ceil(len(items) / hosts)
+    lengths = [max(0, min(per, len(items) - h * per)) for h in range(hosts)]
+    n_batches = max(1, math.ceil(per / batch))
+    mine = list(items[me * per : me * per + lengths[me]])
+    return mine + [None] * (n_batches * batch - len(mine)), lengths
+
+
+def embed_group(
+    group: Group,
+    out: Path,
+    store: EvalStore,
+    processor: Processor,
+    embedder: Embedder,
+    shapes: Shapes,
+    ecfg: EvalConfig,
+) -> int:
+    """Embed ``group`` into ``out/<group.name>/``, skipping finished shards; returns items embedded now."""
+    directory = out / group.name
+    n_shards = math.ceil(len(group.items) / ecfg.shard_size)
+    primary = jax.process_index() == 0
+    if primary:
+        write_json(directory / GROUP, {"count": len(group.items), "shards": n_shards})
+    done = _done_shards(directory, n_shards)
+    todo = [i for i in range(n_shards) if not done[i]]
+    if not todo:
+        return 0
+    parts: list[tuple[int, list[Any], list[int]]] = []  # shard, its items, each host's part length
+    slots: list[Any] = []
+    for i in todo:
+        items = group.items[i * ecfg.shard_size : (i + 1) * ecfg.shard_size]
+        mine, lengths = _host_slots(items, shapes.batch_size)
+        parts.append((i, items, lengths))
+        slots += mine
+    kw = dict(
+        batch_size=shapes.batch_size,
+        max_length=shapes.max_length,
+        max_patches=shapes.max_patches,
+        padding_side="right",  # the encoder pools by mask: either side gives the same embeddings
+        num_workers=ecfg.num_workers,
+        max_decode_pixels=ecfg.max_decode_pixels,
+        process_index=0,
+        process_count=1,
+    )
+    if group.kind == "query":
+        ds = query_dataset(store, processor, queries=slots, instruction_seed=ecfg.instruction_seed, **kw)
+    else:
+        ds = candidate_dataset(store, slots, processor, **kw)
+    batches = iter(ds)
+    total = sum(len(items) for _, items, _ in parts)
+    progress = Progress(group.name, total)
+    for i, items, lengths in parts:
+        n_batches = max(1, math.ceil(max(lengths) / shapes.batch_size))
+        outputs = [embedder(next(batches)) for _ in range(n_batches)]  # dispatched asynchronously
+        hosts = jax.process_count()
+        emb = np.stack([np.asarray(o.addressable_data(0)) for o in outputs])  # [batches, hosts * B, D]
+        emb = emb.reshape(n_batches, hosts, shapes.batch_size, -1).transpose(1, 0, 2, 3)
+        emb = emb.reshape(hosts, n_batches * shapes.batch_size, -1)
+        vectors = np.concatenate([emb[h, : lengths[h]] for h in range(hosts)]).astype(np.float16)
+        if primary:
+            ids = np.asarray(group.ids(items))
+            _atomic_write(directory / shard_name(i), lambda p, v=vectors, d=ids: _save_npz(p, v, d))
+        progress.add(len(items), force=i == parts[-1][0])
+    return total
+
+
+def _save_npz(path: Path, embeddings: np.ndarray, ids: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, embeddings=embeddings, ids=ids)
+
+
+def manifest_for(
+    cfg: TrainerConfig, ecfg: EvalConfig, source: dict[str, Any], shapes: Shapes, dim: int, root: str
+) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "source": source,
+        "mbeir_root": str(Path(root).absolute()),
+        "split": ecfg.split,
+        "dim": dim,
+        "dtype": "float16",
+        "shard_size": ecfg.shard_size,
+        "instruction_seed": ecfg.instruction_seed,
+        "max_length": shapes.max_length,
+        "encoder": config_to_json(cfg.encoder),
+        "processor": config_to_json(cfg.data.processor),
+        "model": config_to_json(cfg.model),
+        "lora": config_to_json(cfg.lora),
+    }
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    old = json.loads(path.read_text())
+    differ = sorted(k for k in manifest if k not in ("tasks", "pools") and old.get(k) != manifest[k])
+    if differ:
+        raise ValueError(
+            f"{path}: these embeddings were made with other settings ({', '.join(differ)} differ); "
+            "write to a new directory"
+        )
+
+
+def embed(
+    cfg: TrainerConfig,
+    out: str | Path,
+    ecfg: EvalConfig | None = None,
+    *,
+    workdir: str | Path | None = None,
+    step: int | None = None,
+    encoder: Encoder | None = None,
+) -> Path:
+    """Embed the test queries and pools of ``ecfg`` into ``out``; resumable. With ``workdir`` the model
+    is that run's checkpoint ``step`` (None: the latest; 0: the model before training); else the
+    model source of ``cfg.model``. ``encoder`` skips loading (it must be what those arguments name)."""
+    ecfg = cfg.eval if ecfg is None else ecfg
+    out = Path(out)
+    root = ecfg.root or cfg.data.root
+    if not root:
+        raise ValueError("eval.root: no M-BEIR root given (nor data.root)")
+    tasks = [dataset_task(t).name for t in (ecfg.tasks or [t.name for t in EVAL_TASKS])]
+    if workdir is not None:
+        step = resolve_step(workdir, step)
+    source = source_of(cfg, workdir, step or 0)
+    shapes = eval_shapes(cfg, ecfg)
+
+    bad = BadRecords("error")
+    started = time.perf_counter()
+    store = EvalStore(root, ecfg.split, tasks, ecfg.pools, bad)
+    if "global" in ecfg.pools and not global_pool_path(root, ecfg.split).is_file():
+        raise FileNotFoundError(f"{global_pool_path(root, ecfg.split)}: no global pool for eval.pools 'global'")
+    processor = Processor(processor_dir(cfg), cfg.data.processor)
+    if encoder is None:
+        encoder = load_encoder(cfg, workdir=workdir, step=step or 0)
+    embedder = Embedder(encoder, cfg)
+    manifest = manifest_for(cfg, ecfg, source, shapes, embedder.dim, root)
+    path = out / MANIFEST
+    if path.is_file():
+        _check_manifest(path, manifest)
+    if jax.process_index() == 0:
+        write_json(path, {**manifest, "tasks": tasks, "pools": list(ecfg.pools)})
+        if "global" in ecfg.pools:
+            write_json(out / "pools" / "global" / MEMBERS, store.members)
+    embedded = 0
+    for group in store.groups(tasks, ecfg.pools):
+        embedded += embed_group(group, out, store, processor, embedder, shapes, ecfg)
+    seconds = time.perf_counter() - started
+    if jax.process_index() == 0:
+        print(f"embeddings in {out}: {embedded} embedded now in {format_duration(seconds)}", flush=True)
+    return out
+
+
+# ============================================================================================== reading
+
+
+class Embeddings:
+    """Read an embeddings directory: per task queries, local pools, the global pool."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not an embeddings directory (run tools/embed.py first)")
+        self.manifest = json.loads(path.read_text())
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest["tasks"])
+
+    def group(self, name: str) -> tuple[list[str], np.ndarray]:
+        """(ids, float16 embeddings [n, D]) of a group, checked complete."""
+        directory = self.directory / name
+        info_path = directory / GROUP
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{directory}: not embedded (run tools/embed.py with this task or pool)")
+        info = json.loads(info_path.read_text())
+        missing = [shard_name(i) for i in range(info["shards"]) if not (directory / shard_name(i)).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{directory}: {len(missing)} of {info['shards']} shards missing (e.g. {missing[0]}); "
+                "the embedding run did not finish: run it again to complete it"
+            )
+        ids: list[str] = []
+        vectors = []
+        for i in range(info["shards"]):
+            with np.load(directory / shard_name(i), allow_pickle=False) as z:
+                ids += z["ids"].tolist()
+                vectors.append(z["embeddings"])
+        dim = int(self.manifest["dim"])
+        out = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float16)
+        if len(ids) != info["count"]:
+            raise ValueError(f"{directory}: {len(ids)} embeddings, expected {info['count']}")
+        return ids, out
+
+    def queries(self, task: str) -> tuple[list[str], np.ndarray]:
+        return self.group(f"queries/{task}")
+
+    def local_pool(self, task: str) -> tuple[list[str], np.ndarray]:
+        return self.group(f"pools/local/{task}")
+
+    def global_pool(self) -> tuple[list[str], np.ndarray]:
+        """The union pool in file order, gathered from the local pools and the extras."""
+        members_path = self.directory / "pools" / "global" / MEMBERS
+        if not members_path.is_file():
+            raise FileNotFoundError(f"{members_path}: the global pool was not embedded (eval.pools)")
+        members = json.loads(members_path.read_text())
+        index: dict[str, tuple[np.ndarray, int]] = {}
+        local_dir = self.directory / "pools" / "local"
+        parts = [f"pools/local/{p.name}" for p in sorted(local_dir.iterdir())] if local_dir.is_dir() else []
+        for name in [*parts, "pools/global/extra"]:
+            ids, vectors = self.group(name)
+            for row, did in enumerate(ids):
+                index.setdefault(did, (vectors, row))
+        missing = [d for d in members if d not in index]
+        if missing:
+            raise ValueError(f"{members_path}: {len(missing)} members have no embedding (e.g. {missing[0]})")
+        out = np.empty((len(members), int(self.manifest["dim"])), np.float16)
+        for i, did in enumerate(members):
+            vectors, row = index[did]
+            out[i] = vectors[row]
+        return members, out

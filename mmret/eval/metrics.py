@@ -1,0 +1,207 @@
+"""The M-BEIR metric: per-query hit@k, per-task Recall@k in percent, the 16-task average; TREC run files.
+
+The definition follows UniIR (``compute_recall_at_k`` in ``src/common/mbeir_retriever.py`` of
+TIGER-AI-Lab/UniIR; RECIPES.md s.1): a query scores 1 when the set of its first k retrieved dids meets
+the set of its positives, else 0, and a query without positives scores 0 (it stays in the denominator).
+Being set based, duplicated dids in a ranking or in the positives never count twice; a duplicate still
+takes up its slot in the ranking. Recall@k of a dataset-task is the mean over its queries, reported here
+in percent like the papers. Before scoring, :func:`evaluate_task` restricts the positives of OVEN and
+InfoSeek queries to their own dataset (:func:`mmret.data.mbeir.restrict_positives`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmret.data.mbeir import DatasetTask, dataset_task, restrict_positives
+
+#: The k of the Recall@k computed for every task (the headline k, 5 or 10, is among them).
+KS: tuple[int, ...] = (1, 5, 10)
+
+
+def _not_a_string(value: object, what: str) -> None:
+    if isinstance(value, str | bytes):
+        raise TypeError(f"{what} must be a sequence of ids, got the string {value!r}")
+
+
+def hits_at_k(ranked: Sequence[Sequence[str]], positives: Sequence[Collection[str]], k: int) -> np.ndarray:
+    """Per query 1.0 if any of its positives is among its first ``k`` ranked dids, else 0.0 (float64).
+
+    Rankings may be shorter than ``k`` (all of it is looked at); no positives scores 0.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(ranked) != len(positives):
+        raise ValueError(f"{len(ranked)} rankings but {len(positives)} positive sets")
+    hits = np.zeros(len(ranked), dtype=np.float64)
+    for i, (dids, pos) in enumerate(zip(ranked, positives, strict=True)):
+        _not_a_string(dids, "a ranking")
+        _not_a_string(pos, "a positive set")
+        if not pos:
+            continue
+        pos = pos if isinstance(pos, set | frozenset) else set(pos)
+        hits[i] = any(d in pos for d in dids[:k])
+    return hits
+
+
+def recall_at_k(ranked: Sequence[Sequence[str]], positives: Sequence[Collection[str]], k: int) -> float:
+    """Recall@k in percent (0-100): the mean of :func:`hits_at_k` over the queries (at least one)."""
+    if len(ranked) == 0:
+        raise ValueError("Recall@k of no queries is undefined")
+    return float(100.0 * hits_at_k(ranked, positives, k).mean())
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Recall@k (percent) of one dataset-task, keyed by k (:data:`KS`)."""
+
+    task: str
+    num_queries: int
+    recall: dict[int, float]
+
+    @property
+    def headline_k(self) -> int:
+        """The reported k: 10 for Fashion200K and FashionIQ, else 5."""
+        return dataset_task(self.task).recall_k
+
+    @property
+    def headline(self) -> float:
+        """Recall@:attr:`headline_k`, the number papers report for this task."""
+        return self.recall[self.headline_k]
+
+
+def evaluate_task(
+    task: DatasetTask | str,
+    qids: Sequence[str],
+    ranked: Sequence[Sequence[str]],
+    positives: Mapping[str, Collection[str]],
+) -> TaskResult:
+    """Recall@1/5/10 of one dataset-task from each query's ranking (best first) and ``qid -> positives``
+    (e.g. :attr:`mmret.data.mbeir.Qrels.positives`; extra qids are ignored).
+
+    OVEN/InfoSeek positives are restricted to the query's own dataset first. Raises ``ValueError`` on
+    no queries, a length mismatch, a repeated qid or a qid of another dataset, ``KeyError`` on a qid
+    missing from ``positives``.
+    """
+    task = dataset_task(task)
+    if len(qids) != len(ranked):
+        raise ValueError(f"{task.name}: {len(qids)} qids but {len(ranked)} rankings")
+    if len(qids) == 0:
+        raise ValueError(f"{task.name}: no queries to evaluate")
+    seen: set[str] = set()
+    pos_lists: list[frozenset[str]] = []
+    for qid in qids:
+        if qid in seen:
+            raise ValueError(f"{task.name}: query {qid!r} appears twice")
+        seen.add(qid)
+        if qid.partition(":")[0] != str(task.dataset_id):
+            raise ValueError(f"{task.name}: query {qid!r} is not from dataset {task.dataset} (id {task.dataset_id})")
+        if qid not in positives:
+            raise KeyError(f"{task.name}: query {qid!r} has no entry in the positives (qrels)")
+        pos = positives[qid]
+        _not_a_string(pos, f"{task.name}: the positives of {qid!r}")
+        pos_lists.append(frozenset(restrict_positives(qid, pos)))
+    recall = {k: recall_at_k(ranked, pos_lists, k) for k in KS}
+    return TaskResult(task.name, len(qids), recall)
+
+
+def average(results: Mapping[str, TaskResult]) -> float:
+    """The plain mean of the headline numbers.
+
+    Over the 16 tasks this is the published "avg"; over fewer it is the mean of those given only, not
+    comparable with the published averages (:mod:`mmret.eval.report` marks such a report incomplete).
+    """
+    if not results:
+        raise ValueError("the average of no task results is undefined")
+    return float(np.mean([r.headline for r in results.values()]))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path`` (all or nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _trec_token(value: str, what: str) -> str:
+    value = str(value)
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"{what} {value!r} must be non-empty and without whitespace in a TREC run file")
+    return value
+
+
+def _format_score(score: float | np.floating) -> str:
+    """Shortest text that reads back as the same value of the score's own float type."""
+    if score == 0 or 1e-4 <= abs(score) < 1e16:
+        return np.format_float_positional(score, unique=True, trim="0")
+    return np.format_float_scientific(score, unique=True, trim="0")
+
+
+def write_trec(
+    path: str | Path,
+    qids: Sequence[str],
+    ranked_dids: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]],
+    *,
+    tag: str,
+    top: int = 50,
+) -> None:
+    """Write a TREC run file: ``qid Q0 did rank score tag`` per line, rank 1-based, at most ``top``
+    per query, queries in the order given. Scores must not increase along a ranking (trec_eval sorts by
+    score, so the file's ranks and its scores must agree); the file is replaced atomically."""
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    if not len(qids) == len(ranked_dids) == len(scores):
+        raise ValueError(f"{len(qids)} qids, {len(ranked_dids)} rankings and {len(scores)} score lists")
+    tag = _trec_token(tag, "tag")
+    lines: list[str] = []
+    for qid, dids, row in zip(qids, ranked_dids, scores, strict=True):
+        qid = _trec_token(qid, "qid")
+        _not_a_string(dids, f"the ranking of {qid!r}")
+        if len(dids) != len(row):
+            raise ValueError(f"query {qid!r}: {len(dids)} dids but {len(row)} scores")
+        prev = math.inf
+        for rank, (did, score) in enumerate(zip(dids[:top], row[:top], strict=True), 1):
+            if math.isnan(score) or score > prev:
+                raise ValueError(f"query {qid!r}: score {score!r} at rank {rank} is NaN or above the one before")
+            prev = score
+            lines.append(f"{qid} Q0 {_trec_token(did, 'did')} {rank} {_format_score(score)} {tag}\n")
+    write_atomic(path, "".join(lines).encode())
+
+
+def read_trec(path: str | Path) -> dict[str, list[tuple[str, float]]]:
+    """Read a TREC run file into ``qid -> [(did, score), ...]`` ordered by the rank column."""
+    runs: dict[str, list[tuple[int, str, float]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 6:
+                raise ValueError(f"{path}:{lineno}: expected 'qid Q0 did rank score tag', got {len(fields)} fields")
+            qid, _, did, rank, score, _ = fields
+            try:
+                runs.setdefault(qid, []).append((int(rank), did, float(score)))
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: rank {rank!r} or score {score!r} is not a number") from None
+    return {qid: [(did, score) for _, did, score in sorted(rows, key=lambda r: r[0])] for qid, rows in runs.items()}

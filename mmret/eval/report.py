@@ -1,0 +1,204 @@
+"""The M-BEIR evaluation report: ``report.json`` (the numbers), ``report.md`` (a table beside the published
+numbers), ``report.png`` (a bar chart); and a before/after comparison table.
+
+Every file is replaced atomically, ``report.json`` last, so a report that has a ``report.json`` is whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mmret.data.mbeir import EVAL_TASKS, dataset_task
+from mmret.eval import published
+from mmret.eval.metrics import KS, TaskResult, average, write_atomic
+
+POOLS = ("local", "global")
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+#: The published systems shown beside ours.
+BASELINES: tuple[published.PublishedSystem, ...] = (published.UNIIR_CLIP_SF, published.U_MARVEL)
+
+_EVAL_NAMES = tuple(t.name for t in EVAL_TASKS)
+_DASH = "\u2013"
+
+
+def _ordered(names: Iterable[str]) -> list[str]:
+    """Task names in paper order, any others after them in name order."""
+    names = set(names)
+    return [n for n in _EVAL_NAMES if n in names] + sorted(names - set(_EVAL_NAMES))
+
+
+def _fmt(value: float | None) -> str:
+    return _DASH if value is None else f"{value:.1f}"
+
+
+def _published_task(system: published.PublishedSystem, task: str, pool: str) -> float | None:
+    """A system's published number for ``task`` on ``pool`` (per-task numbers exist for the local pool only)."""
+    return system.local.get(task) if pool == "local" and system.local is not None else None
+
+
+def _published_average(system: published.PublishedSystem, tasks: list[str], pool: str) -> float | None:
+    """The published average, or locally over a subset of the 16 tasks the mean over that subset."""
+    if pool == "global" or set(tasks) == set(_EVAL_NAMES):
+        return system.average(pool)
+    values = [_published_task(system, t, pool) for t in tasks]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    pool, tasks = report["pool"], list(report["tasks"])
+    n_eval = sum(t in _EVAL_NAMES for t in tasks)
+    lines = [
+        f"# M-BEIR evaluation ({pool} pool)",
+        "",
+        f"- M-BEIR root: `{report['mbeir_root']}`",
+        f"- checkpoint: `{report['checkpoint']}`" if report["checkpoint"] else "- checkpoint: none",
+        "- units: Recall@k in percent; headline = R@5 (R@10 for Fashion200K and FashionIQ)",
+        f"- tasks: {n_eval} of {len(_EVAL_NAMES)} evaluated dataset-tasks"
+        + ("" if report["complete"] else " (incomplete: the average is over these tasks only)"),
+    ]
+    lines += [f"- {key}: {value}" for key, value in report.get("extra", {}).items()]
+    head = ["task", "queries", "R@1", "R@5", "R@10", "headline"] + [s.name for s in BASELINES]
+    lines += ["", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for name, t in report["tasks"].items():
+        row = [name, str(t["num_queries"])] + [_fmt(t[f"recall@{k}"]) for k in KS]
+        row += [f"{_fmt(t['headline'])} (R@{t['headline_k']})"]
+        row += [_fmt(_published_task(s, name, pool)) for s in BASELINES]
+        lines.append("| " + " | ".join(row) + " |")
+    label = "average" if report["complete"] else f"average ({len(tasks)} tasks)"
+    total = sum(t["num_queries"] for t in report["tasks"].values())
+    row = [f"**{label}**", str(total), "", "", "", f"**{_fmt(report['average'])}**"]
+    row += [_fmt(_published_average(s, tasks, pool)) for s in BASELINES]
+    lines.append("| " + " | ".join(row) + " |")
+    notes = [f"{s.name} {_fmt(s.average(pool))}" for s in BASELINES]
+    lines += ["", f"Published {pool}-pool averages over all 16 tasks (RECIPES.md s.2): " + ", ".join(notes) + "."]
+    if pool == "global":
+        lines.append("The papers give no per-task numbers for the global pool.")
+    return "\n".join(lines) + "\n"
+
+
+def _png(report: dict[str, Any]) -> bytes:
+    """The bar chart as PNG bytes (matplotlib's Agg canvas; pyplot and the global backend are left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pool, tasks = report["pool"], list(report["tasks"])
+    ours = [report["tasks"][t]["headline"] for t in tasks]
+    fig = Figure(figsize=(max(6.0, 0.75 * len(tasks) + 2.5), 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = list(range(len(tasks)))
+    if pool == "local":
+        width = 0.8 / (1 + len(BASELINES))
+        series = [("ours", ours)] + [(s.name, [_published_task(s, t, pool) for t in tasks]) for s in BASELINES]
+        for i, (label, values) in enumerate(series):
+            offset = (i - len(BASELINES) / 2) * width
+            pts = [(x + offset, v) for x, v in zip(xs, values, strict=True) if v is not None]
+            ax.bar([p[0] for p in pts], [p[1] for p in pts], width, label=label, color=f"C{i}")
+    else:
+        ax.bar(xs, ours, 0.6, label="ours", color="C0")
+        for i, s in enumerate(BASELINES, 1):
+            avg = s.average(pool)
+            ax.axhline(avg, color=f"C{i}", linestyle="--", linewidth=1.5, label=f"{s.name} avg {_fmt(avg)}")
+    ax.axhline(report["average"], color="black", linewidth=1.0, label=f"ours avg {_fmt(report['average'])}")
+    ax.set_xticks(xs, [f"{t} (R@{report['tasks'][t]['headline_k']})" for t in tasks], rotation=45, ha="right")
+    ax.set_ylabel("Recall@k (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"M-BEIR, {pool} pool" + ("" if report["complete"] else f" ({len(tasks)} of 16 tasks)"))
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    results: Mapping[str, TaskResult],
+    mbeir_root: str,
+    pool: str,
+    checkpoint: str | None,
+    extra: Mapping | None = None,
+) -> dict:
+    """Write ``report.png``, ``report.md`` and ``report.json`` under ``out_dir``; return what report.json holds.
+
+    ``results`` maps dataset-task names to their results (in any order; written in paper order). ``extra``
+    (JSON-serialisable) is stored under the key ``"extra"`` and listed in report.md; absent when ``None``.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if not results:
+        raise ValueError("no task results to report")
+    for name, r in results.items():
+        if dataset_task(name).name != r.task:
+            raise ValueError(f"results[{name!r}] is the result of {r.task!r}")
+        if missing := [k for k in KS if k not in r.recall]:
+            raise ValueError(f"{name}: no Recall@{missing[0]}")
+    tasks = {
+        name: {
+            **{f"recall@{k}": float(results[name].recall[k]) for k in KS},
+            "num_queries": int(results[name].num_queries),
+            "headline_k": results[name].headline_k,
+            "headline": float(results[name].headline),
+        }
+        for name in _ordered(results)
+    }
+    report: dict[str, Any] = {
+        "mbeir_root": str(mbeir_root),
+        "pool": pool,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "units": "percent",
+        "tasks": tasks,
+        "average": average(results),
+        "complete": set(tasks) == set(_EVAL_NAMES),
+    }
+    if extra is not None:
+        report["extra"] = dict(extra)
+    text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"  # fails before any write
+    out = Path(out_dir)
+    write_atomic(out / REPORT_PNG, _png(report))
+    write_atomic(out / REPORT_MD, _markdown(report).encode())
+    write_atomic(out / REPORT_JSON, text.encode())
+    return json.loads(text)
+
+
+def read_report(out_dir: str | Path) -> dict:
+    """The dict in ``out_dir/report.json``."""
+    path = Path(out_dir) / REPORT_JSON
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    if not isinstance(report, dict) or not isinstance(report.get("tasks"), dict):
+        raise ValueError(f"{path}: not an M-BEIR report")
+    return report
+
+
+def _diff(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return _DASH
+    return f"{round(after - before, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+
+def compare_table(before: Mapping, after: Mapping, *, labels: tuple[str, str] = ("before", "after")) -> str:
+    """A markdown table of two reports (dicts as in report.json): per task the headline before, after and
+    their difference (after - before), then the averages; a task missing on one side shows "–"."""
+    b_tasks, a_tasks = before["tasks"], after["tasks"]
+    lines = [f"| task | k | {labels[0]} | {labels[1]} | \u0394 |", "|---|---:|---:|---:|---:|"]
+    for name in _ordered([*b_tasks, *a_tasks]):
+        b, a = b_tasks.get(name), a_tasks.get(name)
+        bv, av = (b or {}).get("headline"), (a or {}).get("headline")
+        k = (b or a)["headline_k"]
+        lines.append(f"| {name} | {k} | {_fmt(bv)} | {_fmt(av)} | {_diff(bv, av)} |")
+    bv, av = before.get("average"), after.get("average")
+    lines.append(f"| **average** | | {_fmt(bv)} | {_fmt(av)} | {_diff(bv, av)} |")
+    notes = []
+    if before.get("pool") != after.get("pool"):
+        notes.append(f"pools differ ({before.get('pool')} vs {after.get('pool')})")
+    if set(b_tasks) != set(a_tasks):
+        notes.append("the task sets differ, so the averages are over different tasks")
+    if notes:
+        lines += ["", "Note: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
