@@ -138,6 +138,18 @@ def test_scann_recall_and_exact_scores(pool, scann_index):
     assert (np.diff(scores, axis=1) <= 0).all()
 
 
+def test_search_time_overrides(pool, scann_index):
+    vectors, queries = pool
+    exact_ids, _ = exact_search(queries, vectors, 10)
+    leaves = scann_index.params["num_leaves"]
+    one_leaf = recall_against_exact(scann_index.search(queries, 10, leaves_to_search=1)[0], exact_ids, 10)
+    every_leaf = recall_against_exact(scann_index.search(queries, 10, leaves_to_search=leaves)[0], exact_ids, 10)
+    assert one_leaf < 0.8 and every_leaf == 1.0
+    assert scann_index.params["num_leaves_to_search"] == 8  # the built parameters are untouched
+    with pytest.raises(ValueError, match="leaves_to_search must be in"):
+        scann_index.search(queries, 10, leaves_to_search=leaves + 1)
+
+
 def test_scann_short_results_are_padded():
     vectors, queries = clustered(300, 16, 5, clusters=10, seed=6)
     cfg = SearchConfig(method="scann", num_leaves=10, num_leaves_to_search=1, reorder=100)

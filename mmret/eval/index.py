@@ -51,10 +51,12 @@ class SearchConfig:
     """
 
     method: str = "auto"  # "auto" | "scann" | "exact"; auto = exact below brute_force_below vectors, else ScaNN
-    # Exact search of 20k x 1536 float32 costs ~0.6 GFLOP per query (~150 queries/s/core batched) and has no build
-    # step; a ScaNN build (k-means + hashing) takes seconds and gives up a little recall. Below ~20k candidates
-    # exact search of a whole M-BEIR task's queries is quick, so exactness wins there.
-    brute_force_below: int = 20_000
+    # Exact below 100k candidates. Measured at dim 1536 on 2 CPU cores (benchmarks/RESULTS.md): a ScaNN build costs
+    # ~0.6 ms per pool vector (62 s at 100k, 414 s at 1M), exact search ~36 ns per (query, candidate) pair, so
+    # building only pays once a task has more than ~17k queries, whatever the pool size. Below 100k, exact search
+    # of even 25k queries takes ~1.5 min and is exact; above, exact grows with pool x queries (1M x 25k: ~17 min
+    # against ~8 min for ScaNN) and the pool-size rule hands over.
+    brute_force_below: int = 100_000
     num_leaves: int | None = None  # None: 2*sqrt(n), clipped to [1, 4096] and to n // 20
     num_leaves_to_search: int | None = None  # None: 3% of the leaves, at least 8
     training_sample_size: int | None = None  # None: min(n, max(100_000, 64 * num_leaves))
@@ -89,6 +91,8 @@ class SearchConfig:
                     f"eval.search.num_leaves ({self.num_leaves})"
                 )
         t = self.anisotropic_quantization_threshold
+        if not isinstance(self.spherical, bool):
+            raise ValueError(f"eval.search.spherical must be a bool, got {self.spherical!r}")
         if not isinstance(t, int | float) or math.isinf(t):
             raise ValueError(f"eval.search.anisotropic_quantization_threshold must be a finite float or NaN, got {t!r}")
 
@@ -289,16 +293,22 @@ class ScannIndex:
         log.info("ScaNN index over %d x %d built in %.1f s: %s", n, dim, build_s, p)
         return cls(searcher, size=n, dim=dim, params=p)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, leaves_to_search: int | None = None, reorder: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` ``(ids int64 [Q, k], scores float32 [Q, k])``, scores the exact inner products of the
         reordered candidates, sorted descending (ties: lower id first). ``k`` above the pool size is cut to it;
-        neighbours ScaNN did not find are id -1, score -inf (at the end of the row)."""
+        neighbours ScaNN did not find are id -1, score -inf (at the end of the row). ``leaves_to_search`` and
+        ``reorder`` override the built parameters for this call (search-time knobs, no rebuild)."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        leaves = leaves_to_search or self.params["num_leaves_to_search"]
+        if not 0 < leaves <= self.params["num_leaves"]:
+            raise ValueError(f"leaves_to_search must be in [1, {self.params['num_leaves']}], got {leaves}")
         k = min(k, self.size)
-        reorder = max(self.params["reorder"], k)
+        reorder = max(reorder or self.params["reorder"], k)
         ids = np.empty((queries.shape[0], k), np.int64)
         scores = np.empty((queries.shape[0], k), np.float32)
         for q0 in range(0, queries.shape[0], _SCANN_QUERY_BATCH):
@@ -307,7 +317,7 @@ class ScannIndex:
                 q,
                 final_num_neighbors=k,
                 pre_reorder_num_neighbors=reorder,
-                leaves_to_search=self.params["num_leaves_to_search"],
+                leaves_to_search=leaves,
             )
             i, s = _pad_result(np.asarray(i), np.asarray(s, np.float32), k)
             order = np.lexsort((i, -s), axis=1)  # descending score, then ascending id
