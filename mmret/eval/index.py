@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scann
 
 from mmret.atomic_dir import atomic_output_dir
 
@@ -41,6 +40,13 @@ _METHODS = ("auto", "scann", "exact")
 _EXACT_SCORE_ELEMENTS = 1 << 25
 # Queries per ScaNN call (ScaNN parallelises inside a call; this only bounds the result arrays).
 _SCANN_QUERY_BATCH = 16384
+
+
+def _scann():
+    """ScaNN, imported on first use (the trainer imports this module for SearchConfig only)."""
+    import scann
+
+    return scann
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +278,8 @@ class ScannIndex:
         db = np.ascontiguousarray(vectors, dtype=np.float32)  # no copy for a C-contiguous float32 pool
         t0 = time.perf_counter()
         searcher = (
-            scann.scann_ops_pybind.builder(db, k, "dot_product")
+            _scann()
+            .scann_ops_pybind.builder(db, k, "dot_product")
             .set_n_training_threads(_cpu_count())  # the default (0) trains the tree on one thread
             .tree(
                 num_leaves=p["num_leaves"],
@@ -336,7 +343,7 @@ class ScannIndex:
         meta = _read_meta(directory)
         if meta.get("kind") != cls.kind:
             raise ValueError(f"{directory}: index kind is {meta.get('kind')!r}, not {cls.kind!r}")
-        searcher = scann.scann_ops_pybind.load_searcher(str(directory))
+        searcher = _scann().scann_ops_pybind.load_searcher(str(directory))
         return cls(searcher, size=int(meta["size"]), dim=int(meta["dim"]), params=meta["params"])
 
 
