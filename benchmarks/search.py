@@ -3,7 +3,7 @@ search (mmret.eval.index.exact_search) and faiss-cpu (IVF + 4-bit PQ fast scan +
 synthetic L2-normalised vectors. Reports build seconds, queries/s (one batched call over all queries, all cores)
 and recall@k against exact search; the target is ScaNN recall@10 >= 0.99 at >= 20x exact search's queries/s.
 
-    python benchmarks/search.py                                  # 1M x 1536, 2,000 queries (~6.2 GB of vectors)
+    python benchmarks/search.py --sweep_leaves 8,15,30           # 1M x 1536, 2,000 queries: ~13 GB peak, ~12 min
     python benchmarks/search.py --n 200000 --no_faiss            # quicker
     python benchmarks/search.py --n 200000 --num_leaves_to_search 50 --reorder 200   # override ScaNN params
 

@@ -129,6 +129,7 @@ def scann_index(pool):
 def test_scann_recall_and_exact_scores(pool, scann_index):
     vectors, queries = pool
     assert isinstance(scann_index, ScannIndex)
+    assert scann_index.params["min_partition_size"] == 4000 // (8 * 126)  # 1/8 of the sample points per leaf
     ids, scores = scann_index.search(queries, 10)
     assert ids.dtype == np.int64 and ids.shape == (300, 10) and scores.dtype == np.float32
     exact_ids, _ = exact_search(queries, vectors, 10)
@@ -165,6 +166,7 @@ def test_scann_short_results_are_padded():
 
 def test_auto_picks_exact_below_threshold_and_scann_above(pool):
     vectors = pool[0]
+    assert isinstance(build_index(vectors), ExactIndex)  # 4000 < the default threshold
     assert isinstance(build_index(vectors, SearchConfig(brute_force_below=4001)), ExactIndex)
     assert isinstance(build_index(vectors, SearchConfig(brute_force_below=4000)), ScannIndex)
     assert isinstance(build_index(vectors, SearchConfig(method="exact", brute_force_below=0)), ExactIndex)

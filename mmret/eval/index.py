@@ -58,10 +58,10 @@ class SearchConfig:
 
     method: str = "auto"  # "auto" | "scann" | "exact"; auto = exact below brute_force_below vectors, else ScaNN
     # Exact below 100k candidates. Measured at dim 1536 on 2 CPU cores (benchmarks/RESULTS.md): a ScaNN build costs
-    # ~0.6 ms per pool vector (62 s at 100k, 414 s at 1M), exact search ~36 ns per (query, candidate) pair, so
-    # building only pays once a task has more than ~17k queries, whatever the pool size. Below 100k, exact search
-    # of even 25k queries takes ~1.5 min and is exact; above, exact grows with pool x queries (1M x 25k: ~17 min
-    # against ~8 min for ScaNN) and the pool-size rule hands over.
+    # ~0.25-0.6 ms per pool vector (255 s at 1M, 62 s at 100k on a loaded machine) and exact search ~19-37 ns per
+    # (query, candidate) pair, so a build only pays once a task has more than ~13-17k queries, whatever the pool
+    # size. Below 100k, exact search of even 25k queries takes at most ~1.5 min and is exact; above, its cost grows
+    # with pool x queries (1M x 25k: ~8 min against ~4.5 min for ScaNN's build and search) and ScaNN takes over.
     brute_force_below: int = 100_000
     num_leaves: int | None = None  # None: 2*sqrt(n), clipped to [1, 4096] and to n // 20
     num_leaves_to_search: int | None = None  # None: 3% of the leaves, at least 8
@@ -273,8 +273,10 @@ class ScannIndex:
         p = cfg.resolve(n, k)
         p["anisotropic_quantization_threshold"] = cfg.anisotropic_quantization_threshold
         p["spherical"] = cfg.spherical
-        # ScaNN's k-means re-seeds clusters smaller than this; keep it below the mean leaf size of small pools.
-        p["min_partition_size"] = max(1, min(50, n // (2 * p["num_leaves"])))
+        # ScaNN's k-means re-seeds clusters smaller than this (default 50) while it trains on the sample. With ~64
+        # sample points per leaf that re-seeding wrecked the leaves (1M x 1536: recall@10 0.93 against 0.99+ when
+        # searching 8 of 2000 leaves), so keep it at 1/8 of the mean sample points per leaf.
+        p["min_partition_size"] = max(1, min(50, p["training_sample_size"] // (8 * p["num_leaves"])))
         db = np.ascontiguousarray(vectors, dtype=np.float32)  # no copy for a C-contiguous float32 pool
         t0 = time.perf_counter()
         searcher = (
