@@ -28,9 +28,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from mmret import sharding
+from mmret.atomic_dir import write_atomic
 from mmret.data.bad_records import BadRecords
 from mmret.data.mbeir import (
     EVAL_TASKS,
@@ -196,15 +196,8 @@ class EvalStore:
 # ============================================================================================ embedding
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def shard_name(i: int) -> str:
@@ -349,14 +342,9 @@ def embed_group(
         vectors = np.concatenate([emb[h, : lengths[h]] for h in range(hosts)]).astype(np.float16)
         if primary:
             ids = np.asarray(group.ids(items))
-            _atomic_write(directory / shard_name(i), lambda p, v=vectors, d=ids: _save_npz(p, v, d))
+            write_atomic(directory / shard_name(i), lambda f, v=vectors, d=ids: np.savez(f, embeddings=v, ids=d))
         progress.add(len(items), force=i == parts[-1][0])
     return total
-
-
-def _save_npz(path: Path, embeddings: np.ndarray, ids: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, embeddings=embeddings, ids=ids)
 
 
 def manifest_for(
@@ -414,9 +402,9 @@ def embed(
 
     bad = BadRecords("error")
     started = time.perf_counter()
-    store = EvalStore(root, ecfg.split, tasks, ecfg.pools, bad)
     if "global" in ecfg.pools and not global_pool_path(root, ecfg.split).is_file():
         raise FileNotFoundError(f"{global_pool_path(root, ecfg.split)}: no global pool for eval.pools 'global'")
+    store = EvalStore(root, ecfg.split, tasks, ecfg.pools, bad)
     processor = Processor(processor_dir(cfg), cfg.data.processor)
     if encoder is None:
         encoder = load_encoder(cfg, workdir=workdir, step=step or 0)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmret.data.mbeir import dataset_task, read_qrels
+from mmret.eval.config import POOLS
 from mmret.eval.embed import Embeddings
 from mmret.eval.index import SearchConfig, build_index, check_exact
 from mmret.eval.metrics import TaskResult, evaluate_task, write_trec
@@ -66,7 +67,7 @@ def evaluate(
     tag: str = "mmret",
 ) -> dict[str, Any]:
     """Search, score and report one pool; returns the report (as written to ``out/report.json``)."""
-    if pool not in ("local", "global"):
+    if pool not in POOLS:
         raise ValueError(f"pool must be 'local' or 'global', got {pool!r}")
     search = SearchConfig() if search is None else search
     emb = Embeddings(embeddings)
@@ -85,12 +86,12 @@ def evaluate(
 
     def run(name: str, index: Any, vectors: np.ndarray, ids: list[str], task_list: list[str]) -> None:
         indexes[name] = type(index).__name__
+        queries = {t: emb.queries(t) for t in task_list}  # read once: check_exact and the search share them
         if check_exact_queries and type(index).__name__ != "ExactIndex":
-            q = np.concatenate([emb.queries(t)[1] for t in task_list]).astype(np.float32)
+            q = np.concatenate([v for _, v in queries.values()]).astype(np.float32)
             exact_recall[name] = check_exact(index, vectors, q, check_exact_queries, k=10)
             print(f"check_exact {name}: ScaNN recall@10 against exact search = {exact_recall[name]:.4f}", flush=True)
-        for task in task_list:
-            qids, q = emb.queries(task)
+        for task, (qids, q) in queries.items():
             neighbours, scores = index.search(q.astype(np.float32), depth)
             ranked = _rankings(ids, neighbours)
             cut = [s[: len(r)] for s, r in zip(scores, ranked, strict=True)]

@@ -12,14 +12,13 @@ InfoSeek queries to their own dataset (:func:`mmret.data.mbeir.restrict_positive
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mmret.atomic_dir import write_atomic  # noqa: F401 (re-exported: report.py and tests use it from here)
 from mmret.data.mbeir import DatasetTask, dataset_task, restrict_positives
 
 #: The k of the Recall@k computed for every task (the headline k, 5 or 10, is among them).
@@ -124,23 +123,6 @@ def average(results: Mapping[str, TaskResult]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- files
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path`` (all or nothing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _trec_token(value: str, what: str) -> str:

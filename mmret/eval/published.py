@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from mmret.data.mbeir import EVAL_TASKS
+from mmret.eval.config import POOLS
 
 
 def _per_task(values: tuple[float, ...]) -> Mapping[str, float]:
@@ -34,7 +35,7 @@ class PublishedSystem:
 
     def average(self, pool: str) -> float | None:
         """The published average for ``pool`` ("local" or "global")."""
-        if pool not in ("local", "global"):
+        if pool not in POOLS:
             raise ValueError(f"pool must be 'local' or 'global', got {pool!r}")
         return self.local_avg if pool == "local" else self.global_avg
 

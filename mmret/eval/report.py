@@ -14,9 +14,9 @@ from typing import Any
 
 from mmret.data.mbeir import EVAL_TASKS, dataset_task
 from mmret.eval import published
+from mmret.eval.config import POOLS
 from mmret.eval.metrics import KS, TaskResult, average, write_atomic
 
-POOLS = ("local", "global")
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 #: The published systems shown beside ours.
 BASELINES: tuple[published.PublishedSystem, ...] = (published.UNIIR_CLIP_SF, published.U_MARVEL)
