@@ -64,7 +64,10 @@ def main() -> None:
         hf = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**cfg_dict))
         hf = hf.to(torch_dtype).eval()
         hf.save_pretrained(tmp)
-        model = qwen2_vl.from_hf(tmp, dtype=args.dtype, attention_impl=args.attention_impl)
+        # Every image has 4 * image_tokens patches: the vision tower attends within blocks of that many.
+        model = qwen2_vl.from_hf(
+            tmp, dtype=args.dtype, attention_impl=args.attention_impl, max_image_patches=4 * args.image_tokens
+        )
     hf = hf.to(device)
 
     ids, mask, pv, grid = make_inputs(args.batch, args.length, args.image_tokens, cfg_dict["vocab_size"])

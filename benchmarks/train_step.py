@@ -71,7 +71,12 @@ def main() -> None:
         hf.save_pretrained(tmp)
         # f32 master weights, compute in --dtype (the mmret recipe)
         backbone = qwen2_vl.from_hf(
-            tmp, dtype=args.dtype, param_dtype="float32", attention_impl=args.attention_impl, remat=args.remat
+            tmp,
+            dtype=args.dtype,
+            param_dtype="float32",
+            attention_impl=args.attention_impl,
+            remat=args.remat,
+            max_image_patches=4 * args.image_tokens,  # one image per sequence (the trainer: the processor's cap)
         )
     hf = hf.to(device=device, dtype=torch_dtype).train()
     hf_opt = torch.optim.AdamW(hf.model.parameters(), lr=LR)

@@ -13,19 +13,13 @@ import os
 import sys
 
 pid, nproc, port, local_devices, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
-os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from helpers import random_pairs, start_worker  # noqa: E402  (tests/ is this script's directory)
+
+start_worker(pid, nproc, port, local_devices)
 
 import jax  # noqa: E402
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if nproc > 1:
-    jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
-
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from helpers import random_pairs  # noqa: E402  (tests/ is this script's directory)
 from jax.experimental import multihost_utils  # noqa: E402
 
 from mmret import sharding  # noqa: E402

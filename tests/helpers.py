@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -32,3 +36,43 @@ def random_pairs(proc, n: int, seed: int = 0) -> tuple[list, list]:
         return proc(text=" ".join(rng.choice(WORDS, 5)), image=img)
 
     return [example(i) for i in range(n)], [example(i + 1) for i in range(n)]
+
+
+def start_worker(pid: int, nproc: int, port: str, local_devices: str) -> None:
+    """In a multi-host test worker, before jax is imported: ``local_devices`` CPU devices, gloo collectives,
+    and with ``nproc > 1`` a jax.distributed job on localhost:``port`` in which this is process ``pid``."""
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, str(REPO))
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if nproc > 1:
+        jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
+
+
+def eval_trainer_config(data_root: Path | str, proc: Path | str, tasks: Sequence[str], **eval_overrides: Any) -> Any:
+    """A trainer config for embedding tests: the tiny random model (seed 0), the synthetic corpus at ``data_root``,
+    processor files in ``proc``, 96-token sequences, 64 patches per image, batches of 8, shards of 40."""
+    from mmret.train.trainer import as_trainer_config
+
+    ev = {"tasks": list(tasks), "pools": ["local"], "batch_size": 8, "shard_size": 40, **eval_overrides}
+    return as_trainer_config(
+        {
+            "model": {"preset": "tiny", "seed": 0},
+            "data": {
+                "root": str(data_root),
+                "processor_dir": str(proc),
+                "processor": {"max_pixels": 64 * 28 * 28, "max_text_tokens": 64},
+                "pipeline": {
+                    "batch_size": 8,
+                    "max_query_length": 96,
+                    "max_candidate_length": 96,
+                    "max_query_patches": 8 * 64,
+                    "max_candidate_patches": 8 * 64,
+                },
+            },
+            "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+            "eval": ev,
+        }
+    )

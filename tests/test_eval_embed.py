@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import eval_trainer_config
 
 from mmret.data.bad_records import BadRecords
 from mmret.data.mbeir import (
@@ -28,7 +29,6 @@ from mmret.eval.embed import Embeddings, embed, load_encoder, shard_name, write_
 from mmret.eval.evaluate import evaluate
 from mmret.eval.index import SearchConfig
 from mmret.eval.metrics import read_trec
-from mmret.train.trainer import as_trainer_config
 
 TASKS = ("cirr_task7", "webqa_task1")  # (image, text) -> image and text -> text
 
@@ -45,26 +45,7 @@ def env(tmp_path_factory) -> dict:
 
 
 def trainer_cfg(env: dict, **eval_overrides):
-    ev = {"tasks": list(TASKS), "pools": ["local"], "batch_size": 8, "shard_size": 40, **eval_overrides}
-    return as_trainer_config(
-        {
-            "model": {"preset": "tiny", "seed": 0},
-            "data": {
-                "root": str(env["root"]),
-                "processor_dir": str(env["proc"]),
-                "processor": {"max_pixels": 64 * 28 * 28, "max_text_tokens": 64},
-                "pipeline": {
-                    "batch_size": 8,
-                    "max_query_length": 96,
-                    "max_candidate_length": 96,
-                    "max_query_patches": 8 * 64,
-                    "max_candidate_patches": 8 * 64,
-                },
-            },
-            "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-            "eval": ev,
-        }
-    )
+    return eval_trainer_config(env["root"], env["proc"], TASKS, **eval_overrides)
 
 
 @pytest.fixture(scope="module")

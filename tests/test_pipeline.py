@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,15 @@ import pytest
 
 from mmret.data.bad_records import BadRecordError, BadRecords
 from mmret.data.negatives import read_negatives, write_negatives
-from mmret.data.pipeline import PipelineConfig, RawStore, candidate_dataset, iterate, query_dataset, train_dataset
+from mmret.data.pipeline import (
+    EncodeTrainExample,
+    PipelineConfig,
+    RawStore,
+    candidate_dataset,
+    iterate,
+    query_dataset,
+    train_dataset,
+)
 from mmret.data.processor import Processor, ProcessorConfig
 from mmret.data.synthetic import write_synthetic_mbeir
 from mmret.models.qwen2_vl.processor_files import write_processor_files
@@ -138,6 +147,22 @@ def test_hard_negatives_come_from_the_negatives_file(root, processor, tmp_path):
     for i, qid in enumerate(qids):
         own = dids_b[3 * i : 3 * i + 3]
         assert own[1] in negs[qid] and own[2] in negs[qid]
+
+
+def test_hard_negatives_default_to_the_queries_neg_cand_list(root, processor):
+    store = RawStore(root, "train")
+    assert store.negatives is None
+    listed = {q.qid: set(q.neg_cand_list) - set(q.pos_cand_list) for q in store.queries}
+    with_negs = [i for i, q in enumerate(store.queries) if listed[q.qid]]
+    assert len(with_negs) > 6
+    cfg = PipelineConfig(**{**CFG.__dict__, "num_negatives": 1, "shuffle": False})
+    encode = EncodeTrainExample(store, processor, cfg)
+    for i in with_negs[:6]:
+        ex = encode(i, np.random.default_rng(i))
+        assert ex.dids[1] in listed[ex.qid]
+    store.queries[0] = dataclasses.replace(store.queries[0], neg_cand_list=())
+    with pytest.raises(BadRecordError, match="no_negatives.*neg_cand_list"):
+        encode(0, np.random.default_rng(0))
 
 
 def test_negatives_file_with_unknown_did_is_reported(root, tmp_path):

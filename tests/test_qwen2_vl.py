@@ -203,6 +203,28 @@ def test_vision_tower_alone_matches_hf(pair):
     assert rel_err(got, ref, np.ones(ref.shape)) < RTOL
 
 
+@pytest.mark.parametrize("block", [16, 20])
+def test_block_local_vision_attention_matches_hf(pair, block):
+    """max_image_patches: attention within blocks of neighbouring patches, not across the whole batch.
+
+    Images of 16, 12 and 16 patches: with 16-patch blocks the third image straddles two blocks; zero
+    patch rows after the images (static batch padding) leave the images' features unchanged."""
+    hf, path = pair
+    b = CASES["several_images"]
+    with torch.no_grad():
+        ref = hf.model.visual(torch.tensor(b.pixel_values), grid_thw=torch.tensor(b.grid)).pooler_output.numpy()
+    model = qwen2_vl.from_hf(path, jnp.float32, max_image_patches=block)
+    got = np.asarray(model.visual(jnp.asarray(b.pixel_values), jnp.asarray(b.grid)))
+    assert rel_err(got, ref, np.ones(ref.shape)) < RTOL
+    pv = np.concatenate([b.pixel_values, np.zeros((5 * block, b.pixel_values.shape[1]), np.float32)])
+    padded = np.asarray(jax.jit(model.visual)(jnp.asarray(pv), jnp.asarray(b.grid)))[: ref.shape[0]]
+    assert rel_err(padded, ref, np.ones(ref.shape)) < RTOL
+    with pytest.raises(ValueError, match="more than max_image_patches=12"):
+        qwen2_vl.from_hf(path, jnp.float32, max_image_patches=12).visual(
+            jnp.asarray(b.pixel_values), jnp.asarray(b.grid)
+        )
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c != "text_only"])
 def test_position_ids_match_hf_get_rope_index(pair, case):
     hf, _ = pair

@@ -1,7 +1,8 @@
 """grain pipelines: M-BEIR records -> processed, padded batches of static shape.
 
 Training: an example is a query, one positive (sampled among its positives) and ``num_negatives`` hard
-negatives (sampled from the negatives file's list for the query, when the config names one). Batches
+negatives (sampled from the query's list in the negatives file when the config names one, else from the
+query's own ``neg_cand_list``, M-BEIR's labelled hard negatives). Batches
 have static shapes declared in :class:`PipelineConfig` (a fixed length per sequence and a fixed budget
 of image patches per batch), so one compiled step serves the whole run.
 
@@ -97,7 +98,7 @@ class RecordStore(Protocol):
     """Where examples come from: a raw M-BEIR root or an ArrayRecord build (same records, same images)."""
 
     queries: Sequence[Query]
-    negatives: Mapping[str, tuple[str, ...]]
+    negatives: Mapping[str, tuple[str, ...]] | None  # None: no negatives file (queries' neg_cand_list)
     instructions: Instructions | None
 
     def candidate(self, did: str) -> Candidate: ...
@@ -124,7 +125,7 @@ class RawStore:
         path = instructions_path(self.root)
         self.instructions = read_instructions(path, bad=self.bad) if path.is_file() else None
         self.negatives = (
-            read_negatives(negatives_file, pool=self.pool, bad=self.bad) if negatives_file is not None else {}
+            read_negatives(negatives_file, pool=self.pool, bad=self.bad) if negatives_file is not None else None
         )
 
     def _read_pool(self, split: str, tasks: Sequence[str | DatasetTask] | None) -> dict[str, Candidate]:
@@ -193,9 +194,12 @@ class EncodeTrainExample:
         positive = query.pos_cand_list[int(rng.integers(len(query.pos_cand_list)))]
         negatives: list[str] = []
         if self.cfg.num_negatives:
-            pool = [d for d in self.store.negatives.get(query.qid, ()) if d not in query.pos_cand_list]
+            file = self.store.negatives
+            listed = query.neg_cand_list if file is None else file.get(query.qid, ())
+            pool = [d for d in listed if d not in query.pos_cand_list]
             if not pool:
-                raise BadRecordError(f"query {query.qid}", NO_NEGATIVES, "no hard negatives in the negatives file")
+                where = "its neg_cand_list (no negatives file given)" if file is None else "the negatives file"
+                raise BadRecordError(f"query {query.qid}", NO_NEGATIVES, f"no hard negatives in {where}")
             replace = len(pool) < self.cfg.num_negatives
             picks = rng.choice(len(pool), self.cfg.num_negatives, replace=replace)
             negatives = [pool[int(i)] for i in picks]

@@ -142,6 +142,11 @@ class ImagePatcher:
         self._lut = (scaled[None, :] - mean) / std  # [3, 256] float32
 
     @property
+    def max_patches(self) -> int:
+        """The most patch rows one image can have (the resize keeps its area within ``max_pixels``)."""
+        return self.max_pixels // self.patch_size**2
+
+    @property
     def patch_dim(self) -> int:
         """Values per patch row (3 * temporal_patch * patch**2 = 1176 for Qwen2-VL)."""
         return 3 * self.temporal_patch_size * self.patch_size**2

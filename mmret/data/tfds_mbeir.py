@@ -856,8 +856,8 @@ class ArrayRecordStore:
         self.pool: Mapping[str, Candidate] = _Pool(self._reader, keep_src_content)
         path = instructions_path(self.build)
         self.instructions: Instructions | None = read_instructions(path, bad=self.bad) if path.is_file() else None
-        self.negatives: Mapping[str, tuple[str, ...]] = (
-            read_negatives(negatives_file, pool=self.pool, bad=self.bad) if negatives_file is not None else {}
+        self.negatives: Mapping[str, tuple[str, ...]] | None = (
+            read_negatives(negatives_file, pool=self.pool, bad=self.bad) if negatives_file is not None else None
         )
 
     def candidate(self, did: str) -> Candidate:

@@ -108,10 +108,13 @@ def _restore_into(model: nnx.Module, wrt: Any, item_dir: Path) -> None:
     nnx.update(model, out["params"])  # a State shaped like the template
 
 
-def load_encoder(cfg: TrainerConfig, *, workdir: str | Path | None = None, step: int = 0) -> Encoder:
+def load_encoder(
+    cfg: TrainerConfig, *, workdir: str | Path | None = None, step: int = 0, max_image_patches: int = 0
+) -> Encoder:
     """The embedder of a run of ``cfg`` at ``step`` (0: before training, i.e. the model source), with
-    LoRA adapters merged into plain weights; in host memory."""
-    model = build_retriever(cfg)
+    LoRA adapters merged into plain weights; in host memory. ``max_image_patches``: the processor's
+    per-image cap (see :func:`mmret.train.trainer.load_backbone`)."""
+    model = build_retriever(cfg, max_image_patches)
     if step:
         if workdir is None:
             raise ValueError("a checkpoint step needs the run's workdir")
@@ -407,7 +410,7 @@ def embed(
     store = EvalStore(root, ecfg.split, tasks, ecfg.pools, bad)
     processor = Processor(processor_dir(cfg), cfg.data.processor)
     if encoder is None:
-        encoder = load_encoder(cfg, workdir=workdir, step=step or 0)
+        encoder = load_encoder(cfg, workdir=workdir, step=step or 0, max_image_patches=processor.patcher.max_patches)
     embedder = Embedder(encoder, cfg)
     manifest = manifest_for(cfg, ecfg, source, shapes, embedder.dim, root)
     path = out / MANIFEST

@@ -269,8 +269,15 @@ def processor_dir(cfg: TrainerConfig) -> Path:
     raise ValueError("data.processor_dir: needed with model.preset (a directory with the tokenizer files)")
 
 
-def load_backbone(cfg: ModelConfig) -> qwen2_vl.Qwen2VL:
-    options = dict(scan_layers=cfg.scan_layers, remat=cfg.remat, attention_impl=cfg.attention_impl)
+def load_backbone(cfg: ModelConfig, max_image_patches: int = 0) -> qwen2_vl.Qwen2VL:
+    """The backbone ``cfg`` names; ``max_image_patches`` (the processor's per-image cap) lets the vision
+    tower attend within blocks of patches rather than across the whole batch (0: across the batch)."""
+    options = dict(
+        scan_layers=cfg.scan_layers,
+        remat=cfg.remat,
+        attention_impl=cfg.attention_impl,
+        max_image_patches=max_image_patches,
+    )
     if cfg.hf_dir:
         return qwen2_vl.from_hf(cfg.hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
     if cfg.checkpoint:
@@ -285,10 +292,11 @@ def load_backbone(cfg: ModelConfig) -> qwen2_vl.Qwen2VL:
     return qwen2_vl.create(model_cfg, seed=cfg.seed)
 
 
-def build_retriever(cfg: TrainerConfig) -> Retriever:
-    """The model a run of ``cfg`` starts from (backbone, LoRA adapters, temperature), in host memory."""
+def build_retriever(cfg: TrainerConfig, max_image_patches: int = 0) -> Retriever:
+    """The model a run of ``cfg`` starts from (backbone, LoRA adapters, temperature), in host memory;
+    ``max_image_patches``: see :func:`load_backbone`."""
     with _host_memory():
-        backbone = load_backbone(cfg.model)
+        backbone = load_backbone(cfg.model, max_image_patches)
         if cfg.lora.rank > 0:
             apply_lora(
                 backbone,
@@ -590,7 +598,8 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
     data_iter = iter(train_dataset(store, processor, pipeline))
 
     # --------------------------------------------------------------------------------------- model
-    model = build_retriever(cfg)  # in host memory, then placed on the mesh (shard section)
+    # In host memory, then placed on the mesh (shard section).
+    model = build_retriever(cfg, max_image_patches=processor.patcher.max_patches)
     wrt = trainable_filter(cfg)
 
     # --------------------------------------------------------------------------------------- shard

@@ -89,6 +89,9 @@ class Qwen2VLConfig:
     # Run options.
     attention: AttentionMode = "causal"
     attention_impl: AttentionImpl = "xla"
+    # The most patches one image has (the processor's max_pixels / patch_size^2): the vision tower then
+    # attends within blocks of this many patches instead of across the whole batch. 0: no bound.
+    max_image_patches: int = 0
     scan_layers: bool = True
     remat: RematPolicy = "none"
     dtype: Any = jnp.float32  # compute dtype

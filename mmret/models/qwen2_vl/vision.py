@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmret.models.qwen2_vl.attention import dot_product_attention, segment_mask
+from mmret.models.qwen2_vl.attention import segment_attention
 from mmret.models.qwen2_vl.config import Qwen2VLConfig
 from mmret.models.qwen2_vl.layer_stack import LayerStack
 from mmret.models.qwen2_vl.layers import activation, layer_norm, linear
@@ -24,16 +24,17 @@ class VisionAttention(nnx.Module):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.num_heads = v.num_heads
         self.impl = cfg.attention_impl
+        self.block = cfg.max_image_patches
         self.qkv = linear(v.embed_dim, 3 * v.embed_dim, ("vision_embed", "vision_heads"), bias=True, **kw)
         self.proj = linear(v.embed_dim, v.embed_dim, ("vision_heads", "vision_embed"), bias=True, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, image: jax.Array) -> jax.Array:
         n = x.shape[0]
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, -1), 1, 0)
         # Rotary in float32, as the reference does, then back to the compute dtype.
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-        out = dot_product_attention(q[None], k[None], v[None], mask, impl=self.impl)[0]
+        out = segment_attention(q, k, v, image, block=self.block, impl=self.impl)
         return self.proj(out.reshape(n, -1))
 
 
@@ -57,8 +58,8 @@ class VisionBlock(nnx.Module):
         self.norm2 = layer_norm(cfg.vision.embed_dim, **kw)
         self.mlp = VisionMLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, image: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, image)
         return x + self.mlp(self.norm2(x))
 
 
@@ -106,6 +107,7 @@ class VisionTransformer(nnx.Module):
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg.vision
         self.dtype = cfg.dtype
+        self.max_image_patches = cfg.max_image_patches
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
         self.blocks = LayerStack(
             lambda r: VisionBlock(cfg, rngs=r), cfg.vision.depth, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
@@ -118,12 +120,14 @@ class VisionTransformer(nnx.Module):
             raise ValueError(f"pixel_values must be [patches, {v.patch_dim}], got {pixel_values.shape}")
         n = pixel_values.shape[0]
         if not isinstance(image_grid_thw, jax.core.Tracer):
-            expected = int(np.prod(np.asarray(image_grid_thw), axis=-1).sum())
-            if expected > n:
-                raise ValueError(f"pixel_values has {n} patches, image_grid_thw describes {expected}")
+            sizes = np.prod(np.asarray(image_grid_thw), axis=-1)
+            if int(sizes.sum()) > n:
+                raise ValueError(f"pixel_values has {n} patches, image_grid_thw describes {int(sizes.sum())}")
+            block = self.max_image_patches
+            if block and sizes.size and int(sizes.max()) > block:
+                raise ValueError(f"an image has {int(sizes.max())} patches, more than max_image_patches={block}")
         image, rows, cols = vision_patch_positions(image_grid_thw, n, v.spatial_merge_size)
         cos, sin = vision_cos_sin(rows, cols, v.head_dim, v.rope_theta)
-        mask = segment_mask(image)
         x = self.patch_embed(pixel_values.astype(self.dtype))
-        x = self.blocks(x, cos, sin, mask)
+        x = self.blocks(x, cos, sin, image)
         return self.merger(x)
