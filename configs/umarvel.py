@@ -11,7 +11,11 @@ tools/make_synthetic_mbeir.py), a few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from mmret.eval.index import SearchConfig
 
 # Paper: 60 sequences per device on 64 devices (~3840 global). data.pipeline.batch_size is per host:
 # 8 devices per host -> 480 per host (set it to 60 * local devices on other hosts).
@@ -70,6 +74,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         at_start=False,
         at_end=False,
         check_exact=1000,
+        # ScaNN / exact search (mmret/eval/index.py); None fields scale with the pool size.
+        search={
+            f.name: ml_collections.FieldReference(None, field_type=int) if v is None else v
+            for f in dataclasses.fields(SearchConfig)
+            for v in [getattr(SearchConfig(), f.name)]
+        },
     )
 
     if arg == "demo":

@@ -45,6 +45,13 @@ def test_default_config_is_the_papers_stage_3_recipe():
     c.model.hf_dir, c.data.root = "/models/Qwen2-VL-7B-Instruct", "/data/M-BEIR"
     cfg = as_trainer_config(c)
     assert cfg.data.pipeline.batch_size * 8 == 3840 and cfg.lora.rank == 128
+    # Every search setting is a config key (overridable as --config.eval.search.NAME).
+    c.eval.search.method, c.eval.search.num_leaves = "scann", 500
+    search = as_trainer_config(c).eval.search
+    assert (search.method, search.num_leaves, search.reorder) == ("scann", 500, None)
+    c.eval.search.method = "fast"
+    with pytest.raises(ValueError, match="eval.search.method"):
+        as_trainer_config(c)
 
 
 def test_unknown_key_and_bad_value_are_rejected_before_anything_runs(tmp_path):
