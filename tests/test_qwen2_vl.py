@@ -219,6 +219,14 @@ def test_block_local_vision_attention_matches_hf(pair, block):
     pv = np.concatenate([b.pixel_values, np.zeros((5 * block, b.pixel_values.shape[1]), np.float32)])
     padded = np.asarray(jax.jit(model.visual)(jnp.asarray(pv), jnp.asarray(b.grid)))[: ref.shape[0]]
     assert rel_err(padded, ref, np.ones(ref.shape)) < RTOL
+    # As the processor collates it: a filler grid row covers the padding rows; image_mask marks it as no image,
+    # so its length (80 > block) is not held against max_image_patches.
+    grid = np.concatenate([b.grid, [(1, 2, 5 * block // 2)]])
+    mask = np.array([1, 1, 1, 0])
+    filled = np.asarray(model.visual(jnp.asarray(pv), jnp.asarray(grid), jnp.asarray(mask)))[: ref.shape[0]]
+    assert rel_err(filled, ref, np.ones(ref.shape)) < RTOL
+    with pytest.raises(ValueError, match=f"an image has {5 * block // 2 * 2} patches"):
+        model.visual(jnp.asarray(pv), jnp.asarray(grid))
     with pytest.raises(ValueError, match="more than max_image_patches=12"):
         qwen2_vl.from_hf(path, jnp.float32, max_image_patches=12).visual(
             jnp.asarray(b.pixel_values), jnp.asarray(b.grid)

@@ -85,7 +85,7 @@ class Qwen2VL(nnx.Module):
         embeds = self.language_model.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
-        feats = self.visual(pixel_values, image_grid_thw).astype(embeds.dtype)
+        feats = self.visual(pixel_values, image_grid_thw, image_mask).astype(embeds.dtype)
         is_img = input_ids == self.cfg.image_token_id
         merge = self.cfg.vision.spatial_merge_size**2
         grid = jnp.asarray(image_grid_thw).astype(jnp.int32)

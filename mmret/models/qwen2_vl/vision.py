@@ -114,18 +114,23 @@ class VisionTransformer(nnx.Module):
         )
         self.merger = PatchMerger(cfg, rngs=rngs)
 
-    def __call__(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
+    def __call__(
+        self, pixel_values: jax.Array, image_grid_thw: jax.Array, image_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """``image_mask`` [images]: the grid rows that are images (see ``Qwen2VL.embed_inputs``); only they
+        are held to ``max_image_patches`` (a filler row covering batch padding may be longer)."""
         v = self.cfg
         if pixel_values.ndim != 2 or pixel_values.shape[1] != v.patch_dim:
             raise ValueError(f"pixel_values must be [patches, {v.patch_dim}], got {pixel_values.shape}")
         n = pixel_values.shape[0]
-        if not isinstance(image_grid_thw, jax.core.Tracer):
+        if not any(isinstance(x, jax.core.Tracer) for x in (image_grid_thw, image_mask)):
             sizes = np.prod(np.asarray(image_grid_thw), axis=-1)
             if int(sizes.sum()) > n:
                 raise ValueError(f"pixel_values has {n} patches, image_grid_thw describes {int(sizes.sum())}")
             block = self.max_image_patches
-            if block and sizes.size and int(sizes.max()) > block:
-                raise ValueError(f"an image has {int(sizes.max())} patches, more than max_image_patches={block}")
+            real = sizes if image_mask is None else sizes[np.asarray(image_mask) > 0]
+            if block and real.size and int(real.max()) > block:
+                raise ValueError(f"an image has {int(real.max())} patches, more than max_image_patches={block}")
         image, rows, cols = vision_patch_positions(image_grid_thw, n, v.spatial_merge_size)
         cos, sin = vision_cos_sin(rows, cols, v.head_dim, v.rope_theta)
         x = self.patch_embed(pixel_values.astype(self.dtype))
