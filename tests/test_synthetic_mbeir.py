@@ -15,8 +15,16 @@ import pytest
 from helpers import load_tool  # noqa: E402
 from PIL import Image
 
+from mmret.data.negatives import read_negatives
 from mmret.data.synthetic import DATASETS, FUSION_TASK_IDS, TASK_MODALITIES, TASKS
-from mmret.data.synthetic.writer import SPLITS, global_pool_relpath, local_pool_relpath, qrels_relpath, query_relpath
+from mmret.data.synthetic.writer import (
+    MODALITY_AWARE_NEGATIVES_RELPATH,
+    SPLITS,
+    global_pool_relpath,
+    local_pool_relpath,
+    qrels_relpath,
+    query_relpath,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY_FIELDS = {
@@ -84,6 +92,7 @@ def test_layout_has_every_real_path(corpus: Path) -> None:
     assert {f for f in files if not f.startswith("mbeir_images/")} - expected == {
         "cand_pool/local/mbeir_mscoco_task0_cand_pool.jsonl",  # MSCOCO's train/val pools
         "cand_pool/local/mbeir_mscoco_task3_cand_pool.jsonl",
+        MODALITY_AWARE_NEGATIVES_RELPATH,  # not M-BEIR: the training queries' modality-aware hard negatives
     }
     assert len(TASKS) == 16 and len({t.name for t in TASKS}) == 16
     assert sorted({t.dataset for t in TASKS}) == sorted(DATASETS)
@@ -209,6 +218,25 @@ def test_pools_hold_wrong_modality_distractors(pools: dict) -> None:
     text_to_image = [t for t in TASKS if t.task_id == 0]
     for t in text_to_image:  # the captions that a text-biased retriever would prefer
         assert any(c["modality"] == "text" for c in pools[local_pool_relpath(t, "test")])
+
+
+def test_modality_aware_negatives_file(corpus: Path, queries: dict, pools: dict) -> None:
+    """Every training query: its neg_cand_list, preceded by the wrong-modality candidates of its own content."""
+    train_pool = {c["did"]: c for c in pools[global_pool_relpath("train")]}
+    negatives = read_negatives(corpus / MODALITY_AWARE_NEGATIVES_RELPATH, pool=train_pool)  # dids in the pool
+    with_wrong_modality = defaultdict(int)
+    for t in TASKS:
+        for q in queries[(t.name, "train")]:
+            listed = negatives[q["qid"]]
+            assert not set(listed) & set(q["pos_cand_list"]), q["qid"]
+            n_wrong = len(listed) - len(q["neg_cand_list"])
+            assert n_wrong >= 0 and list(listed[n_wrong:]) == q["neg_cand_list"], q["qid"]
+            assert all(train_pool[d]["modality"] != t.cand_modality for d in listed[:n_wrong]), q["qid"]
+            with_wrong_modality[t.name] += n_wrong > 0
+    assert set(negatives) == {q["qid"] for t in TASKS for q in queries[(t.name, "train")]}
+    for t in TASKS:
+        if t.task_id in (0, 3):  # a caption of the target scene / another rendering of the query scene
+            assert with_wrong_modality[t.name] >= len(queries[(t.name, "train")]) // 3, t.name
 
 
 def test_fusion_tasks_need_both_modalities(queries: dict) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mmret.train.metrics import crc32c, read_scalars, tfrecord
-from mmret.train.trainer import TrainerConfig, as_trainer_config, global_positive_mask
+from mmret.train.trainer import TrainerConfig, as_trainer_config, global_positive_mask, step_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -243,6 +243,19 @@ def test_config_from_nested_dict_rejects_unknown_keys(tmp_path):
         as_trainer_config({"model": {"preset": "tiny"}, "optimizer": {"lr": 1.0}})
     with pytest.raises(ValueError, match="exactly one of"):
         as_trainer_config({"model": {"preset": "tiny", "hf_dir": str(tmp_path)}})
+
+
+def test_grad_cache_chunk_of_the_whole_batch_runs_the_plain_step():
+    """A chunk as large as the per-host batch leaves nothing to cache: unchunked batches, plain step."""
+
+    def cfg(**kw):
+        base = {"model": {"preset": "tiny"}, "data": {"pipeline": {"batch_size": 8}}}
+        return as_trainer_config({**base, **kw})
+
+    assert step_pipeline(cfg(grad_cache_chunk=8)).grad_cache_chunk is None
+    assert step_pipeline(cfg(data={"pipeline": {"batch_size": 8, "grad_cache_chunk": 8}})).grad_cache_chunk is None
+    assert step_pipeline(cfg(grad_cache_chunk=4)).grad_cache_chunk == 4
+    assert step_pipeline(cfg()).grad_cache_chunk is None
 
 
 def test_event_records_are_tfrecords(tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a synthetic corpus in the exact M-BEIR layout, offline and deterministic for a seed.
 
-    python tools/make_synthetic_mbeir.py --out DIR [--scale tiny|small] [--seed N] [--force]
+    python tools/make_synthetic_mbeir.py --out DIR [--scale tiny|demo|small] [--seed N] [--force]
 
 DIR gets the 16 evaluated dataset-tasks with train/val/test queries, local pools, the global union pools,
 qrels, ``instructions/query_instructions.tsv`` and PNG images under ``mbeir_images/`` (see

@@ -144,7 +144,8 @@ class TrainerConfig:
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     symmetric: bool = False
-    grad_cache_chunk: int | None = None  # queries per GradCache chunk (None: the plain step); sets the pipeline's
+    # Queries per GradCache chunk (None, or the whole per-host batch: the plain step); sets the pipeline's too.
+    grad_cache_chunk: int | None = None
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     rules: Any = None  # overrides of mmret.sharding.DEFAULT_RULES
     total_steps: int | None = None
@@ -571,6 +572,20 @@ class Meter:
 # ============================================================================================== train
 
 
+def step_pipeline(cfg: TrainerConfig) -> PipelineConfig:
+    """The pipeline config the train step needs: chunked for GradCache, unchunked for the plain step.
+
+    ``grad_cache_chunk`` (trainer or pipeline) equal to the per-host batch leaves nothing to cache: the plain
+    step runs, on unchunked batches.
+    """
+    pipeline = cfg.data.pipeline
+    if cfg.grad_cache_chunk is not None:  # the pipeline collates the chunks
+        pipeline = dataclasses.replace(pipeline, grad_cache_chunk=cfg.grad_cache_chunk)
+    if pipeline.grad_cache_chunk == pipeline.batch_size:
+        pipeline = dataclasses.replace(pipeline, grad_cache_chunk=None)
+    return pipeline
+
+
 def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) -> dict[str, Any]:
     """Train (or resume) the run in ``workdir``; returns the last logged metrics plus a summary."""
     cfg = as_trainer_config(config)
@@ -587,9 +602,7 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
     global_batch = cfg.data.pipeline.batch_size * jax.process_count()
 
     # ---------------------------------------------------------------------------------------- data
-    pipeline = cfg.data.pipeline
-    if cfg.grad_cache_chunk is not None:  # the pipeline collates the chunks
-        pipeline = dataclasses.replace(pipeline, grad_cache_chunk=cfg.grad_cache_chunk)
+    pipeline = step_pipeline(cfg)
     n_chunks = 1 if pipeline.grad_cache_chunk is None else pipeline.batch_size // pipeline.grad_cache_chunk
     bad_read = BadRecords(pipeline.on_bad_record)  # records the store skipped while reading (every run)
     bad = BadRecords(pipeline.on_bad_record)  # examples the pipeline skipped (checkpointed with the data)

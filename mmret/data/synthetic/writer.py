@@ -13,6 +13,9 @@ Layout decisions (those the real release leaves open):
 * Ids count per dataset (``"<dataset id>:<n>"``, from 1), queries and candidates separately, so the dids of
   a dataset's two tasks never collide.
 * Images are PNG files ``mbeir_images/<dataset>/<n>.png``, written once per dataset and shared by records.
+* ``neg_cand_list`` holds a query's known same-modality non-answers. Beyond M-BEIR,
+  ``hard_negatives/modality_aware_train.jsonl`` (a negatives file) puts before them the training pool's
+  wrong-modality candidates of the query's own content, which a modality-biased retriever ranks first.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "tiny": Scale(train=24, val=8, test=24, kb=40),
+    # `make demo`: enough training queries that the tiny model generalises rather than memorises, and 64 test
+    # queries per task so that a task's recall moves in steps of 1.6 points rather than 4.2.
+    "demo": Scale(train=128, val=8, test=64, kb=40),
     "small": Scale(train=240, val=32, test=96, kb=120),
 }
 
@@ -173,6 +179,9 @@ def qrels_relpath(dataset: str, split: str) -> str:
 
 
 INSTRUCTIONS_RELPATH = "instructions/query_instructions.tsv"
+#: Not part of M-BEIR: the training queries' modality-aware hard negatives (a negatives file, see
+#: :mod:`mmret.data.negatives`), as MM-Embed's modality-aware mining would find them.
+MODALITY_AWARE_NEGATIVES_RELPATH = "hard_negatives/modality_aware_train.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -243,6 +252,7 @@ class _Writer:
         self.images: dict[str, dict[Picture, str]] = {}
         self.qrels: dict[tuple[str, str], list[str]] = {}
         self.pools: dict[str, list[str]] = {}  # relpath -> candidate lines
+        self.modality_aware: list[str] = []  # negatives-file lines of the train queries
 
     def image_path(self, dataset: str, picture: Picture) -> str:
         registry = self.images.setdefault(dataset, {})
@@ -301,7 +311,17 @@ class _Writer:
                 did = dids[(c.txt, c.img)]
                 if c.modality == task.cand_modality and did not in pos and did not in neg:
                     neg.append(did)
+            # Same content, wrong modality: what a retriever with a modality bias ranks first (MM-Embed).
+            wrong = [
+                did
+                for c in pool
+                if c.modality != task.cand_modality and q.key in c.keys
+                for did in [dids[(c.txt, c.img)]]
+                if did not in pos
+            ]
             qid = self._next(self.qids, task)
+            if split == "train" and (wrong or neg):
+                self.modality_aware.append(json.dumps({"qid": qid, "neg_cand_list": wrong + neg}))
             record = {
                 "qid": qid,
                 "query_txt": q.txt,
@@ -372,6 +392,7 @@ def write_corpus(root: Path, scale: str = "tiny", seed: int = 0) -> Summary:
     for (dataset, split), lines in writer.qrels.items():
         _write_lines(root / qrels_relpath(dataset, split), lines)
     _write_lines(root / INSTRUCTIONS_RELPATH, _instruction_rows())
+    _write_lines(root / MODALITY_AWARE_NEGATIVES_RELPATH, writer.modality_aware)
     for dataset, registry in writer.images.items():
         (root / "mbeir_images" / dataset).mkdir(parents=True, exist_ok=True)
         for picture, relpath in registry.items():
