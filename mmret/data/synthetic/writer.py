@@ -294,10 +294,12 @@ class _Writer:
     ) -> None:
         """Label positives (all pool candidates of the task's modality answering the key) and write the split."""
         answering: dict[Hashable, list[str]] = {}
+        # Same content, wrong modality: what a retriever with a modality bias ranks first (MM-Embed).
+        look_alikes: dict[Hashable, list[str]] = {}
         for cand in pool:
-            if cand.modality == task.cand_modality:
-                for key in cand.keys:
-                    answering.setdefault(key, []).append(dids[(cand.txt, cand.img)])
+            by_key = answering if cand.modality == task.cand_modality else look_alikes
+            for key in cand.keys:
+                by_key.setdefault(key, []).append(dids[(cand.txt, cand.img)])
         lines = []
         qrels = self.qrels.setdefault((task.dataset, split), [])
         for q in queries:
@@ -311,15 +313,8 @@ class _Writer:
                 did = dids[(c.txt, c.img)]
                 if c.modality == task.cand_modality and did not in pos and did not in neg:
                     neg.append(did)
-            # Same content, wrong modality: what a retriever with a modality bias ranks first (MM-Embed).
-            wrong = [
-                did
-                for c in pool
-                if c.modality != task.cand_modality and q.key in c.keys
-                for did in [dids[(c.txt, c.img)]]
-                if did not in pos
-            ]
             qid = self._next(self.qids, task)
+            wrong = look_alikes.get(q.key, [])  # never a positive: positives have the task's modality
             if split == "train" and (wrong or neg):
                 self.modality_aware.append(json.dumps({"qid": qid, "neg_cand_list": wrong + neg}))
             record = {
