@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ from PIL import Image
 
 from mmret.data.negatives import read_negatives
 from mmret.data.synthetic import DATASETS, FUSION_TASK_IDS, TASK_MODALITIES, TASKS
+from mmret.data.synthetic.tasks import BOARD_TRAIN_MULTIPLE, Context, board_task, make_kb
 from mmret.data.synthetic.writer import (
     MODALITY_AWARE_NEGATIVES_RELPATH,
     SPLITS,
@@ -261,7 +263,7 @@ def test_fusion_tasks_need_both_modalities(queries: dict) -> None:
 
 def test_task2_candidates_need_both_modalities(queries: dict, pools: dict) -> None:
     """EDIS: a positive shares its image with other-text candidates and its text with other-image ones.
-    WebQA: every candidate of the query's exhibition (named in the text) holds the asked object."""
+    WebQA: the query's exhibition (named in the text) has at least six candidates, the positive among them."""
     edis = [c for c in pools[local_pool_relpath(TASKS[4], "test")] if c["modality"] == "image,text"]
     assert TASKS[4].name == "edis_task2" and TASKS[5].name == "webqa_task2"
     by_did = {c["did"]: c for c in edis}
@@ -270,9 +272,44 @@ def test_task2_candidates_need_both_modalities(queries: dict, pools: dict) -> No
         assert sum(c["img_path"] == pos["img_path"] for c in edis) >= 6
         assert sum(c["txt"] == pos["txt"] for c in edis) >= 6
     webqa = [c for c in pools[local_pool_relpath(TASKS[5], "test")] if c["modality"] == "image,text"]
+    by_did = {c["did"]: c for c in webqa}
     for q in queries[("webqa_task2", "test")]:
         place = re.search(r"(\w+) exhibition", q["query_txt"]).group(1)  # type: ignore[union-attr]
         assert sum(f"{place} exhibition" in c["txt"] for c in webqa) >= 6
+        assert place in by_did[q["pos_cand_list"][0]]["txt"]
+
+
+_SUMMARY = re.compile(r"^(\w+) is an? (\w+) (\w+) (\w+) from the ")
+
+
+def test_board_questions_name_one_entity_of_the_board(queries: dict, pools: dict) -> None:
+    """OVEN / InfoSeek: the attribute value a question names is held by exactly the asked entity on its board
+    (so the image decides) and by more than five entities of the knowledge base (so the text alone does not)."""
+    looks = {}  # entity name -> {attribute: value}, read back from the OVEN task 6 summaries
+    for c in pools[local_pool_relpath(TASKS[10], "test")]:
+        if c["txt"] and (m := _SUMMARY.match(c["txt"])):
+            looks[m.group(1)] = {"colour": m.group(2), "texture": m.group(3), "shape": m.group(4)}
+    textures = {"solid": "plain", "spotted": "dotted", "checkered": "checked"}
+    looks = {n: {**v, "texture": textures.get(v["texture"], v["texture"])} for n, v in looks.items()}
+    assert TASKS[10].name == "oven_task6" and len(looks) >= 60
+    checked = 0
+    for t in TASKS:
+        if t.task_id not in (6, 8):
+            continue
+        for s in SPLITS:
+            by_did = {c["did"]: c for c in pools[local_pool_relpath(t, s)]}
+            for q in queries[(t.name, s)]:
+                meta = json.loads(q["query_src_content"])
+                attr, value = meta["pointer"]
+                others = meta["board_entities"]
+                assert 5 <= len(others) <= 7, t.name  # 6-8 entities on the board
+                for did in q["pos_cand_list"]:
+                    (asked,) = set(re.findall(r"\w+", by_did[did]["txt"])) & set(looks)
+                    assert looks[asked][attr] == value and asked not in others, (t.name, q["qid"])
+                assert all(looks[o][attr] != value for o in others), (t.name, q["qid"])
+                assert sum(v[attr] == value for v in looks.values()) > 5, (t.name, value)
+                checked += 1
+    assert checked >= 4 * 24
 
 
 def test_same_seed_same_bytes_other_seed_differs(tool: ModuleType, corpus: Path, tmp_path: Path) -> None:
@@ -309,3 +346,16 @@ def test_reader_agrees(corpus: Path) -> None:
     assert len(mbeir.read_global_pool(corpus, "test")) == sum(
         len(mbeir.read_local_pool(corpus, t.name, "test")) for t in TASKS
     )
+
+
+def test_board_tasks_get_more_training_queries_without_a_larger_pool(queries: dict, pools: dict) -> None:
+    """The board tasks' pool is the knowledge base: more (training) queries add boards, not candidates."""
+    assert BOARD_TRAIN_MULTIPLE > 1
+    for t in TASKS:
+        expected = 24 * (BOARD_TRAIN_MULTIPLE if t.task_id in (6, 8) else 1)
+        assert len(queries[(t.name, "train")]) == expected, t.name
+    ctx = Context(make_kb(random.Random(0), 64))
+    for info, candidate in ((False, "text"), (True, "image,text")):
+        few, many = (board_task(info, candidate)(random.Random(1), n, ctx) for n in (12, 96))
+        assert len(many.queries) == 96
+        assert {(c.txt, c.img) for c in few.pool} == {(c.txt, c.img) for c in many.pool}

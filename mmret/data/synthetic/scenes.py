@@ -334,6 +334,15 @@ def look_phrase(obj: Obj, rng: random.Random, *, size: bool = False) -> str:
     return " ".join(words)
 
 
+def attribute_word(attr: str, value: str, rng: random.Random) -> str:
+    """One word for an object's ``attr`` ("shape", "colour", "texture" or "size") being ``value``."""
+    if attr == "texture":
+        return rng.choice(_TEXTURE_WORDS[value])
+    if attr == "size":
+        return rng.choice(_SIZE_WORDS[value])
+    return value
+
+
 def garment_phrase(obj: Obj, rng: random.Random) -> str:
     """A garment, e.g. "long blue dotted dress with red trim"."""
     text = f"{rng.choice(_SIZE_WORDS[obj.size])} {obj.colour} {rng.choice(_TEXTURE_WORDS[obj.texture])} {obj.shape}"

@@ -8,13 +8,17 @@ candidates of the task's candidate modality whose keys contain the query's key, 
 Fusion by design (tasks 6, 7, 8 and the image+text candidates of task 2). Recall@5 forgives a tie among
 five, so every single-modality reading must leave more than five equally good candidates:
 
-* OVEN / InfoSeek (6, 8): the query image is a 4x4 board of 9-12 knowledge-base entities; the query text
-  points at one of them by position ("the object in row 2, column 3") or relative to another object ("the
-  object directly to the left of the red circle"). The text alone names no entity; the image alone holds
-  9-12 equally likely ones, so an image-only retriever, or one that adds the text's fact type late, tops out
-  near 5/10 at Recall@5. Boards come in pairs with the same occupied cells and share query texts, and each
-  board gets three texts: equal images with different texts, and equal texts with different images, have
-  different positives.
+* OVEN / InfoSeek (6, 8): the query image is a 3x3 board of 6-8 knowledge-base entities; the query text
+  points at one of them by what it is, as the real questions do ("what is this bridge?"): by a shape, colour
+  or texture that only that entity on the board has ("Which entity is the circle?", "Where does the striped
+  one come from?"). The text alone fits every entity of the knowledge base with that value (more than five;
+  of 64, about 8 per colour, 11 per shape, 16 per texture); the image alone fits its 6-8 entities. Boards
+  come in pairs with the same occupied cells and two shared query texts whose value a different entity has
+  on each board, and each board gets a third text of its own: equal images with different texts, and equal
+  texts with different images, have different positives. Pointing by grid position ("the object in row 2,
+  column 3") on 4x4 boards of 9-12 entities was the first design; the tiny demo model never learned it: its
+  M-RoPE (theta 1e6 over 16-wide heads) turns image tokens by at most 0.03 rad per row and 2e-4 rad per
+  column, and its vision tower has no absolute positions, so the cells look alike to it.
 * CIRR / FashionIQ (7): groups of two references x three edit texts asked of both. Edits are drawn with a
   preference for relative ones that cannot be checked on the target alone ("move the star one cell up",
   "swap the colours of the circle and the square", "swap the main colour and the trim colour", "make it
@@ -22,9 +26,9 @@ five, so every single-modality reading must leave more than five equally good ca
   applied to unrelated images (traps).
 * EDIS (2): groups of 8 headlines x 8 photos, every pairing a candidate: a candidate's headline comes with 7
   other photos and its photo with 7 other headlines, so neither part alone singles it out.
-* WebQA (2): "which photo from <place> features <object>?"; nine candidates per place all show the asked
-  objects, and their texts name the cell of the featured piece ("... is the object at the top right"): the
-  text alone (place, cell) and the photo alone (holds the object) fit all nine.
+* WebQA (2): "which photo from <place> features <object>?" -> (photo of a piece, text naming the
+  exhibition); groups of 9 exhibitions x 9 pieces with every pairing in the pool, so the text alone (the
+  place) and the photo alone (the piece) each fit nine candidates.
 
 Wrong-modality distractors: every pool also holds candidates of another modality that depict or state the
 same thing as a positive (a caption of the target scene in a text->image pool, another rendering of the
@@ -54,7 +58,7 @@ from mmret.data.synthetic.scenes import (
     Obj,
     Scene,
     article,
-    cell_phrase,
+    attribute_word,
     garment_phrase,
     look_phrase,
     make_scene,
@@ -474,60 +478,93 @@ class _Board:
     entities: dict[Cell, Entity]
 
 
-def _board_pair(rng: random.Random, kb: Sequence[Entity]) -> tuple[_Board, _Board]:
-    """Two 4x4 boards (112 x 112) with the same 9-12 occupied cells and different entities."""
-    cells = rng.sample([(r, c) for r in range(4) for c in range(4)], rng.randint(9, 12))
+#: What a board question may name its object by; the value it names is unique on the board.
+POINTER_VALUES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS), "texture": TEXTURES}
+Pointer = tuple[str, str]  # (attribute, value), e.g. ("colour", "red")
+
+
+def _pointer_phrase(pointer: Pointer, rng: random.Random) -> str:
+    """ "the circle", "the red object", "the striped one"."""
+    attr, value = pointer
+    word = attribute_word(attr, value, rng)
+    if attr == "shape":
+        return rng.choice((f"the {word}", f"the {word} in the picture"))
+    return rng.choice((f"the {word} object", f"the {word} one", f"the {word} object in the picture"))
+
+
+def _unique_pointers(entities: Sequence[Entity]) -> dict[Pointer, Entity]:
+    """Every (attribute, value) that exactly one of ``entities`` has, with that entity."""
+    seen: dict[Pointer, list[Entity]] = {}
+    for e in entities:
+        for attr in POINTER_VALUES:
+            seen.setdefault((attr, getattr(e, attr)), []).append(e)
+    return {p: es[0] for p, es in seen.items() if len(es) == 1}
+
+
+#: Training queries of the board tasks per the scale's one: their pool is the knowledge base, whatever the number
+#: of queries, and reading a board generalises only from many boards (as in M-BEIR, where OVEN and InfoSeek
+#: have the largest training sets).
+BOARD_TRAIN_MULTIPLE = 2
+#: Board grid (rows, columns), image side in pixels, and how many of its cells hold an entity.
+BOARD_GRID = (3, 3)
+BOARD_SIDE = 84
+BOARD_ENTITIES = (6, 8)
+#: A pointer's value must fit more than this many knowledge-base entities (so the text alone leaves ties).
+TEXT_TIES = 5
+
+
+def _has(e: Entity, p: Pointer) -> bool:
+    return getattr(e, p[0]) == p[1]
+
+
+def _board_pair(rng: random.Random, kb: Sequence[Entity]) -> tuple[tuple[_Board, _Board], list[Pointer]]:
+    """Two boards with the same occupied cells and two shared pointers: on each board one entity has the
+    pointer's value and no other does, and the two boards' entities for a pointer differ."""
+    grid = [(r, c) for r in range(BOARD_GRID[0]) for c in range(BOARD_GRID[1])]
+    cells = rng.sample(grid, rng.randint(*BOARD_ENTITIES))
+    while True:
+        pointers = [(a, rng.choice(POINTER_VALUES[a])) for a in rng.sample(list(POINTER_VALUES), 2)]
+        fillers = [e for e in kb if not any(_has(e, p) for p in pointers)]
+        fits = [[e for e in kb if _has(e, p) and not _has(e, q)] for p, q in (pointers, pointers[::-1])]
+        common = all(sum(_has(e, p) for e in kb) > TEXT_TIES for p in pointers)
+        if common and len(fillers) >= 2 * len(cells) and all(len(f) >= 2 for f in fits):
+            break
+    targets = [rng.sample(f, 2) for f in fits]  # [pointer][board]
     boards = []
-    for _ in range(2):
-        ents = dict(zip(cells, rng.sample(list(kb), len(cells)), strict=True))
-        objs = [e.obj(rng.choice(SIZES), cell) for cell, e in ents.items()]
-        boards.append(_Board(make_scene(objs, rng.choice(SCENE_BACKGROUNDS), (4, 4), 112, 112), ents))
-    return boards[0], boards[1]
-
-
-_DIRECTIONS = {  # phrase -> where the anchor is relative to the target
-    "directly to the left of": (0, 1),
-    "directly to the right of": (0, -1),
-    "directly above": (1, 0),
-    "directly below": (-1, 0),
-}
-
-
-def _relational_refs(board: _Board, rng: random.Random) -> list[tuple[str, Cell]]:
-    """("the object directly above the red circle", target cell) for every unambiguous anchor."""
-    counts: dict[tuple[str, str], int] = {}
-    for e in board.entities.values():
-        counts[(e.colour, e.shape)] = counts.get((e.colour, e.shape), 0) + 1
-    out = []
-    for cell in board.entities:
-        for phrase, (dr, dc) in _DIRECTIONS.items():
-            anchor = board.entities.get((cell[0] + dr, cell[1] + dc))
-            if anchor is not None and counts[(anchor.colour, anchor.shape)] == 1:
-                out.append((f"the object {phrase} the {anchor.colour} {anchor.shape}", cell))
-    rng.shuffle(out)
-    return out
+    for b in range(2):
+        ents = [targets[0][b], targets[1][b], *rng.sample(fillers, len(cells) - 2)]
+        rng.shuffle(ents)
+        placed = dict(zip(cells, ents, strict=True))
+        objs = [e.obj(rng.choice(SIZES), cell) for cell, e in placed.items()]
+        scene = make_scene(objs, rng.choice(SCENE_BACKGROUNDS), BOARD_GRID, BOARD_SIDE, BOARD_SIDE)
+        boards.append(_Board(scene, placed))
+    return (boards[0], boards[1]), pointers
 
 
 def _board_queries(rng: random.Random, kb: Sequence[Entity], n: int, info: bool) -> list[Query]:
-    """Pairs of boards, three questions each (two shared by both boards of the pair, one relational)."""
+    """Pairs of boards, three questions each: two pointers shared by both boards of the pair (equal texts,
+    different answers) and one of the board's own (another value only one of its entities has)."""
     queries: list[Query] = []
     while len(queries) < n:
-        pair = _board_pair(rng, kb)
+        pair, shared_pointers = _board_pair(rng, kb)
         shared = []
-        for cell in rng.sample(list(pair[0].entities), 2):
+        for pointer in shared_pointers:
             fact = rng.choice(FACTS) if info else "what"
-            shared.append((_fact_question(fact, "the object " + cell_phrase(cell, (4, 4), rng), rng), cell, fact))
+            shared.append((_fact_question(fact, _pointer_phrase(pointer, rng), rng), pointer, fact))
         for board in pair:
             picture = Picture(board.scene, _jit(rng))
+            unique = _unique_pointers(list(board.entities.values()))
             asks = list(shared)
-            rel = _relational_refs(board, rng)
-            if rel:
+            own = sorted(p for p in unique if p not in shared_pointers and sum(_has(e, p) for e in kb) > TEXT_TIES)
+            if own:
+                pointer = rng.choice(own)
                 fact = rng.choice(FACTS) if info else "what"
-                asks.append((_fact_question(fact, rel[0][0], rng), rel[0][1], fact))
-            for text, cell, fact in asks:
-                e = board.entities[cell]
+                asks.append((_fact_question(fact, _pointer_phrase(pointer, rng), rng), pointer, fact))
+            for text, pointer, fact in asks:
+                e = unique[pointer]
+                cell = next(c for c, o in board.entities.items() if o == e)
                 others = [o.name for c, o in board.entities.items() if c != cell]
-                meta = {"fact": fact, "cell": list(cell), "board_entities": others}
+                meta = {"fact": fact, "pointer": list(pointer), "cell": list(cell), "board_entities": others}
                 queries.append(Query(text, picture, (e.name, fact), "board_question", meta))
     return queries
 
@@ -606,73 +643,67 @@ def edis_t2it(rng: random.Random, n: int, ctx: Context) -> SplitData:
     return _finish(rng, queries, pool, n)
 
 
-def _exhibit_text(place: str, cell: Cell, rng: random.Random) -> str:
-    where = cell_phrase(cell, (3, 3), rng)
+def _exhibit_text(place: str, rng: random.Random) -> str:
     return rng.choice(
         (
-            f"Photo from the {place} exhibition. Its featured piece is the object {where}.",
-            f"{place} exhibition photo; the featured piece is the one {where}.",
+            f"Photo from the {place} exhibition.",
+            f"{place} exhibition photo.",
+            f"A piece shown at the {place} exhibition.",
         )
     )
 
 
 def webqa_t2it(rng: random.Random, n: int, ctx: Context) -> SplitData:
-    """WebQA task 2: "which photo from <place> features <object>?" -> (photo, text saying which cell holds the
-    featured piece).
+    """WebQA task 2: "which photo from <place> features <object>?" -> (photo of the piece, text naming the
+    exhibition).
 
-    Groups: one exhibition, three asked objects, nine photos that all hold the three objects (in random cells)
-    plus one other object; photo i's text names the cell of object i (i < 3) or of its other object. Each
-    query has one positive, while all nine candidates share the place in their text and the object in their
-    photo: only reading the photo at the cell the text names decides.
+    Groups of 9 exhibitions x 9 pieces with every pairing in the pool (each its own rendering): a candidate's
+    text also comes with the 8 other pieces and its piece with the 8 other exhibitions, so neither part alone
+    singles it out.
     """
     queries: list[Query] = []
     pool: list[Cand] = []
     used: set[str] = set()
-    cells = [(r, c) for r in range(3) for c in range(3)]
 
     def key(p: str, o: Obj) -> tuple[str, tuple[str, str, str, str]]:
         return (p, (o.size, *o.look))
 
-    for step in itertools.count():
-        if len(queries) >= n:
-            break
-        place = make_names(rng, 1, used)[0]
+    while len(queries) < n:
+        places = make_names(rng, WEBQA_PHOTOS, used)
         looks: dict[tuple[str, str, str], Obj] = {}
-        while len(looks) < 3 + WEBQA_PHOTOS:
+        while len(looks) < WEBQA_PHOTOS:
             obj = random_object(rng, (0, 0))
             looks.setdefault(obj.look, obj)
-        objects = list(looks.values())
-        asked, extras = objects[:3], objects[3:]
-        group = []
-        for i in range(WEBQA_PHOTOS):
-            where = rng.sample(cells, 4)
-            objs = [replace(o, cell=c) for o, c in zip([*asked, extras[i]], where, strict=True)]
-            featured = objs[i] if i < 3 else objs[3]
-            board = make_scene(objs, rng.choice(SCENE_BACKGROUNDS))
-            group.append(
-                Cand(
-                    _exhibit_text(place, featured.cell, rng),
-                    Picture(board, _jit(rng)),
-                    frozenset({key(place, featured)}),
-                    "exhibit",
-                )
+        pieces = list(looks.values())
+        group = {
+            key(p, o): Cand(
+                _exhibit_text(p, rng),
+                Picture(make_scene([o], rng.choice(SCENE_BACKGROUNDS), (1, 1), 56, 56), _jit(rng)),
+                frozenset({key(p, o)}),
+                "exhibit",
             )
-        pool += group
-        for i, obj in enumerate(asked):
-            phrase = article(look_phrase(obj, rng, size=True))
+            for p in places
+            for o in pieces
+        }
+        pool += list(group.values())
+        pairs = [(p, o) for p in places for o in pieces]
+        rng.shuffle(pairs)
+        for p, o in pairs[: n - len(queries)]:
+            phrase = article(look_phrase(o, rng, size=True))
             text = rng.choice(
                 (
-                    f"Which photo from the {place} exhibition has {phrase} as its featured piece?",
-                    f"{place} exhibition: the photo whose featured piece is {phrase}",
+                    f"Which photo from the {p} exhibition features {phrase}?",
+                    f"{p} exhibition: the photo of {phrase}",
                 )
             )
-            negs = rng.sample([c for j, c in enumerate(group) if j != i], 3)
-            queries.append(Query(text, None, key(place, obj), "exhibit_question", hard_negs=negs))
-        wrong = group[step % WEBQA_PHOTOS]  # wrong modality: the photo alone, the text alone
-        pool += [
-            Cand(None, wrong.img, frozenset(), "exhibit_photo"),
-            Cand(wrong.txt, None, frozenset(), "exhibit_text"),
-        ]
+            negs = [c for k, c in group.items() if k != key(p, o) and (k[0] == p or k[1] == key(p, o)[1])]
+            queries.append(Query(text, None, key(p, o), "exhibit_question", hard_negs=rng.sample(negs, 3)))
+        for k in range(2):  # wrong modality: the photo alone, the text alone
+            shown = group[key(places[k], pieces[k])]
+            pool += [
+                Cand(None, shown.img, frozenset(), "exhibit_photo"),
+                Cand(shown.txt, None, frozenset(), "exhibit_text"),
+            ]
     return _finish(rng, queries, pool, n)
 
 
@@ -982,9 +1013,11 @@ def fashioniq_composed(rng: random.Random, n: int, ctx: Context) -> SplitData:
 
 @dataclass(frozen=True)
 class TaskSpec(DatasetTask):
-    """One dataset-task of the corpus: the reader's :class:`DatasetTask` plus its generator."""
+    """One dataset-task of the corpus: the reader's :class:`DatasetTask` plus its generator and how many times
+    the scale's training queries it gets (more only where the pool does not grow with them)."""
 
     generate: Generator
+    train_multiple: int = 1
 
 
 #: The 16 evaluated dataset-tasks, in the order papers report them.
@@ -999,12 +1032,12 @@ TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("mscoco", 3, scene_i2t("coco", 3)),
     TaskSpec("fashion200k", 3, fashion_i2t),
     TaskSpec("nights", 4, nights_i2i),
-    TaskSpec("oven", 6, board_task(info=False, candidate="text")),
-    TaskSpec("infoseek", 6, board_task(info=True, candidate="text")),
+    TaskSpec("oven", 6, board_task(info=False, candidate="text"), train_multiple=BOARD_TRAIN_MULTIPLE),
+    TaskSpec("infoseek", 6, board_task(info=True, candidate="text"), train_multiple=BOARD_TRAIN_MULTIPLE),
     TaskSpec("fashioniq", 7, fashioniq_composed),
     TaskSpec("cirr", 7, cirr_composed),
-    TaskSpec("oven", 8, board_task(info=False, candidate="image,text")),
-    TaskSpec("infoseek", 8, board_task(info=True, candidate="image,text")),
+    TaskSpec("oven", 8, board_task(info=False, candidate="image,text"), train_multiple=BOARD_TRAIN_MULTIPLE),
+    TaskSpec("infoseek", 8, board_task(info=True, candidate="image,text"), train_multiple=BOARD_TRAIN_MULTIPLE),
 )
 
 

@@ -45,10 +45,10 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "tiny": Scale(train=24, val=8, test=24, kb=40),
+    "tiny": Scale(train=24, val=8, test=24, kb=64),
     # `make demo`: enough training queries that the tiny model generalises rather than memorises, and 64 test
     # queries per task so that a task's recall moves in steps of 1.6 points rather than 4.2.
-    "demo": Scale(train=128, val=8, test=64, kb=40),
+    "demo": Scale(train=128, val=8, test=64, kb=64),
     "small": Scale(train=240, val=32, test=96, kb=120),
 }
 
@@ -358,7 +358,8 @@ def write_corpus(root: Path, scale: str = "tiny", seed: int = 0) -> Summary:
     writer = _Writer(root)
     summary = Summary(root, scale, seed)
     for task in TASKS:
-        data = {s: task.generate(_rng(seed, task.name, s), getattr(sizes, s), ctx) for s in SPLITS}
+        counts = {s: getattr(sizes, s) * (task.train_multiple if s == "train" else 1) for s in SPLITS}
+        data = {s: task.generate(_rng(seed, task.name, s), counts[s], ctx) for s in SPLITS}
         groups = [("train", "val"), ("test",)] if task.dataset == "mscoco" else [SPLITS]
         pool_sizes: dict[str, int] = {}
         for group in groups:
