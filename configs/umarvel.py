@@ -6,7 +6,7 @@
 
 Presets (the ``:arg`` suffix): none = the paper's stage-3 recipe; ``demo`` = the same code on the tiny
 random model and the synthetic M-BEIR corpus (written by tools/make_tiny_model.py and
-tools/make_synthetic_mbeir.py), a few minutes on 2 CPU cores.
+tools/make_synthetic_mbeir.py), about 12 minutes on 2 CPU cores (600 steps at 60-70 examples/s).
 """
 
 from __future__ import annotations
