@@ -484,7 +484,7 @@ Pointer = tuple[str, str]  # (attribute, value), e.g. ("colour", "red")
 
 
 def _pointer_phrase(pointer: Pointer, rng: random.Random) -> str:
-    """ "the circle", "the red object", "the striped one"."""
+    """The pointer as words: "the circle", "the red object", "the striped one", ..."""
     attr, value = pointer
     word = attribute_word(attr, value, rng)
     if attr == "shape":
