@@ -18,6 +18,7 @@ from PIL import Image
 
 from mmret.data.negatives import read_negatives
 from mmret.data.synthetic import DATASETS, FUSION_TASK_IDS, TASK_MODALITIES, TASKS
+from mmret.data.synthetic.scenes import _TEXTURE_WORDS
 from mmret.data.synthetic.tasks import BOARD_TRAIN_MULTIPLE, Context, board_task, make_kb
 from mmret.data.synthetic.writer import (
     MODALITY_AWARE_NEGATIVES_RELPATH,
@@ -289,8 +290,8 @@ def test_board_questions_name_one_entity_of_the_board(queries: dict, pools: dict
     for c in pools[local_pool_relpath(TASKS[10], "test")]:
         if c["txt"] and (m := _SUMMARY.match(c["txt"])):
             looks[m.group(1)] = {"colour": m.group(2), "texture": m.group(3), "shape": m.group(4)}
-    textures = {"solid": "plain", "spotted": "dotted", "checkered": "checked"}
-    looks = {n: {**v, "texture": textures.get(v["texture"], v["texture"])} for n, v in looks.items()}
+    textures = {word: texture for texture, words in _TEXTURE_WORDS.items() for word in words}
+    looks = {n: {**v, "texture": textures[v["texture"]]} for n, v in looks.items()}
     assert TASKS[10].name == "oven_task6" and len(looks) >= 60
     checked = 0
     for t in TASKS:

@@ -517,17 +517,28 @@ def _has(e: Entity, p: Pointer) -> bool:
     return getattr(e, p[0]) == p[1]
 
 
-def _board_pair(rng: random.Random, kb: Sequence[Entity]) -> tuple[tuple[_Board, _Board], list[Pointer]]:
-    """Two boards with the same occupied cells and two shared pointers: on each board one entity has the
-    pointer's value and no other does, and the two boards' entities for a pointer differ."""
+def _text_tied(kb: Sequence[Entity]) -> set[Pointer]:
+    """The pointers whose value more than ``TEXT_TIES`` knowledge-base entities have (the only ones asked)."""
+    return {
+        (a, v)
+        for a, values in POINTER_VALUES.items()
+        for v in values
+        if sum(getattr(e, a) == v for e in kb) > TEXT_TIES
+    }
+
+
+def _board_pair(
+    rng: random.Random, kb: Sequence[Entity], tied: set[Pointer]
+) -> tuple[tuple[_Board, _Board], list[Pointer]]:
+    """Two boards with the same occupied cells and two shared pointers (from ``tied``): on each board one
+    entity has the pointer's value and no other does, and the two boards' entities for a pointer differ."""
     grid = [(r, c) for r in range(BOARD_GRID[0]) for c in range(BOARD_GRID[1])]
     cells = rng.sample(grid, rng.randint(*BOARD_ENTITIES))
     while True:
         pointers = [(a, rng.choice(POINTER_VALUES[a])) for a in rng.sample(list(POINTER_VALUES), 2)]
         fillers = [e for e in kb if not any(_has(e, p) for p in pointers)]
         fits = [[e for e in kb if _has(e, p) and not _has(e, q)] for p, q in (pointers, pointers[::-1])]
-        common = all(sum(_has(e, p) for e in kb) > TEXT_TIES for p in pointers)
-        if common and len(fillers) >= 2 * len(cells) and all(len(f) >= 2 for f in fits):
+        if all(p in tied for p in pointers) and len(fillers) >= 2 * len(cells) and all(len(f) >= 2 for f in fits):
             break
     targets = [rng.sample(f, 2) for f in fits]  # [pointer][board]
     boards = []
@@ -545,8 +556,9 @@ def _board_queries(rng: random.Random, kb: Sequence[Entity], n: int, info: bool)
     """Pairs of boards, three questions each: two pointers shared by both boards of the pair (equal texts,
     different answers) and one of the board's own (another value only one of its entities has)."""
     queries: list[Query] = []
+    tied = _text_tied(kb)
     while len(queries) < n:
-        pair, shared_pointers = _board_pair(rng, kb)
+        pair, shared_pointers = _board_pair(rng, kb, tied)
         shared = []
         for pointer in shared_pointers:
             fact = rng.choice(FACTS) if info else "what"
@@ -555,7 +567,7 @@ def _board_queries(rng: random.Random, kb: Sequence[Entity], n: int, info: bool)
             picture = Picture(board.scene, _jit(rng))
             unique = _unique_pointers(list(board.entities.values()))
             asks = list(shared)
-            own = sorted(p for p in unique if p not in shared_pointers and sum(_has(e, p) for e in kb) > TEXT_TIES)
+            own = sorted(p for p in unique if p not in shared_pointers and p in tied)
             if own:
                 pointer = rng.choice(own)
                 fact = rng.choice(FACTS) if info else "what"
@@ -689,6 +701,7 @@ def webqa_t2it(rng: random.Random, n: int, ctx: Context) -> SplitData:
         pairs = [(p, o) for p in places for o in pieces]
         rng.shuffle(pairs)
         for p, o in pairs[: n - len(queries)]:
+            asked = key(p, o)
             phrase = article(look_phrase(o, rng, size=True))
             text = rng.choice(
                 (
@@ -696,8 +709,8 @@ def webqa_t2it(rng: random.Random, n: int, ctx: Context) -> SplitData:
                     f"{p} exhibition: the photo of {phrase}",
                 )
             )
-            negs = [c for k, c in group.items() if k != key(p, o) and (k[0] == p or k[1] == key(p, o)[1])]
-            queries.append(Query(text, None, key(p, o), "exhibit_question", hard_negs=rng.sample(negs, 3)))
+            negs = [c for k, c in group.items() if k != asked and (k[0] == p or k[1] == asked[1])]
+            queries.append(Query(text, None, asked, "exhibit_question", hard_negs=rng.sample(negs, 3)))
         for k in range(2):  # wrong modality: the photo alone, the text alone
             shown = group[key(places[k], pieces[k])]
             pool += [
