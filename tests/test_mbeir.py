@@ -483,25 +483,43 @@ def test_instruction_draw_is_seeded_and_stable(instructions: mbeir.Instructions)
 PINNED_DRAWS = [2, 2, 2, 3, 2, 2]
 
 
-@pytest.mark.parametrize(
-    ("raw", "formatted"),
-    [
-        ("a dog on a mat", "A dog on a mat."),
-        ("a dog on a mat.", "A dog on a mat."),
-        ("is it blue?", "Is it blue?"),
-        ("wow!", "Wow!"),
-        ('he said "hi."', 'He said "hi."'),
-        ("(see the note.)", "(see the note.)"),  # the first character, as UniIR
-        ("  padded \r\n", "Padded."),
-        ("ends with a comma,", "Ends with a comma,."),
-        ("", ""),
-        ("   ", ""),
-        (None, ""),
-        ("Éclair", "Éclair."),
-        ("ünïcode", "Ünïcode."),
-    ],
-)
+def uniir_format_string(s: str | None) -> str:
+    """UniIR's ``format_string`` (src/data/preprocessing/utils.py), restated here independently."""
+    s = (s or "").replace("\r", "").strip().strip('"')
+    if s:
+        s = s[0].upper() + s[1:]
+        s = s + "." if s[-1] not in [".", "?", "!"] else s
+    return s
+
+
+# Expected values worked out by hand from UniIR's rules (remove \r, strip, strip '"', capitalise, add ".").
+FORMAT_CASES = [
+    ("a dog on a mat", "A dog on a mat."),
+    ("a dog on a mat.", "A dog on a mat."),
+    ("is it blue?", "Is it blue?"),
+    ("wow!", "Wow!"),
+    ('he said "hi."', 'He said "hi.'),  # the closing quote is stripped, then "." ends it
+    ('"a quoted caption"', "A quoted caption."),
+    ('""', ""),
+    ('" spaced "', " spaced ."),  # quotes go after the whitespace strip: inner spaces stay
+    ("(see the note.)", "(see the note.)."),  # only the last character counts
+    ("  padded \r\n", "Padded."),
+    ("car\rriage", "Carriage."),
+    ("ends with a comma,", "Ends with a comma,."),
+    ("", ""),
+    ("   ", ""),
+    (None, ""),
+    ("Éclair", "Éclair."),
+    ("ünïcode", "Ünïcode."),
+    ("ß is sharp", "SS is sharp."),  # str.upper of the first character, as UniIR's Python
+    ("日本語。", "日本語。."),  # non-ASCII sentence ends are not sentence ends to UniIR
+    ("wait…", "Wait…."),
+]
+
+
+@pytest.mark.parametrize(("raw", "formatted"), FORMAT_CASES)
 def test_format_text(raw: str | None, formatted: str) -> None:
+    assert uniir_format_string(raw) == formatted  # the table is UniIR's rule
     assert mbeir.format_text(raw) == formatted
 
 
@@ -539,12 +557,31 @@ def test_query_text_with_instruction(instructions: mbeir.Instructions) -> None:
 
 
 def test_query_text_parts_always_join_to_query_text(instructions: mbeir.Instructions) -> None:
-    for i, raw in enumerate(["x", "  spaced out  ", "ends?", "multi\nline", "\r\ncarriage"]):
-        query = mbeir.parse_query(q(f"9:{i}", query_txt=raw), "w")
+    raws = ["x", "  spaced out  ", "ends?", "multi\nline", "\r\ncarriage", 'say "hi"', '"', "   "]
+    for i, raw in enumerate(raws):
+        query = mbeir.parse_query(q(f"9:{i}", query_txt=raw if raw.strip() else "x"), "w")
         for seed in range(4):
             instruction, text = mbeir.query_text_parts(query, instructions, seed=seed)
-            assert f"{instruction} {text}" == mbeir.query_text(query, instructions, seed=seed)
-            assert text and not text.startswith(" ")
+            # UniIR: format_string(f"{format_string(instruction)} {query_txt}"), the raw text unstripped.
+            drawn = instructions.for_query(query, seed)
+            assert instruction == uniir_format_string(drawn)
+            expected = uniir_format_string(f"{uniir_format_string(drawn)} {query.text}")
+            assert mbeir.query_text(query, instructions, seed=seed) == expected
+            assert (f"{instruction} {text}" if text else instruction) == expected
+
+
+def test_instruction_redrawn_per_epoch_and_copy(instructions: mbeir.Instructions) -> None:
+    query = mbeir.parse_query(q("9:1", query_txt="a cat"), "w")
+    copy = dataclasses.replace(query, copy=1)
+    assert copy == query  # the copy number is not part of a query's identity
+    draws = {(c.copy, e): c for c in (query, copy) for e in range(12)}
+    texts = {k: mbeir.query_text(c, instructions, seed=0, epoch=k[1]) for k, c in draws.items()}
+    assert len(set(texts.values())) > 1  # several instructions are used over epochs and copies
+    again = {k: mbeir.query_text(c, instructions, seed=0, epoch=k[1]) for k, c in draws.items()}
+    assert again == texts  # deterministic in (seed, qid, copy, epoch)
+    # epoch 0 of copy 0 is the evaluation draw, unchanged by the copy/epoch arguments
+    assert mbeir.instruction_index(0, "9:1", 4) == mbeir.instruction_index(0, "9:1", 4, copy=0, epoch=0)
+    assert [mbeir.instruction_index(0, "9:1", 4, epoch=e) for e in range(1, 9)] != [PINNED_DRAWS[0]] * 8
 
 
 # --------------------------------------------------------------------------- OVEN / InfoSeek restriction

@@ -158,11 +158,11 @@ def test_hard_negatives_default_to_the_queries_neg_cand_list(root, processor):
     cfg = PipelineConfig(**{**CFG.__dict__, "num_negatives": 1, "shuffle": False})
     encode = EncodeTrainExample(store, processor, cfg)
     for i in with_negs[:6]:
-        ex = encode(i, np.random.default_rng(i))
+        ex = encode((i, 0), np.random.default_rng(i))
         assert ex.dids[1] in listed[ex.qid]
     store.queries[0] = dataclasses.replace(store.queries[0], neg_cand_list=())
     with pytest.raises(BadRecordError, match="no_negatives.*neg_cand_list"):
-        encode(0, np.random.default_rng(0))
+        encode((0, 0), np.random.default_rng(0))
 
 
 def test_negatives_file_with_unknown_did_is_reported(root, tmp_path):
@@ -234,3 +234,26 @@ def test_grad_cache_chunks_hold_the_same_examples(store, processor):
     np.testing.assert_array_equal(chunked["positive_mask"], flat["positive_mask"])
     with pytest.raises(ValueError, match="grad_cache_chunk=3 must divide batch_size=4"):
         PipelineConfig(**{**CFG.__dict__, "grad_cache_chunk": 3})
+
+
+def test_instruction_redrawn_each_epoch(store, processor):
+    """A query read in two epochs gets its instruction drawn from (seed, qid, copy, epoch) each time, as
+    UniIR draws a fresh one per read; the two epochs' texts are what query_text_parts gives for them."""
+    import copy
+
+    from mmret.data.mbeir import query_text_parts
+
+    small = copy.copy(store)
+    small.queries = [q for q in store.queries if q.image_path is None][:16]  # text-only: ids are the text's
+    n = len(small.queries)
+    cfg = dataclasses.replace(CFG, shuffle=False, num_epochs=2)
+    batches = take(iter(train_dataset(small, processor, cfg, process_index=0, process_count=1)), 2 * n // 4)
+    ids = np.concatenate([b["query"]["input_ids"] for b in batches])
+    differs = 0
+    for i, query in enumerate(small.queries):
+        parts = [query_text_parts(query, store.instructions, seed=cfg.instruction_seed, epoch=e) for e in (0, 1)]
+        for epoch, (instruction, text) in enumerate(parts):
+            expect = processor(text=text or None, instruction=instruction or None, image=None).input_ids
+            np.testing.assert_array_equal(ids[epoch * n + i][: len(expect)], expect)
+        differs += parts[0] != parts[1]
+    assert differs >= n // 4  # most queries have several instructions

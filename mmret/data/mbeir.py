@@ -188,6 +188,7 @@ class Query:
     neg_cand_list: tuple[str, ...]
     src_content: str | None = None
     where: str | None = dataclasses.field(default=None, compare=False)  # file:line it was read from
+    copy: int = dataclasses.field(default=0, compare=False)  # n-th line of this qid (up-sampled union files)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -675,19 +676,23 @@ class Instructions:
             )
         return self.table[key]
 
-    def for_query(self, query: Query, seed: int, cand_modality: str | None = None) -> str:
-        """The instruction drawn for ``query`` from ``(seed, qid)`` (unformatted).
+    def for_query(self, query: Query, seed: int, cand_modality: str | None = None, *, epoch: int = 0) -> str:
+        """The instruction drawn for ``query`` from ``(seed, qid, query.copy, epoch)`` (unformatted).
 
         The candidate modality defaults to the one ``query.task_id`` names (that of its positives).
+        Training passes the epoch, so each epoch and each up-sampled copy gets its own draw (as UniIR's
+        fresh ``random.choice`` per read); evaluation keeps epoch 0: one seeded draw per query.
         """
         cand_modality = TASK_MODALITIES[query.task_id][1] if cand_modality is None else cand_modality
         options = self.lookup(query.dataset_id, query.modality, cand_modality)
-        return options[instruction_index(seed, query.qid, len(options))]
+        return options[instruction_index(seed, query.qid, len(options), copy=query.copy, epoch=epoch)]
 
 
-def instruction_index(seed: int, qid: str, n: int) -> int:
-    """A deterministic draw in ``[0, n)`` from ``(seed, qid)``: the same in every process and run."""
-    digest = hashlib.blake2b(f"{seed}\x00{qid}".encode(), digest_size=8).digest()
+def instruction_index(seed: int, qid: str, n: int, *, copy: int = 0, epoch: int = 0) -> int:
+    """A deterministic draw in ``[0, n)`` from ``(seed, qid, copy, epoch)``: the same in every process and
+    run (copy 0 at epoch 0 hashes ``(seed, qid)`` alone)."""
+    key = f"{seed}\x00{qid}" if copy == epoch == 0 else f"{seed}\x00{qid}\x00{copy}\x00{epoch}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % n
 
 
@@ -735,39 +740,44 @@ def read_instructions(path: str | Path, *, bad: BadRecords | None = None) -> Ins
 
 # --------------------------------------------------------------------------------------------- formatting
 
-_SENTENCE_END = (".", "?", "!", "\u3002", "\uff1f", "\uff01", "\u2026")
-_CLOSERS = "\"')]}\u201d\u2019\u00bb"
+#: Characters that end a sentence for UniIR's ``format_string`` (no period is added after them).
+_SENTENCE_END = ".?!"
 
 
 def format_text(text: str | None) -> str:
-    """UniIR's text normalisation: drop ``\\r``, strip, capitalise the first character, end with a period
-    unless the text already ends a sentence (``.?!``, possibly inside closing quotes or brackets).
-    ``None`` and blank text give ``""``."""
-    s = (text or "").replace("\r", "").strip()
-    if not s:
-        return ""
-    s = s[0].upper() + s[1:]
-    if not s.rstrip(_CLOSERS).endswith(_SENTENCE_END):
-        s += "."
+    """UniIR's ``format_string`` (``src/data/preprocessing/utils.py``; U-MARVEL copies it), exactly: drop
+    ``\\r``, strip whitespace, then strip double quotes, capitalise the first character, add ``"."`` unless
+    the last character is one of ``.?!``. ``None`` and blank text give ``""``."""
+    s = (text or "").replace("\r", "").strip().strip('"')
+    if s:
+        s = s[0].upper() + s[1:]
+        if s[-1] not in _SENTENCE_END:
+            s += "."
     return s
 
 
-def query_text_parts(query: Query, instructions: Instructions | None, *, seed: int) -> tuple[str, str]:
+def query_text_parts(query: Query, instructions: Instructions | None, *, seed: int, epoch: int = 0) -> tuple[str, str]:
     """``(instruction, text)`` with ``query_text == instruction + " " + text`` (no space when ``text`` is
-    empty): the formatted instruction (``""`` without instructions) and the rest of the query text."""
+    empty): the formatted instruction (``""`` without instructions) and the rest of
+    ``format_text(instruction + " " + query text)``, UniIR's query text. The instruction is drawn from
+    ``(seed, qid, copy, epoch)`` (:meth:`Instructions.for_query`)."""
     if instructions is None:
         return "", format_text(query.text)
-    instruction = format_text(instructions.for_query(query, seed))
-    full = format_text(f"{instruction} {(query.text or '').strip()}")
+    instruction = format_text(instructions.for_query(query, seed, epoch=epoch))
+    full = format_text(f"{instruction} {query.text or ''}")
+    if full == instruction:
+        return instruction, ""
+    if not full.startswith(instruction + " "):
+        raise ValueError(f"instruction {instruction!r} does not stay a prefix of its query text {full!r}")
     return instruction, full[len(instruction) + 1 :]
 
 
-def query_text(query: Query, instructions: Instructions | None, *, seed: int) -> str:
+def query_text(query: Query, instructions: Instructions | None, *, seed: int, epoch: int = 0) -> str:
     """The query's model text: instruction + " " + query text, capitalised, with a final period.
 
     An image-only query gets the instruction alone; ``instructions=None`` gives the formatted text alone.
     """
-    instruction, text = query_text_parts(query, instructions, seed=seed)
+    instruction, text = query_text_parts(query, instructions, seed=seed, epoch=epoch)
     return f"{instruction} {text}" if instruction and text else instruction or text
 
 

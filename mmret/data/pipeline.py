@@ -159,17 +159,19 @@ class TrainExample:
 
 
 class EncodeTrainExample:
-    """grain random map: query index -> :class:`TrainExample` (with skip-and-replace on bad records)."""
+    """grain random map: (query index, epoch) -> :class:`TrainExample` (with skip-and-replace on bad
+    records). The epoch keys the query's instruction draw (a fresh one each epoch, as UniIR's)."""
 
     def __init__(self, store: RecordStore, processor: Processor, cfg: PipelineConfig):
         self.store, self.processor, self.cfg = store, processor, cfg
 
-    def __call__(self, index: int, rng: np.random.Generator) -> TrainExample:
+    def __call__(self, item: tuple[int, int], rng: np.random.Generator) -> TrainExample:
+        index, epoch = item
         bad = BadRecords(self.cfg.on_bad_record)
         n = len(self.store.queries)
         for attempt in range(MAX_REPLACEMENTS):
             try:
-                example = self._encode(self.store.queries[(index + attempt) % n], rng)
+                example = self._encode(self.store.queries[(index + attempt) % n], rng, epoch)
             except BadRecordError as e:
                 bad.handle(e)  # raises under "error"
                 continue
@@ -190,7 +192,7 @@ class EncodeTrainExample:
         image = self._image(cand.image_path, f"candidate {did}")
         return self.processor(text=candidate_text(cand) or None, image=image)
 
-    def _encode(self, query: Query, rng: np.random.Generator) -> TrainExample:
+    def _encode(self, query: Query, rng: np.random.Generator, epoch: int = 0) -> TrainExample:
         positive = query.pos_cand_list[int(rng.integers(len(query.pos_cand_list)))]
         negatives: list[str] = []
         if self.cfg.num_negatives:
@@ -203,7 +205,9 @@ class EncodeTrainExample:
             replace = len(pool) < self.cfg.num_negatives
             picks = rng.choice(len(pool), self.cfg.num_negatives, replace=replace)
             negatives = [pool[int(i)] for i in picks]
-        instruction, text = query_text_parts(query, self.store.instructions, seed=self.cfg.instruction_seed)
+        instruction, text = query_text_parts(
+            query, self.store.instructions, seed=self.cfg.instruction_seed, epoch=epoch
+        )
         image = self._image(query.image_path, f"{query.where or 'query'} (query {query.qid})")
         encoded = self.processor(text=text or None, image=image, instruction=instruction or None)
         dids = [positive, *negatives]
@@ -294,6 +298,8 @@ def train_dataset(
     if cfg.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(cfg.num_epochs)
+    n = len(store.queries)
+    ds = ds.map_with_index(lambda position, index: (index, position // n))  # (query index, epoch)
     ds = _host_slice(ds, process_index, process_count)
     ds = ds.random_map(EncodeTrainExample(store, processor, cfg))
     ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda exs: collate_train(exs, processor, cfg))
