@@ -6,7 +6,15 @@
 
 Presets (the ``:arg`` suffix): none = the paper's stage-3 recipe; ``demo`` = the same code on the tiny
 random model and the synthetic M-BEIR corpus (written by tools/make_tiny_model.py and
-tools/make_synthetic_mbeir.py), about 12 minutes on 2 CPU cores (600 steps at 60-70 examples/s).
+tools/make_synthetic_mbeir.py), about 12 minutes on 2 CPU cores (about 600 steps at 60-70 examples/s).
+
+Both train from the split's union file, ``query/union_train/mbeir_union_up_train.jsonl`` against
+``cand_pool/global/mbeir_union_train_cand_pool.jsonl`` (``data.query_file="auto"``). The paper config states
+epochs (the trainer derives the steps from the number of lines it read); the demo a fixed 600 steps. The
+loss is U-MARVEL's (no false-negative masking; a symmetric loss would be the sum of both directions):
+``mask_false_negatives=True`` switches mmret's masking of a query's other labelled positives in the batch
+back on. The reported numbers come from exact search (the reference's); ScaNN
+(``eval.search.method="auto"`` or ``"scann"``) is for large pools.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ from mmret.eval.index import SearchConfig
 # Paper: 60 sequences per device on 64 devices (~3840 global). data.pipeline.batch_size is per host:
 # 8 devices per host -> 480 per host (set it to 60 * local devices on other hosts).
 PAPER_BATCH_PER_HOST = 480
-PAPER_TRAIN_QUERIES = 1_100_000
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,12 +46,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Bidirectional attention, mean pooling with the instruction (and its markers) left out, L2 norm.
     c.encoder = dict(pooling="mean", attention="bidirectional", fusion="joint", normalize=True)
     c.temperature = dict(init=0.05, learnable=True, min=0.01, max=1.0)
-    c.lora = dict(rank=128, alpha=256.0, dropout=0.0, lora_only=True)
+    c.lora = dict(rank=128, alpha=256.0, dropout=0.05, lora_only=True)
+    # U-MARVEL's loss: every other in-batch candidate is a negative; a symmetric loss is the sum of both ways.
+    c.mask_false_negatives = False
+    c.symmetric_reduction = "sum"
     c.freeze = (r"(.*\.)?visual\..*",)  # vision tower and merger frozen
     c.data = dict(
         root=ml_collections.FieldReference(None, field_type=str),
         format="raw",
         split="train",
+        query_file="auto",  # the union file: query/union_train/mbeir_union_up_train.jsonl (1.33M lines)
         negatives_file=ml_collections.FieldReference(None, field_type=str),
         processor=dict(template="umarvel", max_pixels=300 * 28 * 28, max_text_tokens=480),
         pipeline=dict(
@@ -58,8 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             on_bad_record="skip",
         ),
     )
-    steps = PAPER_TRAIN_QUERIES // (PAPER_BATCH_PER_HOST * 8)  # one epoch over 8 hosts
-    c.optimizer = dict(learning_rate=4e-4, total_steps=steps, warmup_ratio=0.03, weight_decay=0.0)
+    # One epoch: steps = lines of the union file // global batch (1.33M / 3840 = 346 on 8 hosts of 8 devices).
+    c.epochs = ml_collections.FieldReference(1.0, field_type=float)
+    c.optimizer = dict(learning_rate=4e-4, warmup_ratio=0.03, weight_decay=0.0)
     c.grad_cache_chunk = 60
     c.mesh = dict(data=-1, fsdp=8, tensor=1)
     c.log_every = 10
@@ -74,13 +86,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         at_start=False,
         at_end=False,
         check_exact=1000,
-        # ScaNN / exact search (mmret/eval/index.py); None fields scale with the pool size.
+        # ScaNN / exact search (mmret/eval/index.py); None fields scale with the pool size. Exact search, as the
+        # reference evaluation (UniIR's FAISS Flat, U-MARVEL's topk), for the reported numbers.
         search={
             f.name: ml_collections.FieldReference(None, field_type=int) if v is None else v
             for f in dataclasses.fields(SearchConfig)
             for v in [getattr(SearchConfig(), f.name)]
         },
     )
+    c.eval.search.method = "exact"
 
     if arg == "demo":
         c.model.hf_dir = "/tmp/mmret_demo/tiny_model"
@@ -108,6 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             on_bad_record="error",
         )
         c.optimizer.learning_rate = 1e-3
+        c.epochs = None  # a fixed length: 600 steps of 64 are ~11.5 epochs of the demo corpus's 3,328-line union file
         c.optimizer.total_steps = 600
         c.grad_cache_chunk = 32
         c.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -142,6 +142,7 @@ def info_nce(
     same_did: jax.Array | None = None,
     temperature: jax.Array | float,
     symmetric: bool = False,
+    symmetric_reduction: str = "mean",
     normalize: bool = False,
 ) -> tuple[jax.Array, Metrics]:
     """InfoNCE of each query against every candidate of the (global) batch.
@@ -156,7 +157,8 @@ def info_nce(
         target from other queries' positives or negatives); also left out (see :func:`same_did_mask`).
       temperature: scalar tau; ``scores = q @ c.T / tau``.
       symmetric: also the candidate->query loss of each target over the B queries (caption stage);
-        the loss is then the mean of the two directions.
+        the loss is then the mean (``symmetric_reduction="mean"``) or, as U-MARVEL's code has it, the
+        sum (``"sum"``) of the two directions.
       normalize: L2-normalise ``q`` and ``c`` (in float32) first.
 
     Masking: a pair (query b', candidate j) is "excluded" when j is a labelled positive of b', has the
@@ -211,7 +213,9 @@ def info_nce(
     eye = jnp.eye(b, dtype=bool)
     loss_c2q, correct_t = _masked_ce(logits_t, ~excluded_t | eye, eye)
     loss_c2q = jnp.mean(loss_c2q)
-    loss = 0.5 * (loss_q2c + loss_c2q)
+    if symmetric_reduction not in ("mean", "sum"):
+        raise ValueError(f"symmetric_reduction must be 'mean' or 'sum', got {symmetric_reduction!r}")
+    loss = loss_q2c + loss_c2q if symmetric_reduction == "sum" else 0.5 * (loss_q2c + loss_c2q)
     return loss, {
         "loss": loss,
         "loss_q2c": loss_q2c,

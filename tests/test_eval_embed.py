@@ -186,7 +186,10 @@ def planted(env: dict, tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     out = tmp_path / "planted"
     write_json(out / "embeddings.json", {"split": "test", "dim": 32, "tasks": list(TASKS), "source": {"preset": "x"}})
-    qrels = {**read_qrels(env["root"], "test", "cirr").positives, **read_qrels(env["root"], "test", "webqa").positives}
+    qrels = {
+        **read_qrels(env["root"], "test", "cirr_task7").positives,
+        **read_qrels(env["root"], "test", "webqa_task1").positives,
+    }
     for task in TASKS:
         dids = list(read_local_pool(env["root"], task))
         vectors = rng.normal(size=(len(dids), 32))
@@ -208,7 +211,7 @@ def test_recall_follows_a_planted_ranking(env, tmp_path):
     assert cirr["recall@1"] == 100.0 and cirr["num_queries"] == 24
     assert webqa["recall@1"] == 0.0  # its top hit is a non-positive; other positives may follow
     run = read_trec(tmp_path / "out" / "cirr_task7.trec")
-    qrels = read_qrels(env["root"], "test", "cirr").positives
+    qrels = read_qrels(env["root"], "test", "cirr_task7").positives
     assert len(run) == 24 and all(len(r) == 5 and r[0][0] == qrels[q][0] for q, r in run.items())
     assert report["average"] == pytest.approx((100.0 + webqa["recall@5"]) / 2)
     assert report["extra"]["indexes"] == {"cirr_task7": "ExactIndex", "webqa_task1": "ExactIndex"}

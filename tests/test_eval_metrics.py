@@ -1,4 +1,4 @@
-"""The M-BEIR metric (hit@k, Recall@k, OVEN/InfoSeek restriction, headline k, average), TREC run files,
+"""The M-BEIR metric (hit@k, Recall@k, every qrels positive counts, headline k, average), TREC run files,
 the published numbers and the evaluation report. Expected values are worked out by hand."""
 
 from __future__ import annotations
@@ -79,14 +79,16 @@ def test_evaluate_task_recall_at_1_5_10():
     assert evaluate_task(DatasetTask("mscoco", 0), qids, ranked, pos) == r
 
 
-def test_oven_infoseek_positives_are_restricted_to_their_own_dataset():
-    # OVEN (5): the InfoSeek (6) positive at rank 1 does not count, the own-dataset one at rank 6 does.
+def test_every_qrels_positive_counts_oven_and_infoseek_included():
+    # UniIR's retriever scores with every qrels positive: OVEN's (5) InfoSeek (6) copy at rank 1 is a hit.
     r = evaluate_task("oven_task6", ["5:1"], [["6:7", "5:3", "5:4", "5:5", "5:6", "5:9"]], {"5:1": ["6:7", "5:9"]})
-    assert r.recall == {1: 0.0, 5: 0.0, 10: 100.0}
-    # InfoSeek (6) with only an OVEN positive: no positive is left, so a miss.
+    assert r.recall == {1: 100.0, 5: 100.0, 10: 100.0}
+    # InfoSeek (6) with only an OVEN positive: retrieving it is a hit.
     r = evaluate_task("infoseek_task8", ["6:1"], [["5:3"]], {"6:1": ["5:3"]})
-    assert r.recall == {1: 0.0, 5: 0.0, 10: 0.0}
-    # WebQA (2) is not restricted: a positive from another dataset counts.
+    assert r.recall == {1: 100.0, 5: 100.0, 10: 100.0}
+    # The own-dataset positive at rank 6 alone counts at 10 only.
+    r = evaluate_task("oven_task6", ["5:1"], [["5:2", "5:3", "5:4", "5:5", "5:6", "5:9"]], {"5:1": ["6:7", "5:9"]})
+    assert r.recall == {1: 0.0, 5: 0.0, 10: 100.0}
     r = evaluate_task("webqa_task1", ["2:1"], [["6:7"]], {"2:1": ["6:7"]})
     assert r.recall == {1: 100.0, 5: 100.0, 10: 100.0}
 
@@ -102,6 +104,8 @@ def test_evaluate_task_errors_name_the_task_and_query():
         evaluate_task("cirr_task7", ["8:1"], [["8:5"], ["8:5"]], {"8:1": ["8:5"]})
     with pytest.raises(ValueError, match="no queries"):
         evaluate_task("cirr_task7", [], [], {})
+    with pytest.raises(ValueError, match=r"cirr_task7: query '8:1' has no positives"):  # UniIR asserts
+        evaluate_task("cirr_task7", ["8:1"], [["8:5"]], {"8:1": []})
 
 
 @pytest.mark.parametrize(

@@ -108,8 +108,19 @@ def test_paths(tmp_path: Path) -> None:
     assert mbeir.local_pool_path(r, "mscoco_task3", "val") == r / "cand_pool/local/mbeir_mscoco_task3_cand_pool.jsonl"
     assert mbeir.local_pool_path(r, "cirr_task7") == r / "cand_pool/local/mbeir_cirr_task7_cand_pool.jsonl"
     assert mbeir.global_pool_path(r) == r / "cand_pool/global/mbeir_union_test_cand_pool.jsonl"
-    assert mbeir.qrels_path(r, "test", "webqa") == r / "qrels/test/mbeir_webqa_test_qrels.txt"
-    assert mbeir.qrels_path(r, "test", mbeir.dataset_task("webqa_task2")) == r / "qrels/test/mbeir_webqa_test_qrels.txt"
+    # One qrels file per dataset-task, named after its query file (UniIR's release), MSCOCO included.
+    assert mbeir.qrels_path(r, "test", "webqa_task2") == r / "qrels/test/mbeir_webqa_task2_test_qrels.txt"
+    cirr = mbeir.dataset_task("cirr_task7")
+    assert mbeir.qrels_path(r, "test", cirr) == r / "qrels/test/mbeir_cirr_task7_test_qrels.txt"
+    assert mbeir.qrels_path(r, "test", "mscoco_task0") == r / "qrels/test/mbeir_mscoco_task0_test_qrels.txt"
+    assert mbeir.qrels_path(r, "train", "oven_task8") == r / "qrels/train/mbeir_oven_task8_train_qrels.txt"
+    with pytest.raises(ValueError):
+        mbeir.qrels_path(r, "test", "webqa")  # a dataset alone no longer names a qrels file
+    assert mbeir.union_query_path(r, "train") == r / "query/union_train/mbeir_union_up_train.jsonl"
+    assert mbeir.union_query_path(r, "train", "union") == r / "query/union_train/mbeir_union_train.jsonl"
+    assert mbeir.union_query_path(r, "val", "union") == r / "query/union_val/mbeir_union_val.jsonl"
+    with pytest.raises(ValueError, match="no 'union_up' union query file for split 'val'"):
+        mbeir.union_query_path(r, "val")
     assert mbeir.instructions_path(r) == r / "instructions/query_instructions.tsv"
     with pytest.raises(ValueError, match="split must be one of"):
         mbeir.query_path(r, "dev", "nights_task4")
@@ -420,20 +431,23 @@ def test_image_existence_check_when_asked(tmp_path: Path) -> None:
 
 
 def test_qrels(tmp_path: Path) -> None:
-    path = tmp_path / "qrels/test/mbeir_oven_test_qrels.txt"
+    path = tmp_path / "qrels/test/mbeir_oven_task6_test_qrels.txt"
     path.parent.mkdir(parents=True)
-    path.write_text("5:1 0 5:10 1 6\n5:1 0 6:20 1 6\n5:1 0 5:10 1 6\n\n5:2 0 5:11 0 8\n5:3 0 5:12 1 8\n")
-    qrels = mbeir.read_qrels(tmp_path, "test", "oven")
-    assert qrels.positives == {"5:1": ("5:10", "6:20"), "5:3": ("5:12",)}
-    assert qrels.task_ids == {"5:1": 6, "5:2": 8, "5:3": 8}
+    path.write_text("5:1 0 5:10 1 6\n5:1 0 6:20 1 6\n5:1 0 5:10 1 6\n\n5:2 0 5:11 0 6\n5:3 0 5:12 1 6\n")
+    qrels = mbeir.read_qrels(tmp_path, "test", "oven_task6")
+    assert qrels.positives == {"5:1": ("5:10", "6:20"), "5:3": ("5:12",)}  # the InfoSeek copy is a positive
+    assert qrels.task_ids == {"5:1": 6, "5:2": 6, "5:3": 6}
     assert mbeir.restrict_positives("5:1", qrels.positives["5:1"]) == ("5:10",)
-    path.write_text("5:1 0 5:10 1 6\n5:2 0 5:11 1\n5:1 0 5:13 1 8\n5:4 0 5:14 yes 6\n5:5 0 5:15 1 6\n")
-    with pytest.raises(BadRecordError, match=r"mbeir_oven_test_qrels.txt:2: bad_line: "):
-        mbeir.read_qrels(tmp_path, "test", "oven")
+    path.write_text("5:1 0 5:10 1 6\n5:2 0 5:11 1\n5:1 0 5:13 1 8\n5:4 0 5:14 yes 6\n5:5 0 5:15 1 6\n5:6 0 5:16 1 8\n")
+    with pytest.raises(BadRecordError, match=r"mbeir_oven_task6_test_qrels.txt:2: bad_line: "):
+        mbeir.read_qrels(tmp_path, "test", "oven_task6")
     bad = BadRecords("skip")
-    qrels = mbeir.read_qrels(tmp_path, "test", "oven", bad=bad)
+    qrels = mbeir.read_qrels(tmp_path, "test", "oven_task6", bad=bad)
     assert qrels.positives == {"5:1": ("5:10",), "5:5": ("5:15",)}
-    assert dict(bad.counts) == {br.BAD_LINE: 1, br.BAD_TASK: 1, br.BAD_TYPE: 1}
+    # line 3: qid 5:1 with a second task id; line 6: a task 8 line in the task 6 file
+    assert dict(bad.counts) == {br.BAD_LINE: 1, br.BAD_TASK: 2, br.BAD_TYPE: 1}
+    with pytest.raises(FileNotFoundError, match="mbeir_oven_task8_test_qrels.txt: no test qrels for oven_task8"):
+        mbeir.read_qrels(tmp_path, "test", "oven_task8")
 
 
 # ------------------------------------------------------------------------------------------- instructions

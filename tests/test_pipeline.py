@@ -118,14 +118,18 @@ def test_restored_iterator_yields_the_same_batches(store, processor, workers):
 
 
 def test_hosts_read_disjoint_slices_covering_an_epoch(store, processor):
+    from collections import Counter
+
     cfg = PipelineConfig(**{**CFG.__dict__, "num_epochs": 1, "batch_size": 8})
     seen = []
     for host in range(2):
         ds = train_dataset(store, processor, cfg, process_index=host, process_count=2)
-        seen.append([q for b in ds for q in b["meta"]["qids"]])
-    assert not set(seen[0]) & set(seen[1])
-    assert len(seen[0]) == len(seen[1]) == len(store.queries) // 2 // 8 * 8  # full batches only
-    assert len(set(seen[0]) | set(seen[1])) == len(seen[0]) + len(seen[1])
+        seen.append(Counter(q for b in ds for q in b["meta"]["qids"]))
+    # The store reads the up-sampled union file: a qid repeats once per copy, each copy its own example.
+    available = Counter(q.qid for q in store.queries)
+    assert max(available.values()) > 1
+    assert sum(seen[0].values()) == sum(seen[1].values()) == len(store.queries) // 2 // 8 * 8  # full batches only
+    assert seen[0] + seen[1] <= available  # no example read twice across the hosts
 
 
 def test_hard_negatives_come_from_the_negatives_file(root, processor, tmp_path):
@@ -177,7 +181,7 @@ def _corrupt_first_query_image(root: Path, tmp_path: Path) -> tuple[Path, str]:
     """A copy of the corpus whose first image query (train split) points at a truncated file."""
     copy = tmp_path / "mbeir"
     shutil.copytree(root, copy)
-    store = RawStore(copy, "train")
+    store = RawStore(copy, "train", query_file="per_task")
     query = next(q for q in store.queries if q.image_path)
     (copy / query.image_path).write_bytes(b"\x89PNG\r\n\x1a\n broken")
     return copy, query.qid
@@ -194,7 +198,7 @@ def test_bad_image_stops_with_the_record_named(root, processor, tmp_path):
 
 def test_bad_image_is_skipped_and_counted(root, processor, tmp_path):
     copy, qid = _corrupt_first_query_image(root, tmp_path)
-    store = RawStore(copy, "train")
+    store = RawStore(copy, "train", query_file="per_task")  # each query once (no up-sampled copies)
     cfg = PipelineConfig(**{**CFG.__dict__, "num_epochs": 1, "shuffle": False, "on_bad_record": "skip"})
     bad = BadRecords("skip")
     qids = [

@@ -21,8 +21,13 @@ from mmret.data.synthetic import DATASETS, FUSION_TASK_IDS, TASK_MODALITIES, TAS
 from mmret.data.synthetic.scenes import _TEXTURE_WORDS
 from mmret.data.synthetic.tasks import BOARD_TRAIN_MULTIPLE, Context, board_task, make_kb
 from mmret.data.synthetic.writer import (
+    CROSS_POSITIVES,
     MODALITY_AWARE_NEGATIVES_RELPATH,
     SPLITS,
+    UNION_TRAIN_RELPATH,
+    UNION_UP_TRAIN_RELPATH,
+    UNION_VAL_RELPATH,
+    UP_SAMPLED,
     global_pool_relpath,
     local_pool_relpath,
     qrels_relpath,
@@ -85,10 +90,15 @@ def test_layout_has_every_real_path(corpus: Path) -> None:
     for t in TASKS:
         for s in SPLITS:
             expected.add(f"query/{s}/mbeir_{t.dataset}_task{t.task_id}_{s}.jsonl")
-            expected.add(f"qrels/{s}/mbeir_{t.dataset}_{s}_qrels.txt")
+            expected.add(f"qrels/{s}/mbeir_{t.dataset}_task{t.task_id}_{s}_qrels.txt")  # one per dataset-task
         test = "_test" if t.dataset == "mscoco" else ""
         expected.add(f"cand_pool/local/mbeir_{t.dataset}_task{t.task_id}{test}_cand_pool.jsonl")
     expected |= {f"cand_pool/global/mbeir_union_{s}_cand_pool.jsonl" for s in SPLITS}
+    expected |= {
+        "query/union_train/mbeir_union_up_train.jsonl",  # the file every published recipe trains from
+        "query/union_train/mbeir_union_train.jsonl",
+        "query/union_val/mbeir_union_val.jsonl",
+    }
     assert "cand_pool/local/mbeir_mscoco_task0_test_cand_pool.jsonl" in expected
     files = {str(p.relative_to(corpus)) for p in corpus.rglob("*") if p.is_file()}
     assert expected <= files
@@ -143,22 +153,66 @@ def test_ids_are_unique_and_carry_the_dataset_id(queries: dict, pools: dict) -> 
 
 
 def test_positives_are_in_the_pool_and_match_qrels(corpus: Path, queries: dict, pools: dict) -> None:
-    qrels: dict[str, list[str]] = defaultdict(list)
-    for dataset in DATASETS:
-        for s in SPLITS:
-            for line in (corpus / qrels_relpath(dataset, s)).read_text().splitlines():
-                qid, zero, did, one, task_id = line.split(" ")
-                assert (zero, one) == ("0", "1")
-                qrels[qid].append(did)
+    """Own-dataset positives are in the task's local pool; the only others are OVEN's / InfoSeek's test
+    positives from the partner task's test pool, each a copy (same text and image) of an own positive."""
+    by_name = {t.name: t for t in TASKS}
+    crossed = 0
     for t in TASKS:
         for s in SPLITS:
+            qrels: dict[str, list[str]] = defaultdict(list)
+            for line in (corpus / qrels_relpath(t, s)).read_text().splitlines():
+                qid, zero, did, one, task_id = line.split(" ")
+                assert (zero, one, task_id) == ("0", "1", str(t.task_id))
+                qrels[qid].append(did)
             pool = {c["did"]: c for c in pools[local_pool_relpath(t, s)]}
+            partner = CROSS_POSITIVES.get(t.name) if s == "test" else None
+            other = {c["did"]: c for c in pools[local_pool_relpath(by_name[partner], s)]} if partner else {}
+            assert set(qrels) == {q["qid"] for q in queries[(t.name, s)]}
             for q in queries[(t.name, s)]:
                 assert q["query_modality"] == TASK_MODALITIES[t.task_id][0]
-                for did in q["pos_cand_list"]:
-                    assert pool[did]["modality"] == TASK_MODALITIES[t.task_id][1]
+                own = [d for d in q["pos_cand_list"] if int(d.split(":")[0]) == t.dataset_id]
+                cross = [d for d in q["pos_cand_list"] if d not in own]
+                assert own and all(pool[d]["modality"] == TASK_MODALITIES[t.task_id][1] for d in own)
+                copies = {(pool[d]["txt"], pool[d]["img_path"] and _image_key(corpus, pool[d])) for d in own}
+                for did in cross:
+                    c = other[did]  # only the partner's test pool holds other positives
+                    assert (c["txt"], c["img_path"] and _image_key(corpus, c)) in copies
+                crossed += bool(cross)
                 assert set(q["neg_cand_list"]) <= set(pool) and not set(q["neg_cand_list"]) & set(q["pos_cand_list"])
                 assert qrels[q["qid"]] == q["pos_cand_list"]
+    assert crossed >= 24  # most OVEN test queries and some InfoSeek ones have the other dataset's copy
+
+
+def _image_key(corpus: Path, cand: dict[str, Any]) -> bytes:
+    """An image's pixels (the two datasets store the same picture under their own paths)."""
+    with Image.open(corpus / cand["img_path"]) as im:
+        return im.convert("RGB").tobytes()
+
+
+def test_union_files_as_uniirs_generator_writes_them(corpus: Path, queries: dict) -> None:
+    """union_up_train: every training query, the up-sampled datasets filled to twice their size with copies
+    of their own queries (repeated qids, identical lines), shuffled; union_train: each training query once;
+    union_val: the val queries."""
+    train = {q["qid"]: q for t in TASKS for q in queries[(t.name, "train")]}
+    up = _jsonl(corpus / UNION_UP_TRAIN_RELPATH)
+    plain = _jsonl(corpus / UNION_TRAIN_RELPATH)
+    assert sorted(q["qid"] for q in plain) == sorted(train) and all(train[q["qid"]] == q for q in plain)
+    assert [q["qid"] for q in plain] != list(train)  # shuffled
+    counts: dict[str, int] = defaultdict(int)
+    for q in up:
+        assert train[q["qid"]] == q  # a copy is the identical record
+        counts[q["qid"]] += 1
+    assert set(counts) == set(train)
+    per_dataset: dict[str, list[int]] = defaultdict(list)
+    for qid, n in counts.items():
+        per_dataset[next(d for d, (i, _) in DATASETS.items() if str(i) == qid.split(":")[0])].append(n)
+    for dataset, ns in per_dataset.items():
+        if dataset in UP_SAMPLED:
+            assert sum(ns) == 2 * len(ns) and max(ns) > 1, dataset  # twice the dataset's size
+        else:
+            assert set(ns) == {1}, dataset
+    val = _jsonl(corpus / UNION_VAL_RELPATH)
+    assert sorted(q["qid"] for q in val) == sorted(q["qid"] for t in TASKS for q in queries[(t.name, "val")])
 
 
 def test_global_pool_is_the_union_of_local_test_pools(corpus: Path, pools: dict) -> None:
@@ -305,6 +359,8 @@ def test_board_questions_name_one_entity_of_the_board(queries: dict, pools: dict
                 others = meta["board_entities"]
                 assert 5 <= len(others) <= 7, t.name  # 6-8 entities on the board
                 for did in q["pos_cand_list"]:
+                    if did not in by_did:  # the other dataset's copy (checked in the test above)
+                        continue
                     (asked,) = set(re.findall(r"\w+", by_did[did]["txt"])) & set(looks)
                     assert looks[asked][attr] == value and asked not in others, (t.name, q["qid"])
                 assert all(looks[o][attr] != value for o in others), (t.name, q["qid"])
@@ -342,11 +398,18 @@ def test_reader_agrees(corpus: Path) -> None:
         for s in SPLITS:
             assert mbeir.local_pool_path(corpus, t.name, s) == corpus / local_pool_relpath(t, s)
             pool = mbeir.read_local_pool(corpus, t.name, s, image_root=corpus)
-            for q in mbeir.read_queries(corpus, s, t.name, pool=pool, image_root=corpus):
+            # test: OVEN/InfoSeek positives include the partner's copies, outside the local pool
+            own = s == "test"
+            for q in mbeir.read_queries(corpus, s, t.name, pool=pool, image_root=corpus, eval_positives=own):
                 assert mbeir.query_text(q, instructions, seed=0)
+            assert mbeir.read_qrels(corpus, s, t.name).positives
     assert len(mbeir.read_global_pool(corpus, "test")) == sum(
         len(mbeir.read_local_pool(corpus, t.name, "test")) for t in TASKS
     )
+    train_pool = mbeir.read_global_pool(corpus, "train")
+    up = mbeir.read_union_queries(mbeir.union_query_path(corpus, "train"), pool=train_pool, image_root=corpus)
+    assert max(q.copy for q in up) >= 1 and len(up) > len({q.qid for q in up})
+    assert all(q.copy == 0 for q in mbeir.read_union_queries(corpus / UNION_TRAIN_RELPATH, pool=train_pool))
 
 
 def test_board_tasks_get_more_training_queries_without_a_larger_pool(queries: dict, pools: dict) -> None:
@@ -360,3 +423,21 @@ def test_board_tasks_get_more_training_queries_without_a_larger_pool(queries: di
         few, many = (board_task(info, candidate)(random.Random(1), n, ctx) for n in (12, 96))
         assert len(many.queries) == 96
         assert {(c.txt, c.img) for c in few.pool} == {(c.txt, c.img) for c in many.pool}
+
+
+def test_global_pool_scores_either_copy_of_an_oven_infoseek_entity(corpus: Path) -> None:
+    """On the global pool a ranking that puts the other dataset's copy first scores a hit (UniIR's rule: every
+    qrels positive), where the old own-dataset restriction would have scored a miss."""
+    from mmret.data import mbeir
+    from mmret.eval.metrics import evaluate_task
+
+    for name in CROSS_POSITIVES:
+        positives = mbeir.read_qrels(corpus, "test", name).positives
+        global_pool = mbeir.read_global_pool(corpus, "test")
+        qids = [q for q, dids in positives.items() if mbeir.restrict_positives(q, dids) != dids]
+        assert qids, name
+        ranked = [[next(d for d in positives[q] if d not in mbeir.restrict_positives(q, positives[q]))] for q in qids]
+        assert all(r[0] in global_pool for r in ranked)
+        assert evaluate_task(name, qids, ranked, positives).recall[1] == 100.0
+        own = {q: mbeir.restrict_positives(q, positives[q]) for q in qids}
+        assert evaluate_task(name, qids, ranked, own).recall[10] == 0.0

@@ -161,7 +161,7 @@ def test_tfds_reads_the_build_without_tensorflow(build: Path, root: Path) -> Non
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_store_has_the_raw_records_and_pixels(build: Path, root: Path, split: str) -> None:
-    raw, ar = RawStore(root, split), ArrayRecordStore(build, split)
+    raw, ar = RawStore(root, split, query_file="per_task"), ArrayRecordStore(build, split)
     assert len(ar.queries) == len(raw.queries)
     assert list(ar.queries) == list(raw.queries)
     assert ar.queries[-1] == raw.queries[-1] and ar.queries[3:7] == raw.queries[3:7]
@@ -200,7 +200,9 @@ def test_build_of_some_tasks_reads_their_local_pools(root: Path, tmp_path: Path)
 
 
 def test_training_batches_are_identical(build: Path, root: Path, processor: Processor) -> None:
-    raw = train_dataset(RawStore(root, "train"), processor, CFG, process_index=0, process_count=1)
+    raw = train_dataset(
+        RawStore(root, "train", query_file="per_task"), processor, CFG, process_index=0, process_count=1
+    )
     ar = train_dataset(ArrayRecordStore(build, "train"), processor, CFG, process_index=0, process_count=1)
     for a, b in zip(_take(iter(raw), 4), _take(iter(ar), 4), strict=True):
         _assert_same_batch(a, b)
@@ -210,7 +212,7 @@ def test_batches_with_negatives_and_workers_are_identical(
     build: Path, root: Path, negatives: Path, processor: Processor
 ) -> None:
     cfg = PipelineConfig(**{**CFG.__dict__, "num_negatives": 2})
-    raw_store = RawStore(root, "train", negatives_file=negatives)
+    raw_store = RawStore(root, "train", negatives_file=negatives, query_file="per_task")
     ar_store = ArrayRecordStore(build, "train", negatives_file=build / "negatives" / "train.jsonl")
     assert dict(ar_store.negatives) == raw_store.negatives
     expected = _take(iter(train_dataset(raw_store, processor, cfg, process_index=0, process_count=1)), 3)

@@ -5,7 +5,9 @@ Layout of a root (UniIR's release, and ``tools/make_synthetic_mbeir.py``)::
     query/{train,val,test}/mbeir_<dataset>_task<N>_<split>.jsonl
     cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl     (MSCOCO test: ..._task<N>_test_cand_pool.jsonl)
     cand_pool/global/mbeir_union_<split>_cand_pool.jsonl
-    qrels/<split>/mbeir_<dataset>_<split>_qrels.txt              (lines "qid 0 did 1 task_id")
+    qrels/<split>/mbeir_<dataset>_task<N>_<split>_qrels.txt      (one per dataset-task; lines "qid 0 did 1 task_id")
+    query/union_train/mbeir_union_up_train.jsonl                 (training file: 16 tasks, up-sampled, repeated qids)
+    query/union_val/mbeir_union_val.jsonl
     instructions/query_instructions.tsv
     mbeir_images/...                                            (image paths in records are relative to the root)
 
@@ -84,7 +86,9 @@ TASK_MODALITIES: dict[int, tuple[str, str]] = {
     8: ("image,text", "image,text"),
 }
 
-#: Datasets whose positives are restricted to the query's own dataset at evaluation (OVEN, InfoSeek).
+#: OVEN and InfoSeek: their queries' positives include the other dataset's copy of the entity. UniIR's
+#: dataset class keeps only the query's own dataset's positives at evaluation, to pick the positive whose
+#: modality keys the instruction; scoring uses every qrels positive (RECIPES.md s.1).
 EVAL_RESTRICTED_DATASETS = frozenset({DATASET_IDS["oven"], DATASET_IDS["infoseek"]})
 
 #: Datasets reported at Recall@10 (Fashion200K, FashionIQ); all others at Recall@5.
@@ -241,13 +245,30 @@ def global_pool_path(root: str | Path, split: str = "test") -> Path:
     return Path(root) / "cand_pool" / "global" / f"mbeir_union_{_split(split)}_cand_pool.jsonl"
 
 
-def qrels_path(root: str | Path, split: str, dataset: str | DatasetTask) -> Path:
-    """``qrels/<split>/mbeir_<dataset>_<split>_qrels.txt`` (one file per dataset, all its tasks)."""
-    name = dataset.dataset if isinstance(dataset, DatasetTask) else dataset
-    if name not in DATASET_IDS:
-        raise ValueError(f"unknown M-BEIR dataset {name!r}")
+def qrels_path(root: str | Path, split: str, task: str | DatasetTask) -> Path:
+    """``qrels/<split>/mbeir_<dataset>_task<N>_<split>_qrels.txt``: one file per dataset-task, named after
+    its query file (MSCOCO included: no ``_test`` infix as in its pool names)."""
     split = _split(split)
-    return Path(root) / "qrels" / split / f"mbeir_{name}_{split}_qrels.txt"
+    return Path(root) / "qrels" / split / f"mbeir_{dataset_task(task).name}_{split}_qrels.txt"
+
+
+#: The union query files (``data.split`` train / val read them when present; test has none).
+UNION_QUERY_FILES: dict[str, dict[str, str]] = {
+    "train": {
+        "union_up": "query/union_train/mbeir_union_up_train.jsonl",
+        "union": "query/union_train/mbeir_union_train.jsonl",
+    },
+    "val": {"union": "query/union_val/mbeir_union_val.jsonl"},
+}
+
+
+def union_query_path(root: str | Path, split: str, kind: str = "union_up") -> Path:
+    """A union query file of ``split`` (:data:`UNION_QUERY_FILES`): ``union_up`` (up-sampled, the file every
+    published recipe trains from) or ``union`` (each training query once; val has only this one)."""
+    files = UNION_QUERY_FILES.get(_split(split), {})
+    if kind not in files:
+        raise ValueError(f"no {kind!r} union query file for split {split!r} (have: {', '.join(files) or 'none'})")
+    return Path(root) / files[kind]
 
 
 def instructions_path(root: str | Path) -> Path:
@@ -397,7 +418,9 @@ def parse_candidate(obj: Mapping[str, Any], where: str, *, keep_src_content: boo
 
 
 def restrict_positives(qid: str, dids: Iterable[str]) -> tuple[str, ...]:
-    """The evaluation positives of ``qid``: for OVEN and InfoSeek only those from the query's own dataset."""
+    """The positives of ``qid`` from its own dataset for OVEN and InfoSeek (all of them otherwise): the
+    ones that name the instruction's candidate modality and must be in the task's local pool. Not a
+    scoring rule: scoring counts every qrels positive."""
     dids = tuple(dids)
     prefix, _, _ = qid.partition(":")
     if int(prefix) not in EVAL_RESTRICTED_DATASETS:
@@ -477,17 +500,21 @@ def iter_queries(
     keep_src_content: bool = False,
     image_root: str | Path | None = None,
     seen: set[str] | None = None,
+    copies: dict[str, Query] | None = None,
 ) -> Iterator[Query]:
     """Stream the valid queries of one file.
 
     ``task`` defaults to the one the file name gives (``mbeir_<dataset>_task<N>_<split>.jsonl``), none for
-    other names. ``eval_positives`` applies the OVEN/InfoSeek restriction before the positive checks.
-    With ``pool``, every positive and negative must be in it. ``seen`` (shared across files) catches
-    duplicate qids; the first occurrence wins. ``bad`` defaults to ``BadRecords("error")``.
+    other names. ``eval_positives`` keeps only the own-dataset positives (:func:`restrict_positives`)
+    before the positive checks. With ``pool``, every positive and negative must be in it. ``seen``
+    (shared across files) catches duplicate qids; the first occurrence wins. ``copies`` (a union file's
+    qid -> first occurrence) instead allows repeats of a qid with the same record, as up-sampling writes
+    them: each is yielded with its ``copy`` number (0, 1, ...). ``bad`` defaults to ``BadRecords("error")``.
     """
     bad = BadRecords("error") if bad is None else bad
     task = _task_of_file(path) if task is None else dataset_task(task)
     seen = set() if seen is None else seen
+    counts: dict[str, int] = {}
     for where, obj in iter_jsonl(path, bad):
         try:
             query = parse_query(obj, where, task=task, keep_src_content=keep_src_content)
@@ -495,6 +522,12 @@ def iter_queries(
                 query = for_eval(query)
                 if not query.pos_cand_list:
                     raise BadRecordError(where, NO_POSITIVES, f"query {query.qid} has no positive from its own dataset")
+            if copies is not None and query.qid in copies:
+                if copies[query.qid] != query:
+                    raise BadRecordError(where, DUPLICATE_ID, f"qid {query.qid!r} repeats with another record")
+                counts[query.qid] += 1
+                yield dataclasses.replace(copies[query.qid], copy=counts[query.qid], where=where)
+                continue
             if query.qid in seen:
                 raise BadRecordError(where, DUPLICATE_ID, f"qid {query.qid!r} appears twice")
             if pool is not None:
@@ -505,7 +538,38 @@ def iter_queries(
             bad.handle(e)
             continue
         seen.add(query.qid)
+        if copies is not None:
+            copies[query.qid], counts[query.qid] = query, 0
         yield query
+
+
+def read_union_queries(
+    path: str | Path,
+    tasks: Iterable[str | DatasetTask] | None = None,
+    *,
+    bad: BadRecords | None = None,
+    pool: Mapping[str, object] | None = None,
+    keep_src_content: bool = False,
+    image_root: str | Path | None = None,
+) -> list[Query]:
+    """The valid queries of a union file (:func:`union_query_path`), in file order, up-sampled copies of
+    a qid included (each its own example, numbered by ``copy``); ``tasks`` keeps only those dataset-tasks
+    (by each line's qid prefix and ``task_id``). Options as :func:`iter_queries`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such union query file")
+    keep = None if tasks is None else {dataset_task(t) for t in tasks}
+    out: list[Query] = []
+    for query in iter_queries(
+        path, bad=bad, pool=pool, keep_src_content=keep_src_content, image_root=image_root, copies={}
+    ):
+        if keep is None or _query_task(query) in keep:
+            out.append(query)
+    return out
+
+
+def _query_task(query: Query) -> DatasetTask | None:
+    name = DATASET_NAMES.get(query.dataset_id)
+    return None if name is None else DatasetTask(name, query.task_id)
 
 
 def read_queries(
@@ -611,8 +675,9 @@ def read_global_pool(root: str | Path, split: str = "test", **kwargs: Any) -> di
     return read_pool(global_pool_path(root, split), **kwargs)
 
 
-def read_qrels_file(path: str | Path, *, bad: BadRecords | None = None) -> Qrels:
-    """Parse ``qid 0 did relevance task_id`` lines; only relevance > 0 counts as a positive."""
+def read_qrels_file(path: str | Path, *, bad: BadRecords | None = None, task_id: int | None = None) -> Qrels:
+    """Parse ``qid 0 did relevance task_id`` lines; only relevance > 0 counts as a positive. With
+    ``task_id`` (a dataset-task's file), a line of another task is a ``bad_task`` record."""
     bad = BadRecords("error") if bad is None else bad
     positives: dict[str, list[str]] = {}
     task_ids: dict[str, int] = {}
@@ -633,13 +698,15 @@ def read_qrels_file(path: str | Path, *, bad: BadRecords | None = None) -> Qrels
                 qid = _check_id(fields[0], "qid", where)
                 did = _check_id(fields[2], "did", where)
                 try:
-                    relevance, task_id = int(fields[3]), int(fields[4])
+                    relevance, line_task = int(fields[3]), int(fields[4])
                 except ValueError:
                     raise BadRecordError(where, BAD_TYPE, "relevance and task_id must be integers") from None
-                if task_id not in TASK_MODALITIES:
-                    raise BadRecordError(where, BAD_TASK, f"unknown task_id {task_id}")
-                if task_ids.setdefault(qid, task_id) != task_id:
-                    raise BadRecordError(where, BAD_TASK, f"qid {qid} has task_id {task_ids[qid]} and {task_id}")
+                if line_task not in TASK_MODALITIES:
+                    raise BadRecordError(where, BAD_TASK, f"unknown task_id {line_task}")
+                if task_id is not None and line_task != task_id:
+                    raise BadRecordError(where, BAD_TASK, f"task_id {line_task} in a task {task_id} qrels file")
+                if task_ids.setdefault(qid, line_task) != line_task:
+                    raise BadRecordError(where, BAD_TASK, f"qid {qid} has task_id {task_ids[qid]} and {line_task}")
             except BadRecordError as e:
                 bad.handle(e)
                 continue
@@ -650,9 +717,12 @@ def read_qrels_file(path: str | Path, *, bad: BadRecords | None = None) -> Qrels
     return Qrels({q: tuple(d) for q, d in positives.items()}, task_ids)
 
 
-def read_qrels(root: str | Path, split: str, dataset: str | DatasetTask, *, bad: BadRecords | None = None) -> Qrels:
-    """A dataset's qrels for ``split`` (:func:`qrels_path`)."""
-    return read_qrels_file(qrels_path(root, split, dataset), bad=bad)
+def read_qrels(root: str | Path, split: str, task: str | DatasetTask, *, bad: BadRecords | None = None) -> Qrels:
+    """A dataset-task's qrels for ``split`` (:func:`qrels_path`)."""
+    path = qrels_path(root, split, task)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {split} qrels for {dataset_task(task).name} under {root}")
+    return read_qrels_file(path, bad=bad, task_id=dataset_task(task).task_id)
 
 
 # ------------------------------------------------------------------------------------------- instructions

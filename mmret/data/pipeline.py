@@ -46,6 +46,8 @@ from mmret.data.mbeir import (
     read_local_pool,
     read_pool,
     read_queries,
+    read_union_queries,
+    union_query_path,
 )
 from mmret.data.negatives import read_negatives
 from mmret.data.processor import PaddingSide, ProcessedExample, Processor
@@ -106,8 +108,37 @@ class RecordStore(Protocol):
     def image(self, path: str, *, max_pixels: int) -> Image.Image: ...
 
 
+#: ``data.query_file`` choices (:class:`RawStore`).
+QUERY_FILES = ("auto", "union_up", "union", "per_task")
+
+
+def union_file(root: str | Path, split: str, query_file: str = "auto") -> Path | None:
+    """The union query file ``split`` reads under ``query_file`` (None: the per-task files).
+
+    ``auto``: train reads ``mbeir_union_up_train.jsonl`` and val ``mbeir_union_val.jsonl`` when the root
+    has them (the files every published recipe uses); test, and roots without them, read the per-task files.
+    """
+    if query_file not in QUERY_FILES:
+        raise ValueError(f"data.query_file must be one of {', '.join(QUERY_FILES)}, got {query_file!r}")
+    if query_file == "per_task":
+        return None
+    if query_file == "auto":
+        kind = {"train": "union_up", "val": "union"}.get(split)
+        path = None if kind is None else union_query_path(root, split, kind)
+        return path if path is not None and path.is_file() else None
+    path = union_query_path(root, split, query_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (data.query_file={query_file!r})")
+    return path
+
+
 class RawStore:
-    """An M-BEIR root on disk: queries of one split, the candidates they need, images read on demand."""
+    """An M-BEIR root on disk: queries of one split, the candidates they need, images read on demand.
+
+    Queries come from the split's union file when there is one (:func:`union_file`; up-sampled copies are
+    separate examples) against the union pool, else from the per-task files; ``tasks`` keeps only those
+    dataset-tasks either way.
+    """
 
     def __init__(
         self,
@@ -117,11 +148,17 @@ class RawStore:
         *,
         negatives_file: str | Path | None = None,
         bad: BadRecords | None = None,
+        query_file: str = "auto",
     ):
         self.root = Path(root)
         self.bad = BadRecords("error") if bad is None else bad
-        self.pool = self._read_pool(split, tasks)
-        self.queries = read_queries(self.root, split, tasks, bad=self.bad, pool=self.pool)
+        self.query_file = union_file(self.root, split, query_file)
+        if self.query_file is not None:
+            self.pool = read_pool(global_pool_path(self.root, split), bad=self.bad)
+            self.queries = read_union_queries(self.query_file, tasks, bad=self.bad, pool=self.pool)
+        else:
+            self.pool = self._read_pool(split, tasks)
+            self.queries = read_queries(self.root, split, tasks, bad=self.bad, pool=self.pool)
         path = instructions_path(self.root)
         self.instructions = read_instructions(path, bad=self.bad) if path.is_file() else None
         self.negatives = (

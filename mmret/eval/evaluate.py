@@ -1,8 +1,8 @@
 """Search embedded pools and score them: embeddings directory + M-BEIR root -> TREC runs and a report.
 
 ``local``: every task's queries against its own pool (one index per task). ``global``: every task's
-queries against the union pool (one index). Positives come from the qrels files (OVEN/InfoSeek
-restricted to the query's own dataset, :func:`mmret.eval.metrics.evaluate_task`).
+queries against the union pool (one index). Positives come from each task's qrels file, all of them
+counted (:func:`mmret.eval.metrics.evaluate_task`).
 
     python tools/scann_eval.py --embeddings DIR --mbeir_root ROOT --pool local|global --out OUT
 """
@@ -31,10 +31,10 @@ MIN_DEPTH = 10
 
 
 def positives_for(root: str | Path, split: str, tasks: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """qid -> positive dids from the qrels files of the tasks' datasets."""
+    """qid -> positive dids from the qrels files of the tasks (one file per dataset-task)."""
     out: dict[str, tuple[str, ...]] = {}
-    for dataset in sorted({dataset_task(t).dataset for t in tasks}):
-        out.update(read_qrels(root, split, dataset).positives)
+    for task in tasks:
+        out.update(read_qrels(root, split, task).positives)
     return out
 
 

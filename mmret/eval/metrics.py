@@ -5,8 +5,9 @@ TIGER-AI-Lab/UniIR; RECIPES.md s.1): a query scores 1 when the set of its first 
 the set of its positives, else 0, and a query without positives scores 0 (it stays in the denominator).
 Being set based, duplicated dids in a ranking or in the positives never count twice; a duplicate still
 takes up its slot in the ranking. Recall@k of a dataset-task is the mean over its queries, reported here
-in percent like the papers. Before scoring, :func:`evaluate_task` restricts the positives of OVEN and
-InfoSeek queries to their own dataset (:func:`mmret.data.mbeir.restrict_positives`).
+in percent like the papers. Every qrels positive counts (OVEN's and InfoSeek's include the other
+dataset's copy of the entity, so on the global pool retrieving either copy is a hit); a query of a task
+with no positives is an error in :func:`evaluate_task`, as UniIR asserts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mmret.atomic_dir import write_atomic  # noqa: F401 (re-exported: report.py and tests use it from here)
-from mmret.data.mbeir import DatasetTask, dataset_task, restrict_positives
+from mmret.data.mbeir import DatasetTask, dataset_task
 
 #: The k of the Recall@k computed for every task (the headline k, 5 or 10, is among them).
 KS: tuple[int, ...] = (1, 5, 10)
@@ -85,9 +86,9 @@ def evaluate_task(
     """Recall@1/5/10 of one dataset-task from each query's ranking (best first) and ``qid -> positives``
     (e.g. :attr:`mmret.data.mbeir.Qrels.positives`; extra qids are ignored).
 
-    OVEN/InfoSeek positives are restricted to the query's own dataset first. Raises ``ValueError`` on
-    no queries, a length mismatch, a repeated qid or a qid of another dataset, ``KeyError`` on a qid
-    missing from ``positives``.
+    Every positive counts (no OVEN/InfoSeek restriction). Raises ``ValueError`` on no queries, a length
+    mismatch, a repeated qid, a qid of another dataset or a query without positives, ``KeyError`` on a
+    qid missing from ``positives``.
     """
     task = dataset_task(task)
     if len(qids) != len(ranked):
@@ -106,7 +107,9 @@ def evaluate_task(
             raise KeyError(f"{task.name}: query {qid!r} has no entry in the positives (qrels)")
         pos = positives[qid]
         _not_a_string(pos, f"{task.name}: the positives of {qid!r}")
-        pos_lists.append(frozenset(restrict_positives(qid, pos)))
+        if not pos:
+            raise ValueError(f"{task.name}: query {qid!r} has no positives")
+        pos_lists.append(frozenset(pos))
     recall = {k: recall_at_k(ranked, pos_lists, k) for k in KS}
     return TaskResult(task.name, len(qids), recall)
 

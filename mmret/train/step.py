@@ -33,6 +33,10 @@ class Retriever(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     symmetric: bool = False  # add the candidate->query term (U-MARVEL's caption stage)
+    symmetric_reduction: str = "mean"  # "mean" of the two directions, or U-MARVEL's "sum"
+    # Leave a query's other labelled positives in the batch out of its denominator (mmret's default);
+    # U-MARVEL's loss has no such masking (every other in-batch candidate is a negative).
+    mask_false_negatives: bool = True
     grad_cache: bool = False  # the batch is chunked; take the gradient with GradCache
 
 
@@ -70,9 +74,10 @@ def embeddings_loss(
         q,
         c,
         positive_index=_positive_index(q.shape[0], c.shape[0]),
-        positive_mask=positive_mask,
+        positive_mask=positive_mask if cfg.mask_false_negatives else None,
         temperature=temperature,
         symmetric=cfg.symmetric,
+        symmetric_reduction=cfg.symmetric_reduction,
     )
 
 

@@ -117,7 +117,11 @@ class DataConfig:
     root: str = ""
     format: str = "raw"
     split: str = "train"
-    tasks: tuple[str, ...] | None = None
+    tasks: tuple[str, ...] | None = None  # dataset-tasks to keep (of the union file or the per-task files)
+    # "auto": the union file of the split when the root has one (train: mbeir_union_up_train.jsonl, val:
+    # mbeir_union_val.jsonl), else the per-task files; "union_up" / "union": that union file (required);
+    # "per_task": the 16 per-task files. (raw format only)
+    query_file: str = "auto"
     negatives_file: str | None = None
     processor_dir: str | None = None  # tokenizer + preprocessor files; default: the model's directory
     processor: ProcessorConfig = ProcessorConfig()
@@ -143,12 +147,19 @@ class TrainerConfig:
     freeze: tuple[str, ...] = ()  # path regexes (relative to the backbone or to the Retriever)
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
-    symmetric: bool = False
+    symmetric: bool = False  # add the candidate->query InfoNCE term (U-MARVEL's caption stage)
+    symmetric_reduction: str = "mean"  # how the two directions combine: "mean", or "sum" (U-MARVEL's code)
+    # Labelled positives of a query elsewhere in the batch are left out of its denominator (True, mmret's
+    # default) or count as negatives (False: U-MARVEL's loss, the paper config's choice).
+    mask_false_negatives: bool = True
     # Queries per GradCache chunk (None, or the whole per-host batch: the plain step); sets the pipeline's too.
     grad_cache_chunk: int | None = None
     mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     rules: Any = None  # overrides of mmret.sharding.DEFAULT_RULES
     total_steps: int | None = None
+    # Epochs over the training file: the schedule's length is derived from the number of examples the store
+    # read (floor(epochs * examples / global batch)), replacing optimizer.total_steps. None: optimizer.total_steps.
+    epochs: float | None = None
     seed: int = 0  # LoRA dropout keys
     log_every: int = 10
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -167,6 +178,10 @@ class TrainerConfig:
             raise ValueError("checkpoint.every and checkpoint.keep must be positive")
         if self.total_steps is not None and self.total_steps <= 0:
             raise ValueError(f"total_steps must be positive, got {self.total_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.symmetric_reduction not in ("mean", "sum"):
+            raise ValueError(f"symmetric_reduction must be 'mean' or 'sum', got {self.symmetric_reduction!r}")
         if self.grad_cache_chunk is not None:
             dataclasses.replace(self.data.pipeline, grad_cache_chunk=self.grad_cache_chunk)  # validates it
             given = self.data.pipeline.grad_cache_chunk
@@ -177,7 +192,21 @@ class TrainerConfig:
 
     @property
     def steps(self) -> int:
+        """Steps this run trains for (before :func:`with_epochs` resolves ``epochs``)."""
         return self.optimizer.total_steps if self.total_steps is None else self.total_steps
+
+
+def with_epochs(cfg: TrainerConfig, examples: int, global_batch: int) -> TrainerConfig:
+    """``cfg`` with ``epochs`` turned into the schedule's length for ``examples`` training examples (an
+    up-sampled copy counts as an example) at ``global_batch``; unchanged when ``epochs`` is None."""
+    if cfg.epochs is None:
+        return cfg
+    steps = int(cfg.epochs * examples) // global_batch
+    if steps < 1:
+        raise ValueError(
+            f"epochs={cfg.epochs} over {examples} examples is less than one global batch of {global_batch}"
+        )
+    return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, total_steps=steps))
 
 
 def _from_dict(cls: type, values: Mapping[str, Any], where: str) -> Any:
@@ -250,9 +279,16 @@ def open_store(cfg: DataConfig, bad: BadRecords) -> Any:
     if not cfg.root:
         raise ValueError("data.root: no M-BEIR root given")
     if cfg.format == "raw":
-        return RawStore(cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad)
+        return RawStore(
+            cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad, query_file=cfg.query_file
+        )
     if cfg.format == "array_record":
         from mmret.data.tfds_mbeir import ArrayRecordStore
+
+        if cfg.query_file not in ("auto", "per_task"):  # builds hold the per-task files
+            raise ValueError(
+                f"data.query_file={cfg.query_file!r} needs data.format='raw' (ArrayRecord builds: per-task files)"
+            )
 
         return ArrayRecordStore(cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad)
     raise ValueError(f"data.format must be 'raw' or 'array_record', got {cfg.format!r}")
@@ -594,7 +630,6 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
     if is_primary:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_to_json(cfg), indent=1) + "\n")
-    total_steps = cfg.steps
 
     # ---------------------------------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(cfg.mesh)
@@ -621,6 +656,8 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
     graphdef, params, rest = nnx.split(model, wrt, ...)
     del model
     tx = make_optimizer(cfg.optimizer)
+    cfg = with_epochs(cfg, len(store.queries), global_batch)  # the schedule's length from the file's size
+    total_steps = cfg.steps
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = jax.tree.map(lambda x: x.sharding, params)
     abstract_opt = jax.eval_shape(tx.init, params)  # nothing allocated until we know there is no checkpoint
@@ -635,7 +672,13 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
     n_train, n_all = _count(params), _count(params) + _count(rest)
 
     # ---------------------------------------------------------------------------------------- step
-    step_fn = make_train_step(graphdef, tx, StepConfig(symmetric=cfg.symmetric, grad_cache=n_chunks > 1))
+    step_cfg = StepConfig(
+        symmetric=cfg.symmetric,
+        symmetric_reduction=cfg.symmetric_reduction,
+        mask_false_negatives=cfg.mask_false_negatives,
+        grad_cache=n_chunks > 1,
+    )
+    step_fn = make_train_step(graphdef, tx, step_cfg)
     schedule = lr_schedule(cfg.optimizer)
     guarded = _guarded_step(step_fn, graphdef, wrt, schedule, cfg)
     jitted: Callable[..., Any] | None = None  # built at the first batch (its shardings come from the batch)

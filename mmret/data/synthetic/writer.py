@@ -13,6 +13,14 @@ Layout decisions (those the real release leaves open):
 * Ids count per dataset (``"<dataset id>:<n>"``, from 1), queries and candidates separately, so the dids of
   a dataset's two tasks never collide.
 * Images are PNG files ``mbeir_images/<dataset>/<n>.png``, written once per dataset and shared by records.
+* Qrels: one file per dataset-task and split, ``qrels/<split>/mbeir_<dataset>_task<N>_<split>_qrels.txt``.
+  OVEN and InfoSeek test queries also count as positives the other dataset's copy of the same candidate
+  (same text and image, the partner task's local test pool), as the real release's qrels do.
+* The union query files: ``query/union_train/mbeir_union_up_train.jsonl`` (every training query, the datasets
+  UniIR up-samples, :data:`UP_SAMPLED`, filled to twice their size with seeded ``random.choices`` as UniIR's
+  generator fills to its per-dataset targets, then shuffled: up-sampled copies repeat a qid),
+  ``mbeir_union_train.jsonl`` beside it (each training query once, shuffled) and
+  ``query/union_val/mbeir_union_val.jsonl`` (the val queries in dataset order).
 * ``neg_cand_list`` holds a query's known same-modality non-answers. Beyond M-BEIR,
   ``hard_negatives/modality_aware_train.jsonl`` (a negatives file) puts before them the training pool's
   wrong-modality candidates of the query's own content, which a modality-biased retriever ranks first.
@@ -173,9 +181,37 @@ def global_pool_relpath(split: str) -> str:
     return f"cand_pool/global/mbeir_union_{split}_cand_pool.jsonl"
 
 
-def qrels_relpath(dataset: str, split: str) -> str:
-    """One qrels file per dataset and split (all its tasks)."""
-    return f"qrels/{split}/mbeir_{dataset}_{split}_qrels.txt"
+def qrels_relpath(task: TaskSpec, split: str) -> str:
+    """One qrels file per dataset-task and split, named after its query file."""
+    return f"qrels/{split}/mbeir_{task.name}_{split}_qrels.txt"
+
+
+UNION_UP_TRAIN_RELPATH = "query/union_train/mbeir_union_up_train.jsonl"
+UNION_TRAIN_RELPATH = "query/union_train/mbeir_union_train.jsonl"
+UNION_VAL_RELPATH = "query/union_val/mbeir_union_val.jsonl"
+#: The datasets UniIR's generator up-samples (its ``up_sampling: True`` rows), here to twice their size.
+UP_SAMPLED = ("webqa", "edis", "nights", "fashioniq", "cirr")
+UP_SAMPLE_FACTOR = 2
+#: Dataset order of UniIR's ``datasets_info`` (the order the union file is assembled in before shuffling).
+UNION_ORDER = (
+    "visualnews",
+    "mscoco",
+    "fashion200k",
+    "webqa",
+    "edis",
+    "nights",
+    "oven",
+    "infoseek",
+    "fashioniq",
+    "cirr",
+)
+#: Test queries of these tasks also get the partner task's copy of each positive (OVEN <-> InfoSeek).
+CROSS_POSITIVES = {
+    "oven_task6": "infoseek_task6",
+    "infoseek_task6": "oven_task6",
+    "oven_task8": "infoseek_task8",
+    "infoseek_task8": "oven_task8",
+}
 
 
 INSTRUCTIONS_RELPATH = "instructions/query_instructions.tsv"
@@ -250,7 +286,8 @@ class _Writer:
         self.qids: dict[str, int] = {}
         self.dids: dict[str, int] = {}
         self.images: dict[str, dict[Picture, str]] = {}
-        self.qrels: dict[tuple[str, str], list[str]] = {}
+        self.qrels: dict[str, list[str]] = {}  # relpath -> lines
+        self.query_lines: dict[tuple[str, str], list[str]] = {}  # (dataset, split) -> query lines
         self.pools: dict[str, list[str]] = {}  # relpath -> candidate lines
         self.modality_aware: list[str] = []  # negatives-file lines of the train queries
 
@@ -290,9 +327,17 @@ class _Writer:
         return list(merged.values()), dids
 
     def queries(
-        self, task: TaskSpec, split: str, queries: Sequence[Query], pool: Sequence[Cand], dids: dict[_Content, str]
+        self,
+        task: TaskSpec,
+        split: str,
+        queries: Sequence[Query],
+        pool: Sequence[Cand],
+        dids: dict[_Content, str],
+        partner: dict[_Content, str] | None = None,
     ) -> None:
-        """Label positives (all pool candidates of the task's modality answering the key) and write the split."""
+        """Label positives (all pool candidates of the task's modality answering the key, then the copies of
+        the same content in ``partner``, another dataset's pool: content -> did) and write the split."""
+        content_of = {did: content for content, did in dids.items()}
         answering: dict[Hashable, list[str]] = {}
         # Same content, wrong modality: what a retriever with a modality bias ranks first (MM-Embed).
         look_alikes: dict[Hashable, list[str]] = {}
@@ -301,13 +346,15 @@ class _Writer:
             for key in cand.keys:
                 by_key.setdefault(key, []).append(dids[(cand.txt, cand.img)])
         lines = []
-        qrels = self.qrels.setdefault((task.dataset, split), [])
+        qrels = self.qrels.setdefault(qrels_relpath(task, split), [])
         for q in queries:
             if q.modality != task.query_modality:
                 raise AssertionError(f"{task.name}: query modality {q.modality}, expected {task.query_modality}")
             pos = answering.get(q.key, [])
             if not pos:
                 raise AssertionError(f"{task.name} {split}: a query without positives ({q.kind}: {q.txt!r})")
+            if partner:
+                pos = pos + [partner[content_of[d]] for d in pos if content_of[d] in partner]
             neg = []
             for c in q.hard_negs:
                 did = dids[(c.txt, c.img)]
@@ -330,6 +377,27 @@ class _Writer:
             lines.append(json.dumps(record))
             qrels += [f"{qid} 0 {did} 1 {task.task_id}" for did in pos]
         _write_lines(self.root / query_relpath(task, split), lines)
+        self.query_lines.setdefault((task.dataset, split), []).extend(lines)
+
+    def union_files(self, seed: int) -> None:
+        """The union query files (see the module docstring), from the query lines written so far."""
+        train = [line for d in UNION_ORDER for line in self.query_lines.get((d, "train"), [])]
+        plain = list(train)
+        _rng(seed, "union_train").shuffle(plain)
+        _write_lines(self.root / UNION_TRAIN_RELPATH, plain)
+        up: list[str] = []
+        rng = _rng(seed, "union_up_train")
+        for dataset in UNION_ORDER:
+            lines = list(self.query_lines.get((dataset, "train"), []))
+            if dataset in UP_SAMPLED and lines:
+                target = UP_SAMPLE_FACTOR * len(lines)
+                while len(lines) < target:  # UniIR's load_and_upsample
+                    lines.extend(rng.choices(lines, k=target - len(lines)))
+            up.extend(lines)
+        rng.shuffle(up)
+        _write_lines(self.root / UNION_UP_TRAIN_RELPATH, up)
+        val = [line for d in UNION_ORDER for line in self.query_lines.get((d, "val"), [])]
+        _write_lines(self.root / UNION_VAL_RELPATH, val)
 
 
 def _write_lines(path: Path, lines: Sequence[str]) -> None:
@@ -357,27 +425,35 @@ def write_corpus(root: Path, scale: str = "tiny", seed: int = 0) -> Summary:
     ctx = Context(make_kb(_rng(seed, "kb"), sizes.kb))
     writer = _Writer(root)
     summary = Summary(root, scale, seed)
+    data: dict[str, dict[str, SplitData]] = {}
+    pools: dict[tuple[str, str], tuple[list[Cand], dict[_Content, str]]] = {}  # (task, split) -> pool, dids
     for task in TASKS:
         counts = {s: getattr(sizes, s) * (task.train_multiple if s == "train" else 1) for s in SPLITS}
-        data = {s: task.generate(_rng(seed, task.name, s), counts[s], ctx) for s in SPLITS}
+        data[task.name] = {s: task.generate(_rng(seed, task.name, s), counts[s], ctx) for s in SPLITS}
         groups = [("train", "val"), ("test",)] if task.dataset == "mscoco" else [SPLITS]
-        pool_sizes: dict[str, int] = {}
         for group in groups:
-            relpath = local_pool_relpath(task, group[0])
-            pool, dids = writer.pool(task, [data[s] for s in group], relpath)
-            for split in group:
-                writer.queries(task, split, data[split].queries, pool, dids)
-                pool_sizes[split] = len(pool)
+            built = writer.pool(task, [data[task.name][s] for s in group], local_pool_relpath(task, group[0]))
+            pools.update({(task.name, split): built for split in group})
+    for task in TASKS:
+        for split in SPLITS:
+            pool, dids = pools[(task.name, split)]
+            partner = (
+                pools[(CROSS_POSITIVES[task.name], split)][1]
+                if split == "test" and task.name in CROSS_POSITIVES
+                else None
+            )
+            writer.queries(task, split, data[task.name][split].queries, pool, dids, partner)
         summary.tasks.append(
             TaskSummary(
                 task.name,
                 task.task_id,
                 task.query_modality,
                 task.cand_modality,
-                {s: len(data[s].queries) for s in SPLITS},
-                pool_sizes,
+                {s: len(data[task.name][s].queries) for s in SPLITS},
+                {s: len(pools[(task.name, s)][0]) for s in SPLITS},
             )
         )
+    writer.union_files(seed)
     for relpath, lines in writer.pools.items():
         _write_lines(root / relpath, lines)
     for split in SPLITS:
@@ -385,8 +461,8 @@ def write_corpus(root: Path, scale: str = "tiny", seed: int = 0) -> Summary:
         _write_lines(root / global_pool_relpath(split), union)
         if split == "test":
             summary.global_pool = len(union)
-    for (dataset, split), lines in writer.qrels.items():
-        _write_lines(root / qrels_relpath(dataset, split), lines)
+    for relpath, lines in writer.qrels.items():
+        _write_lines(root / relpath, lines)
     _write_lines(root / INSTRUCTIONS_RELPATH, _instruction_rows())
     _write_lines(root / MODALITY_AWARE_NEGATIVES_RELPATH, writer.modality_aware)
     for dataset, registry in writer.images.items():
