@@ -11,6 +11,11 @@ A checkpoint directory holds::
     model = load_model(ckpt_dir, dtype=jnp.bfloat16, scan_layers=False)
     save_model(new_ckpt_dir, model, hf_files_from=hf_files_dir(ckpt_dir))
 
+A model whose vocabulary grew (``mmret.models.qwen2_vl.hf.grow_vocab``, for tokens a processor added)
+keeps it: ``save_params`` writes the embedding's row count as ``vocab_size`` into the kept config.json, and
+``added_tokens`` (a processor's ``added_tokens``) into the kept tokenizer files, so the export and a
+conversion back carry both.
+
 Every directory is written beside its destination and renamed into place at the end; a failure
 leaves nothing behind. Single-host: parameters are gathered to host numpy arrays.
 """
@@ -21,7 +26,7 @@ import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ from flax import nnx
 from mmret.atomic_dir import atomic_output_dir, check_output
 from mmret.convert.hf import ConversionError, SafetensorsCheckpoint, entries, read_params
 from mmret.models.qwen2_vl.config import Qwen2VLConfig, as_dtype
+from mmret.models.qwen2_vl.hf import EMBED_PATH
 from mmret.models.qwen2_vl.model import Qwen2VL, abstract
 
 FORMAT = "mmret.qwen2_vl.params"
@@ -151,6 +157,54 @@ def _checkpointer() -> Any:
     return ocp.Checkpointer(handler)
 
 
+def _set_vocab_size(hf_dir: Path, vocab_size: int) -> None:
+    """Write ``vocab_size`` into ``hf_dir/config.json`` where it differs (top level and/or ``text_config``)."""
+    hf = read_hf_config(hf_dir)
+    holders = [d for d in (hf, hf.get("text_config")) if isinstance(d, dict) and "vocab_size" in d] or [hf]
+    if all(d.get("vocab_size") == vocab_size for d in holders):
+        return
+    for d in holders:
+        d["vocab_size"] = vocab_size
+    (hf_dir / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def add_tokens_to_files(hf_dir: str | Path, tokens: Sequence[str]) -> dict[str, int]:
+    """Add ``tokens`` (those missing, in order) to ``hf_dir``'s ``tokenizer.json`` as ``add_tokens`` adds
+    them (not special, normalized; ids after the current size) and to the ``added_tokens_decoder`` of its
+    ``tokenizer_config.json`` when it has one. Returns every token's id."""
+    from tokenizers import Tokenizer
+
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing (needed to add the tokens {list(tokens)})")
+    tok = Tokenizer.from_file(str(path))
+    known = {t.content for t in tok.get_added_tokens_decoder().values()}
+    missing = [t for t in tokens if t not in known]
+    for t in missing:
+        tok.add_tokens([t])
+    ids = {t: tok.token_to_id(t) for t in tokens}
+    if not missing:
+        return ids
+    tok.save(str(path), pretty=True)
+    config_path = hf_dir / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        decoder = config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            for t in missing:
+                decoder[str(ids[t])] = {
+                    "content": t,
+                    "lstrip": False,
+                    "normalized": True,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": False,
+                }
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return ids
+
+
 def param_shapes(cfg: Qwen2VLConfig) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     """Our parameters' shapes and dtypes for ``cfg``, without allocating anything."""
     state = nnx.state(abstract(cfg), nnx.Param)
@@ -211,11 +265,14 @@ def save_params(
     hf_files_from: str | Path,
     force: bool = False,
     source: Mapping[str, Any] | None = None,
+    added_tokens: Sequence[str] = (),
 ) -> Path:
     """Write ``params`` (flat path -> array, our layout; ``scan_layers`` says which) as an orbax
     checkpoint, with the config and tokenizer / processor files of ``hf_files_from`` (a hub model
-    directory or another checkpoint's ``hf_files``; it must hold config.json). Atomic; single-host
-    (arrays are gathered to host numpy)."""
+    directory or another checkpoint's ``hf_files``; it must hold config.json). The kept config.json
+    gets the embedding's row count as ``vocab_size``, the kept tokenizer the ``added_tokens`` it lacks
+    (:func:`add_tokens_to_files`; they must fall inside the embedding). Atomic; single-host (arrays
+    are gathered to host numpy)."""
     hf_files_from = Path(hf_files_from)
     read_hf_config(hf_files_from)
     import orbax.checkpoint as ocp
@@ -237,17 +294,38 @@ def save_params(
         for name in HF_FILES:
             if (hf_files_from / name).is_file():
                 shutil.copyfile(hf_files_from / name, tmp / HF_FILES_DIR / name)
+        rows = arrays[EMBED_PATH].shape[0] if EMBED_PATH in arrays else None
+        if rows is not None:
+            _set_vocab_size(tmp / HF_FILES_DIR, int(rows))
+        if added_tokens:
+            ids = add_tokens_to_files(tmp / HF_FILES_DIR, added_tokens)
+            outside = {t: i for t, i in ids.items() if rows is not None and i >= rows}
+            if outside:
+                raise ConversionError(f"added tokens {outside} fall outside the {rows}-row token embedding")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return Path(ckpt_dir)
 
 
-def save_model(ckpt_dir: str | Path, model: Qwen2VL, *, hf_files_from: str | Path, force: bool = False) -> Path:
+def save_model(
+    ckpt_dir: str | Path,
+    model: Qwen2VL,
+    *,
+    hf_files_from: str | Path,
+    force: bool = False,
+    added_tokens: Sequence[str] = (),
+) -> Path:
     """``save_params`` for a model (its parameters in its own layout). An untied model needs its
-    ``lm_head`` (``with_lm_head=True``) for the checkpoint to export back to the hub."""
+    ``lm_head`` (``with_lm_head=True``) for the checkpoint to export back to the hub. ``added_tokens``:
+    the tokens a processor added for this model (``Processor.added_tokens``)."""
     from mmret.models.qwen2_vl.hf import flat_params
 
     return save_params(
-        ckpt_dir, flat_params(model), scan_layers=model.cfg.scan_layers, hf_files_from=hf_files_from, force=force
+        ckpt_dir,
+        flat_params(model),
+        scan_layers=model.cfg.scan_layers,
+        hf_files_from=hf_files_from,
+        force=force,
+        added_tokens=added_tokens,
     )
 
 

@@ -410,7 +410,7 @@ def query_dataset(
     def encode(query: Query) -> ProcessedExample:
         instruction, text = query_text_parts(query, store.instructions, seed=instruction_seed)
         image = None if query.image_path is None else store.image(query.image_path, max_pixels=max_decode_pixels)
-        return processor(text=text or None, image=image, instruction=instruction or None)
+        return processor(text=text or None, image=image, instruction=instruction or None, for_eval=True)
 
     items = store.queries if queries is None else queries
     return encode_dataset(items, encode, lambda q: q.qid, processor=processor, **kw)
@@ -429,7 +429,7 @@ def candidate_dataset(
     def encode(did: str) -> ProcessedExample:
         cand = store.candidate(did)
         image = None if cand.image_path is None else store.image(cand.image_path, max_pixels=max_decode_pixels)
-        return processor(text=candidate_text(cand) or None, image=image)
+        return processor(text=candidate_text(cand) or None, image=image, for_eval=True)
 
     return encode_dataset(dids, encode, lambda d: d, processor=processor, **kw)
 

@@ -12,6 +12,17 @@ exactly Hugging Face's float32 rescale-and-normalise of each of the 256 byte val
 difference: instruction and text are taken literally, so a special-token string inside them (say
 ``"<|image_pad|>"``) stays plain text instead of becoming that token.
 
+Added tokens: a template may need tokens the tokenizer lacks (``umarvel_exact``: ``<emb>``,
+``<instruction_start>``, ``<instruction_end>``). The processor adds the missing ones to its private copy of
+the tokenizer as U-MARVEL does (``add_tokens``: not special, so, as in Hugging Face, the same string inside
+free text also becomes the token), at ids ``len(tokenizer)``, ``+1``, ... in the template's order;
+``added_tokens`` lists them and ``vocab_size`` is the tokenizer's size with them (the rows the model's
+token embedding must have: see ``mmret.models.qwen2_vl.hf.grow_vocab``).
+
+Train and evaluation forms: ``for_eval=True`` renders the evaluation form of templates that have one
+(``umarvel_exact``: U-MARVEL's evaluation adds the generation prompt and words an image-only candidate as
+"image and sentence"); the evaluation pipelines pass it, training does not.
+
 Pool mask (which tokens enter mean pooling): with ``pool_scope="sequence"`` (the default, U-MARVEL's
 "mean over the sequence without the instruction") every token except the instruction and its two
 markers, template scaffolding included; with ``"content"`` only the image tokens and the free text (a
@@ -212,6 +223,10 @@ class Processor:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
         model_dir = Path(model_dir)
         if tokenizer is None:
+            if not model_dir.is_dir():  # else transformers takes the path for a hub repo id
+                if model_dir.exists():
+                    raise NotADirectoryError(f"{model_dir}: not a directory (of the tokenizer and processor files)")
+                raise FileNotFoundError(f"{model_dir}: no such directory (of the tokenizer and processor files)")
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -223,7 +238,13 @@ class Processor:
         self._encoder.encode_special_tokens = True
         self._encoder.no_truncation()
         self._encoder.no_padding()
-        added: dict[str, int] = tokenizer.get_added_vocab()
+        known = {t.content for t in self._encoder.get_added_tokens_decoder().values()}
+        missing = [t for t in self.template.added_tokens() if t not in known]
+        for token in missing:  # one at a time, as U-MARVEL's loader: ids follow in this order
+            self._encoder.add_tokens([token])
+        self.added_tokens: tuple[str, ...] = tuple(missing)
+        self.vocab_size: int = self._encoder.get_vocab_size(with_added_tokens=True)
+        added = {t.content: i for i, t in self._encoder.get_added_tokens_decoder().items()}
         self._special_ids: dict[str, int] = {}
         for token in self.template.special_tokens():
             if token not in added:
@@ -256,18 +277,35 @@ class Processor:
         """The text of ``ids`` (special tokens kept)."""
         return self._encoder.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def render(self, text: str | None = None, *, instruction: str | None = None, has_image: bool = False) -> str:
+    def render(
+        self,
+        text: str | None = None,
+        *,
+        instruction: str | None = None,
+        has_image: bool = False,
+        for_eval: bool = False,
+    ) -> str:
         """The prompt string for these inputs, one ``<|image_pad|>`` standing for the image (no truncation)."""
         return render_string(
             self.template.render(
-                instruction=instruction or None, text=text or None, has_image=has_image, has_text=bool(text)
+                instruction=instruction or None,
+                text=text or None,
+                has_image=has_image,
+                has_text=bool(text),
+                for_eval=for_eval,
             )
         )
 
     def __call__(
-        self, text: str | None = None, image: ImageInput | None = None, *, instruction: str | None = None
+        self,
+        text: str | None = None,
+        image: ImageInput | None = None,
+        *,
+        instruction: str | None = None,
+        for_eval: bool = False,
     ) -> ProcessedExample:
-        """Process one query (give ``instruction``) or candidate (no instruction); empty strings count as absent."""
+        """Process one query (give ``instruction``) or candidate (no instruction); empty strings count as absent.
+        ``for_eval``: the template's evaluation form (see the module docstring)."""
         text, instruction = text or None, instruction or None
         if text is None and image is None:
             raise ValueError("an input needs text or an image")
@@ -280,7 +318,7 @@ class Processor:
         truncated = False
         while True:
             pieces = self.template.render(
-                instruction=instruction, text=text, has_image=image is not None, has_text=has_text
+                instruction=instruction, text=text, has_image=image is not None, has_text=has_text, for_eval=for_eval
             )
             tokens = self._tokenize(pieces, n_image)
             n_text, n_instr = len(tokens.text_starts), len(tokens.instruction_starts)

@@ -306,9 +306,13 @@ def processor_dir(cfg: TrainerConfig) -> Path:
     raise ValueError("data.processor_dir: needed with model.preset (a directory with the tokenizer files)")
 
 
-def load_backbone(cfg: ModelConfig, max_image_patches: int = 0) -> qwen2_vl.Qwen2VL:
+def load_backbone(cfg: ModelConfig, max_image_patches: int = 0, vocab_size: int = 0) -> qwen2_vl.Qwen2VL:
     """The backbone ``cfg`` names; ``max_image_patches`` (the processor's per-image cap) lets the vision
-    tower attend within blocks of patches rather than across the whole batch (0: across the batch)."""
+    tower attend within blocks of patches rather than across the whole batch (0: across the batch). A
+    token embedding with fewer than ``vocab_size`` rows (tokens the processor added) is grown to it,
+    new rows drawn from ``cfg.seed`` (``mmret.models.qwen2_vl.hf.grow_vocab``)."""
+    from mmret.models.qwen2_vl.hf import grow_vocab
+
     options = dict(
         scan_layers=cfg.scan_layers,
         remat=cfg.remat,
@@ -316,24 +320,33 @@ def load_backbone(cfg: ModelConfig, max_image_patches: int = 0) -> qwen2_vl.Qwen
         max_image_patches=max_image_patches,
     )
     if cfg.hf_dir:
-        return qwen2_vl.from_hf(cfg.hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
-    if cfg.checkpoint:
+        model = qwen2_vl.from_hf(cfg.hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
+    elif cfg.checkpoint:
         from mmret.convert.checkpoint import load_model
 
-        return load_model(cfg.checkpoint, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
-    from mmret.models.qwen2_vl.presets import hf_config
+        model = load_model(cfg.checkpoint, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
+    else:
+        from mmret.models.qwen2_vl.presets import hf_config
 
-    model_cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(
-        hf_config(cfg.preset), dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options
-    )
-    return qwen2_vl.create(model_cfg, seed=cfg.seed)
+        model_cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(
+            hf_config(cfg.preset), dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options
+        )
+        model = qwen2_vl.create(model_cfg, seed=cfg.seed)
+    return grow_vocab(model, vocab_size, seed=cfg.seed)
+
+
+def backbone_vocab_size(cfg: TrainerConfig) -> int:
+    """The token rows the run's processor needs when its template adds tokens (``umarvel_exact``), else 0."""
+    if not cfg.data.processor.template_spec().added_tokens():
+        return 0
+    return Processor(processor_dir(cfg), cfg.data.processor).vocab_size
 
 
 def build_retriever(cfg: TrainerConfig, max_image_patches: int = 0) -> Retriever:
     """The model a run of ``cfg`` starts from (backbone, LoRA adapters, temperature), in host memory;
     ``max_image_patches``: see :func:`load_backbone`."""
     with _host_memory():
-        backbone = load_backbone(cfg.model, max_image_patches)
+        backbone = load_backbone(cfg.model, max_image_patches, backbone_vocab_size(cfg))
         if cfg.lora.rank > 0:
             apply_lora(
                 backbone,
