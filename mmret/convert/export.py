@@ -2,7 +2,8 @@
 
 Writes safetensors in the hub key layout (one ``model.safetensors``, or ``model-0000k-of-0000n``
 shards plus ``model.safetensors.index.json`` above ``max_shard_size``), the source ``config.json``
-and the tokenizer / processor files the checkpoint kept. The result loads with
+and the tokenizer / processor files the checkpoint kept (with a grown ``vocab_size`` and the tokens a
+processor added, when ``save_params`` was given them). The result loads with
 ``transformers.Qwen2VLForConditionalGeneration.from_pretrained``.
 """
 
