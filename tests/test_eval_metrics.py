@@ -207,11 +207,18 @@ _TWO = {  # given out of paper order on purpose
     "fashion200k_task0": TaskResult("fashion200k_task0", 2, {1: 40.0, 5: 50.0, 10: 60.0}),
     "visualnews_task0": TaskResult("visualnews_task0", 4, {1: 10.0, 5: 20.0, 10: 30.0}),
 }
+_EXACT = {"fashion200k_task0": {"method": "exact"}, "visualnews_task0": {"method": "exact"}}
 
 
 def test_report_json(tmp_path):
     got = report.write_report(
-        tmp_path, results=_TWO, mbeir_root="/data/mbeir", pool="local", checkpoint="ckpt/100", extra={"seed": 0}
+        tmp_path,
+        results=_TWO,
+        mbeir_root="/data/mbeir",
+        pool="local",
+        checkpoint="ckpt/100",
+        search=_EXACT,
+        extra={"seed": 0},
     )
     assert got == {
         "mbeir_root": "/data/mbeir",
@@ -238,6 +245,8 @@ def test_report_json(tmp_path):
         },
         "average": 40.0,
         "complete": False,
+        "search": _EXACT,
+        "skipped": {},
         "extra": {"seed": 0},
     }
     assert list(got["tasks"]) == ["visualnews_task0", "fashion200k_task0"]  # paper order
@@ -246,7 +255,7 @@ def test_report_json(tmp_path):
 
 
 def test_report_md_local_has_the_published_numbers(tmp_path):
-    report.write_report(tmp_path, results=_TWO, mbeir_root="/data/mbeir", pool="local", checkpoint=None)
+    report.write_report(tmp_path, results=_TWO, mbeir_root="/data/mbeir", pool="local", checkpoint=None, search=_EXACT)
     md = (tmp_path / "report.md").read_text()
     assert "| visualnews_task0 | 4 | 10.0 | 20.0 | 30.0 | 20.0 (R@5) | 42.6 | 47.3 |" in md
     assert "| fashion200k_task0 | 2 | 40.0 | 50.0 | 60.0 | 60.0 (R@10) | 18.0 | 33.6 |" in md
@@ -256,7 +265,7 @@ def test_report_md_local_has_the_published_numbers(tmp_path):
 
 
 def test_report_md_global_has_only_the_averages(tmp_path):
-    report.write_report(tmp_path, results=_TWO, mbeir_root="/data/mbeir", pool="global", checkpoint="c")
+    report.write_report(tmp_path, results=_TWO, mbeir_root="/data/mbeir", pool="global", checkpoint="c", search=_EXACT)
     md = (tmp_path / "report.md").read_text()
     assert "| visualnews_task0 | 4 | 10.0 | 20.0 | 30.0 | 20.0 (R@5) | \u2013 | \u2013 |" in md
     assert "| **average (2 tasks)** | 6 |  |  |  | **40.0** | 48.9 | 60.7 |" in md
@@ -265,14 +274,57 @@ def test_report_md_global_has_only_the_averages(tmp_path):
 
 def test_complete_report_uses_the_published_averages(tmp_path):
     results = {t.name: TaskResult(t.name, 1, {1: 0.0, 5: 50.0, 10: 50.0}) for t in EVAL_TASKS}
-    got = report.write_report(tmp_path, results=results, mbeir_root="r", pool="local", checkpoint=None)
+    got = report.write_report(tmp_path, results=results, mbeir_root="r", pool="local", checkpoint=None, search=_EXACT)
     assert got["complete"] is True and got["average"] == 50.0 and list(got["tasks"]) == [t.name for t in EVAL_TASKS]
     assert "| **average** | 16 |  |  |  | **50.0** | 50.6 | 63.2 |" in (tmp_path / "report.md").read_text()
 
 
+def test_report_names_the_search_and_scann_agreement(tmp_path):
+    scann = {"method": "scann", "params": {"num_leaves": 20, "reorder": 100}}
+    agreement = {"k": 5, "queries": 4, "recall_scann": 25.0, "recall_exact": 50.0, "difference": -25.0}
+    search = {
+        "visualnews_task0": {**scann, "agreement": {"visualnews_task0": {**agreement, "neighbour_recall@10": 0.9}}},
+        "fashion200k_task0": {"method": "exact"},
+    }
+    got = report.write_report(tmp_path, results=_TWO, mbeir_root="r", pool="local", checkpoint=None, search=search,
+                              check_exact=4)  # fmt: skip
+    assert got["search"]["visualnews_task0"]["check_exact"] == 4 and got["search"]["fashion200k_task0"] == {
+        "method": "exact"
+    }
+    md = (tmp_path / "report.md").read_text()
+    assert "- search: exact (1 of 2 indexes), ScaNN (1 of 2 indexes)" in md
+    assert "- exact search (inner product, all candidates): fashion200k_task0" in md
+    assert "- visualnews_task0: ScaNN (num_leaves=20, reorder=100)" in md
+    assert "| visualnews_task0 | visualnews_task0 | 4 | R@5 | 25.0 | 50.0 | -25.0 | 0.9000 |" in md
+    # ScaNN and no sample: said so in both files.
+    got = report.write_report(tmp_path, results=_TWO, mbeir_root="r", pool="local", checkpoint=None,
+                              search={"visualnews_task0": scann})  # fmt: skip
+    assert got["search"]["visualnews_task0"]["agreement"] is None
+    assert got["search"]["visualnews_task0"]["agreement_note"] == "not measured (eval.check_exact = 0)"
+    assert "agreement with exact search: not measured (eval.check_exact = 0)" in (tmp_path / "report.md").read_text()
+    for bad, match in (({}, "no search named"), ({"x": {"method": "fast"}}, "method must be"), (search, "no agree")):
+        with pytest.raises(ValueError, match=match):
+            report.write_report(tmp_path / "bad", results=_TWO, mbeir_root="r", pool="local", checkpoint=None,
+                                search={**bad, "visualnews_task0": scann} if match == "no agree" else bad,
+                                check_exact=4)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
+def test_skipped_queries_make_a_report_of_16_tasks_incomplete(tmp_path):
+    results = {t.name: TaskResult(t.name, 1, {1: 0.0, 5: 50.0, 10: 50.0}) for t in EVAL_TASKS}
+    skipped = {"queries": {"cirr_task7": {"count": 2, "reasons": {"positive_not_in_pool": 2}, "examples": ["f:3: x"]}}}
+    got = report.write_report(tmp_path, results=results, mbeir_root="r", pool="local", checkpoint=None,
+                              search=_EXACT, skipped=skipped)  # fmt: skip
+    assert got["complete"] is False and got["skipped"] == skipped
+    md = (tmp_path / "report.md").read_text()
+    assert "- tasks: 16 of 16 evaluated dataset-tasks (not complete: 2 test queries skipped)" in md
+    assert "| **average (16 tasks, 2 queries skipped)** |" in md
+    assert "- cirr_task7: 2 test queries dropped (positive_not_in_pool 2)\n  - e.g. f:3: x" in md
+
+
 @pytest.mark.parametrize("pool", ["local", "global"])
 def test_report_png_is_a_png(tmp_path, pool):
-    report.write_report(tmp_path, results=_TWO, mbeir_root="r", pool=pool, checkpoint=None)
+    report.write_report(tmp_path, results=_TWO, mbeir_root="r", pool=pool, checkpoint=None, search=_EXACT)
     data = (tmp_path / "report.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(tmp_path / "report.png") as im:
@@ -283,13 +335,13 @@ def test_report_png_is_a_png(tmp_path, pool):
 
 def test_report_errors_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="pool"):
-        report.write_report(tmp_path, results=_TWO, mbeir_root="r", pool="union", checkpoint=None)
+        report.write_report(tmp_path, results=_TWO, mbeir_root="r", pool="union", checkpoint=None, search=_EXACT)
     with pytest.raises(ValueError, match="is the result of"):
         report.write_report(tmp_path, results={"cirr_task7": _TWO["visualnews_task0"]}, mbeir_root="r", pool="local",
-                            checkpoint=None)  # fmt: skip
+                            checkpoint=None, search=_EXACT)  # fmt: skip
     with pytest.raises(TypeError):
         report.write_report(
-            tmp_path, results=_TWO, mbeir_root="r", pool="local", checkpoint=None, extra={"x": object()}
+            tmp_path, results=_TWO, mbeir_root="r", pool="local", checkpoint=None, search=_EXACT, extra={"x": object()}
         )
     assert os.listdir(tmp_path) == []
 

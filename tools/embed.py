@@ -5,7 +5,10 @@
     python tools/embed.py --hf_dir MODEL --mbeir_root ROOT --out DIR    # a Hugging Face Qwen2-VL directory
     python tools/embed.py --checkpoint CKPT --mbeir_root ROOT --out DIR # an mmret model checkpoint
 
-A run's embeddings default to RUN/eval/<step>/embeddings. Rerunning finishes an interrupted export.
+A run's embeddings default to RUN/eval/<step>/embeddings. Rerunning finishes an interrupted export; a
+directory made from another model, other settings or other data (size or mtime of a record file, see
+mmret/eval/embed.py) is recomputed whole. --on_bad_record skip drops and counts bad test records (e.g. a
+query whose positive is not in its local pool) instead of stopping.
 Then: python tools/scann_eval.py --embeddings DIR --mbeir_root ROOT --pool local|global --out OUT
 """
 
@@ -35,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_patches", type=int, default=None, help="vision patches per batch")
     p.add_argument("--shard_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=None, help="grain worker processes")
+    p.add_argument("--on_bad_record", choices=("error", "skip"), default=None, help="default: error")
     p.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16)")
     p.add_argument("--template", default=None, help="prompt template (umarvel, last_token, plain)")
     p.add_argument("--pooling", default=None, help="mean or last")
@@ -57,7 +61,7 @@ def make_config(args: argparse.Namespace):
         if not args.mbeir_root:
             raise ValueError("--mbeir_root is needed without --workdir")
     ev = base.setdefault("eval", {})
-    for key in ("batch_size", "max_length", "max_patches", "shard_size", "num_workers"):
+    for key in ("batch_size", "max_length", "max_patches", "shard_size", "num_workers", "on_bad_record"):
         if getattr(args, key) is not None:
             ev[key] = getattr(args, key)
     if args.mbeir_root:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
 
+from mmret.data.bad_records import OnBadRecord
 from mmret.data.images import DEFAULT_MAX_PIXELS
 from mmret.eval.index import SearchConfig
 
@@ -19,8 +21,12 @@ class EvalConfig:
     batch (defaults: the training pipeline's larger query/candidate values, patches scaled to the
     batch). ``shard_size``: embeddings per shard file, the unit of resumption. ``top``: ranks kept in
     the TREC run files. ``at_start`` / ``at_end``: evaluate the model before and after training
-    (``mmret.launch`` in train mode). ``check_exact``: sampled queries on which ScaNN's recall@10
-    against exact search is measured and printed (0: off).
+    (``mmret.launch`` in train mode). ``check_exact``: queries sampled per task (all of a task's when
+    fewer) on which a ScaNN index is compared with exact search: the task's headline Recall@k with each,
+    and the neighbour recall@10; in the report (0: not measured, and the report says so). Exact search of
+    the samples costs ``16 * check_exact`` queries against the global pool. ``on_bad_record``: a bad
+    test record (e.g. a query whose own-dataset positive is not in its local pool) stops the run
+    (``"error"``) or is skipped and counted (``"skip"``: the report lists the skips and is not complete).
     """
 
     root: str | None = None
@@ -38,6 +44,7 @@ class EvalConfig:
     at_start: bool = False
     at_end: bool = False
     check_exact: int = 0
+    on_bad_record: str = "error"
     search: SearchConfig = SearchConfig()
 
     def __post_init__(self) -> None:
@@ -47,6 +54,8 @@ class EvalConfig:
         for name in ("shard_size", "top"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"eval.{name} must be positive, got {getattr(self, name)}")
+        if self.on_bad_record not in get_args(OnBadRecord):
+            raise ValueError(f"eval.on_bad_record must be one of {get_args(OnBadRecord)}, got {self.on_bad_record!r}")
         bad = [p for p in self.pools if p not in POOLS]
         if bad or not self.pools:
             raise ValueError(f"eval.pools must be a non-empty subset of {POOLS}, got {self.pools}")

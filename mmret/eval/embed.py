@@ -11,7 +11,22 @@ An embeddings directory::
 
 The union pool is the 16 local pools concatenated, so the global pool reuses the local pools'
 embeddings: no candidate is embedded twice. A shard is written atomically once complete; a rerun
-skips finished shards (resumption after a crash), and refuses a directory made by another model.
+skips finished shards (resumption after a crash).
+
+Reuse is keyed (:func:`embed_key`, the manifest less ``dim`` and ``skipped``): the model (run and step,
+with the checkpoint directory's mtime; or the model source, with the size and mtime of its top-level
+files), the processor files, the model / LoRA / encoder / processor settings, the embedding settings,
+the tasks and pools, the M-BEIR root and a fingerprint of every record file read (the query files,
+pools and instructions: size and mtime_ns each, :func:`file_stamps`; no content hashing, so a file
+rewritten with its size and mtime restored goes unnoticed, and image files are not stamped). When the
+key of an existing directory differs in anything, the whole directory is recomputed: it is renamed away
+(one atomic step), deleted, and embedded anew, so shards of two keys never mix.
+
+Test queries are checked like training queries: each query's own-dataset positives
+(:func:`mmret.data.mbeir.restrict_positives`; OVEN/InfoSeek's copies in the other dataset are only in
+the global pool) must be in its task's local pool, else a ``positive_not_in_pool`` bad record.
+``eval.on_bad_record="skip"`` counts and drops bad records (the manifest's ``skipped``; the report
+lists them and is then not complete); ``"error"`` (default) stops with the record's file and line.
 
 Data-parallel over every device of every host: each shard's items are split into one contiguous part
 per host, every host runs the same number of batches (padding slots are flagged invalid), the batch is
@@ -28,6 +43,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +56,7 @@ from flax import nnx
 
 from mmret import sharding
 from mmret.atomic_dir import write_atomic
-from mmret.data.bad_records import BadRecords
+from mmret.data.bad_records import POSITIVE_NOT_IN_POOL, BadRecordError, BadRecords
 from mmret.data.mbeir import (
     EVAL_TASKS,
     Candidate,
@@ -48,6 +65,7 @@ from mmret.data.mbeir import (
     global_pool_path,
     instructions_path,
     local_pool_path,
+    query_path,
     read_global_pool,
     read_instructions,
     read_local_pool,
@@ -127,11 +145,40 @@ def load_encoder(
 
 
 def source_of(cfg: TrainerConfig, workdir: str | Path | None, step: int) -> dict[str, Any]:
-    """What an embeddings directory was made from (compared on resumption)."""
-    if workdir is not None:
-        return {"workdir": str(Path(workdir).absolute()), "step": step}
+    """What an embeddings directory was made from (compared on resumption): a run's checkpoint (its
+    directory's mtime_ns, which a checkpoint saved anew under the same step changes), or the model
+    source with the size and mtime of the files directly in it."""
     m = cfg.model
-    return {"hf_dir": m.hf_dir, "checkpoint": m.checkpoint, "preset": m.preset, "seed": m.seed}
+    if workdir is not None and step:
+        ckpt = Path(workdir) / "checkpoints" / str(step)
+        return {"workdir": str(Path(workdir).absolute()), "step": step, "mtime_ns": ckpt.stat().st_mtime_ns}
+    source: dict[str, Any] = {"hf_dir": m.hf_dir, "checkpoint": m.checkpoint, "preset": m.preset, "seed": m.seed}
+    if workdir is not None:
+        source = {"workdir": str(Path(workdir).absolute()), "step": 0, **source}
+    for key in ("hf_dir", "checkpoint"):
+        if source[key]:
+            source["files"] = dir_stamps(source[key])
+    return source
+
+
+def file_stamp(path: Path) -> list[int]:
+    """``[size, mtime_ns]`` of a file: its fingerprint (cheap: no reading)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def file_stamps(root: str | Path, paths: Sequence[Path]) -> dict[str, list[int]]:
+    """``path relative to root -> [size, mtime_ns]`` of each file (all must exist)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p): file_stamp(p) for p in paths}
+
+
+def dir_stamps(directory: str | Path) -> dict[str, list[int]]:
+    """:func:`file_stamp` of each file directly in ``directory`` (subdirectories: their mtime only)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return {}
+    return {p.name: file_stamp(p) if p.is_file() else [0, p.stat().st_mtime_ns] for p in sorted(d.iterdir())}
 
 
 # ============================================================================================= the work
@@ -149,9 +196,45 @@ class Group:
         return [q.qid for q in items] if self.kind == "query" else list(items)
 
 
+def pool_tasks(root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[str]:
+    """The tasks whose local pool is read: those evaluated (the file must exist), and with the global
+    pool every other one whose file exists (the union pool reuses their embeddings)."""
+    out = list(tasks)
+    if "global" in pools:
+        out += [t.name for t in EVAL_TASKS if t.name not in out and local_pool_path(root, t, split).is_file()]
+    return out
+
+
+def input_files(root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[Path]:
+    """The record files embedding reads (what :func:`embed_key` stamps); raises ``FileNotFoundError``
+    naming a missing one (the root itself first)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: the M-BEIR root (eval.root, else data.root) is not a directory")
+    files = [instructions_path(root)] if instructions_path(root).is_file() else []
+    for task in tasks:
+        files.append(query_path(root, split, task))
+        if not files[-1].is_file():
+            raise FileNotFoundError(f"{files[-1]}: no {split} queries for {task} under {root}")
+    for task in pool_tasks(root, split, tasks, pools):
+        files.append(local_pool_path(root, task, split))
+        if not files[-1].is_file():
+            raise FileNotFoundError(f"{files[-1]}: no local pool for {task} under {root}")
+    if "global" in pools:
+        files.append(global_pool_path(root, split))
+        if not files[-1].is_file():
+            raise FileNotFoundError(f"{files[-1]}: no global pool for eval.pools 'global'")
+    return files
+
+
 class EvalStore:
     """The records an evaluation embeds (a :class:`mmret.data.pipeline.RecordStore`): test queries,
-    every candidate of the pools read, images read on demand from inside the root."""
+    every candidate of the pools read, images read on demand from inside the root.
+
+    A query whose own-dataset positives (:func:`mmret.data.mbeir.restrict_positives`) are not all in its
+    task's local pool is a ``positive_not_in_pool`` bad record (negatives are not checked: evaluation
+    does not use them). Query records go to one :class:`BadRecords` per task (``query_bad``, with the
+    policy of ``bad``), the others to ``bad``."""
 
     def __init__(self, root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str], bad: BadRecords):
         from mmret.data.images import load_image
@@ -159,16 +242,12 @@ class EvalStore:
         self.root = Path(root)
         self._load_image = load_image
         self.negatives: dict[str, tuple[str, ...]] = {}
+        self.bad = bad
         path = instructions_path(self.root)
         self.instructions = read_instructions(path, bad=bad) if path.is_file() else None
-        self.pools: dict[str, dict[str, Candidate]] = {}
-        pool_tasks = list(tasks) if "local" in pools else []
-        if "global" in pools:  # the union pool reuses every local pool that exists
-            pool_tasks += [t.name for t in EVAL_TASKS if t.name not in pool_tasks]
-        for task in pool_tasks:
-            path = local_pool_path(self.root, task, split)
-            if path.is_file() or task in tasks:
-                self.pools[task] = read_local_pool(self.root, task, split, bad=bad)
+        self.pools: dict[str, dict[str, Candidate]] = {
+            task: read_local_pool(self.root, task, split, bad=bad) for task in pool_tasks(root, split, tasks, pools)
+        }
         self.candidates: dict[str, Candidate] = {}
         for pool in self.pools.values():
             self.candidates.update(pool)
@@ -178,8 +257,34 @@ class EvalStore:
             self.members = list(union)
             for did, cand in union.items():
                 self.candidates.setdefault(did, cand)
-        self.task_queries = {t: read_queries(self.root, split, t, bad=bad) for t in tasks}
+        self.query_bad = {t: BadRecords(bad.on_bad_record) for t in tasks}
+        self.task_queries = {t: self._read_queries(split, t) for t in tasks}
         self.queries: list[Query] = [q for qs in self.task_queries.values() for q in qs]
+
+    def _read_queries(self, split: str, task: str) -> list[Query]:
+        bad, pool = self.query_bad[task], self.pools[task]
+        out = []
+        for q in read_queries(self.root, split, task, bad=bad, eval_positives=True):
+            missing = [d for d in q.pos_cand_list if d not in pool]  # own-dataset positives (eval_positives)
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                where = local_pool_path(self.root, task, split)
+                detail = f"query {q.qid}: positive {missing[0]!r} is not in the local pool {where}{more}"
+                bad.handle(BadRecordError(q.where or q.qid, POSITIVE_NOT_IN_POOL, detail))
+                continue
+            out.append(q)
+        return out
+
+    def skipped(self) -> dict[str, Any]:
+        """The records skipped (``on_bad_record="skip"``): per task the test queries dropped, and the
+        other records (pool candidates, instruction rows); ``{}`` when none."""
+        out: dict[str, Any] = {}
+        queries = {t: _bad_summary(b) for t, b in self.query_bad.items() if b.total}
+        if queries:
+            out["queries"] = queries
+        if self.bad.total:
+            out["other_records"] = _bad_summary(self.bad)
+        return out
 
     def candidate(self, did: str) -> Candidate:
         return self.candidates[did]
@@ -207,14 +312,33 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.npz"
 
 
-def _done_shards(directory: Path, n: int) -> np.ndarray:
-    """Which of ``n`` shards exist, as the primary process sees them (every host must agree)."""
-    done = np.array([(directory / shard_name(i)).is_file() for i in range(n)], dtype=bool)
+def _primary_view(values: np.ndarray) -> np.ndarray:
+    """``values`` as the primary process has them (every host must agree on what is done)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-    return done
+        values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+    return values
+
+
+def _done_shards(directory: Path, n: int) -> np.ndarray:
+    """Which of ``n`` shards exist, as the primary process sees them."""
+    return _primary_view(np.array([(directory / shard_name(i)).is_file() for i in range(n)], dtype=bool))
+
+
+def _finished(out: Path, key: dict[str, Any]) -> bool:
+    """Whether ``out`` holds every group of ``key`` complete under that very key (then nothing is read
+    or loaded), as the primary process sees it."""
+    names = [f"queries/{t}" for t in key["tasks"]]
+    names += [f"pools/local/{t}" for t in pool_tasks(key["mbeir_root"], key["split"], key["tasks"], key["pools"])]
+    names += ["pools/global/extra"] if "global" in key["pools"] else []
+    done = (out / MANIFEST).is_file() and stale_reason(out, key) is None
+    done = done and ("global" not in key["pools"] or (out / "pools" / "global" / MEMBERS).is_file())
+    for name in names if done else []:
+        info = out / name / GROUP
+        shards = json.loads(info.read_text())["shards"] if info.is_file() else -1
+        done = done and shards >= 0 and all((out / name / shard_name(i)).is_file() for i in range(shards))
+    return bool(_primary_view(np.array([done]))[0])
 
 
 class Progress:
@@ -350,34 +474,100 @@ def embed_group(
     return total
 
 
-def manifest_for(
-    cfg: TrainerConfig, ecfg: EvalConfig, source: dict[str, Any], shapes: Shapes, dim: int, root: str
+def _bad_summary(bad: BadRecords) -> dict[str, Any]:
+    return {"count": bad.total, "reasons": dict(sorted(bad.counts.items())), "examples": sum(bad.examples.values(), [])}
+
+
+#: Manifest fields that are results, not part of the key.
+MANIFEST_OUTPUTS = ("dim", "skipped")
+
+
+def eval_tasks_of(ecfg: EvalConfig) -> list[str]:
+    """The dataset-task names ``ecfg`` evaluates (default: the 16), in the given order."""
+    return [dataset_task(t).name for t in (ecfg.tasks or [t.name for t in EVAL_TASKS])]
+
+
+def eval_root(cfg: TrainerConfig, ecfg: EvalConfig) -> str:
+    root = ecfg.root or cfg.data.root
+    if not root:
+        raise ValueError("eval.root: no M-BEIR root given (nor data.root)")
+    return root
+
+
+def embed_key(
+    cfg: TrainerConfig, ecfg: EvalConfig, *, workdir: str | Path | None = None, step: int = 0
 ) -> dict[str, Any]:
-    return {
-        "version": 1,
-        "source": source,
+    """Everything an embeddings directory depends on (see the module docstring); JSON-ready, cheap (file
+    stats only). Raises ``FileNotFoundError`` for a missing root or record file."""
+    root = eval_root(cfg, ecfg)
+    tasks = eval_tasks_of(ecfg)
+    shapes = eval_shapes(cfg, ecfg)
+    files = input_files(root, ecfg.split, tasks, ecfg.pools)
+    key = {
+        "version": 2,
+        "source": source_of(cfg, workdir, step),
         "mbeir_root": str(Path(root).absolute()),
         "split": ecfg.split,
-        "dim": dim,
+        "tasks": tasks,
+        "pools": list(ecfg.pools),
+        "data_files": file_stamps(root, files),
+        "processor_files": dir_stamps(processor_dir(cfg)),
         "dtype": "float16",
         "shard_size": ecfg.shard_size,
         "instruction_seed": ecfg.instruction_seed,
         "max_length": shapes.max_length,
+        "max_decode_pixels": ecfg.max_decode_pixels,
+        "on_bad_record": ecfg.on_bad_record,
         "encoder": config_to_json(cfg.encoder),
         "processor": config_to_json(cfg.data.processor),
         "model": config_to_json(cfg.model),
         "lora": config_to_json(cfg.lora),
     }
+    return json.loads(json.dumps(key))  # tuples as lists: equal to the key read back from a manifest
 
 
-def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    old = json.loads(path.read_text())
-    differ = sorted(k for k in manifest if k not in ("tasks", "pools") and old.get(k) != manifest[k])
-    if differ:
+def key_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The key part of a manifest (:func:`embed_key`)."""
+    return {k: v for k, v in manifest.items() if k not in MANIFEST_OUTPUTS}
+
+
+def stale_reason(directory: str | Path, key: dict[str, Any]) -> str | None:
+    """Why the embeddings in ``directory`` cannot be reused for ``key`` (the differing fields, e.g.
+    ``data_files (cand_pool/local/x.jsonl)``), or None when they can (or there is nothing there)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    old = key_of(json.loads(path.read_text()))
+    differ = []
+    for k in sorted(set(old) | set(key)):
+        if old.get(k) == key.get(k):
+            continue
+        if k == "data_files" and isinstance(old.get(k), dict):
+            a, b = old[k], key[k]
+            names = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+            k += f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        differ.append(k)
+    return ", ".join(differ) or None
+
+
+#: What an embeddings directory holds (anything else there stops a replacement).
+_EMBEDDINGS_ENTRIES = {MANIFEST, "queries", "pools"}
+
+
+def replace_stale(directory: str | Path, reason: str) -> None:
+    """Remove an embeddings directory made for another key: renamed away in one atomic step, then
+    deleted. Refuses a directory holding anything an embedding run does not write."""
+    directory = Path(directory)
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in _EMBEDDINGS_ENTRIES and p.name[0] != ".")
+    if foreign:
         raise ValueError(
-            f"{path}: these embeddings were made with other settings ({', '.join(differ)} differ); "
-            "write to a new directory"
+            f"{directory}: the embeddings there are stale ({reason}) but the directory also holds "
+            f"{', '.join(foreign[:3])}: not deleting it; remove it or write to a new directory"
         )
+    print(f"embeddings in {directory} are stale ({reason} changed): recomputing them", flush=True)
+    trash = directory.with_name(f".{directory.name}.stale-{os.getpid()}-{time.time_ns()}")
+    directory.rename(trash)
+    shutil.rmtree(trash)
 
 
 def embed(
@@ -394,30 +584,34 @@ def embed(
     model source of ``cfg.model``. ``encoder`` skips loading (it must be what those arguments name)."""
     ecfg = cfg.eval if ecfg is None else ecfg
     out = Path(out)
-    root = ecfg.root or cfg.data.root
-    if not root:
-        raise ValueError("eval.root: no M-BEIR root given (nor data.root)")
-    tasks = [dataset_task(t).name for t in (ecfg.tasks or [t.name for t in EVAL_TASKS])]
+    root = eval_root(cfg, ecfg)
     if workdir is not None:
         step = resolve_step(workdir, step)
-    source = source_of(cfg, workdir, step or 0)
+    key = embed_key(cfg, ecfg, workdir=workdir, step=step or 0)
+    tasks = key["tasks"]
     shapes = eval_shapes(cfg, ecfg)
 
-    bad = BadRecords("error")
     started = time.perf_counter()
-    if "global" in ecfg.pools and not global_pool_path(root, ecfg.split).is_file():
-        raise FileNotFoundError(f"{global_pool_path(root, ecfg.split)}: no global pool for eval.pools 'global'")
+    if _finished(out, key):
+        if jax.process_index() == 0:
+            print(f"embeddings in {out}: complete, reused (nothing they depend on changed)", flush=True)
+        return out
+    if jax.process_index() == 0 and (reason := stale_reason(out, key)):
+        replace_stale(out, reason)  # the other hosts follow the primary's view of the shards (_done_shards)
+    bad = BadRecords(ecfg.on_bad_record)
     store = EvalStore(root, ecfg.split, tasks, ecfg.pools, bad)
+    skipped = store.skipped()
+    if skipped and jax.process_index() == 0:
+        for name, b in [*store.query_bad.items(), ("other records", bad)]:
+            if b.total:
+                print(f"eval.on_bad_record='skip', {name}: " + "\n".join(b.report()), flush=True)
     processor = Processor(processor_dir(cfg), cfg.data.processor)
     if encoder is None:
         encoder = load_encoder(cfg, workdir=workdir, step=step or 0, max_image_patches=processor.patcher.max_patches)
     embedder = Embedder(encoder, cfg)
-    manifest = manifest_for(cfg, ecfg, source, shapes, embedder.dim, root)
     path = out / MANIFEST
-    if path.is_file():
-        _check_manifest(path, manifest)
     if jax.process_index() == 0:
-        write_json(path, {**manifest, "tasks": tasks, "pools": list(ecfg.pools)})
+        write_json(path, {**key, "dim": embedder.dim, "skipped": skipped})
         if "global" in ecfg.pools:
             write_json(out / "pools" / "global" / MEMBERS, store.members)
     embedded = 0

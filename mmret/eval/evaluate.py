@@ -4,24 +4,34 @@
 queries against the union pool (one index). Positives come from each task's qrels file, all of them
 counted (:func:`mmret.eval.metrics.evaluate_task`).
 
+The report names the search of each index (``report["search"]``: exact, or ScaNN with its resolved
+parameters) and, for ScaNN with ``check_exact_queries`` > 0, its agreement with exact search on the
+reported metric: per task, on that many sampled queries, the headline Recall@k of the ScaNN ranking
+minus that of the exact ranking (points), and the neighbour recall@10; without a sample the report
+says the agreement was not measured. ``report["fingerprint"]`` is what the numbers depend on
+(:func:`report_key`): ``mmret.eval.run`` reuses a report only when it is unchanged. Test queries the
+embedding skipped (``eval.on_bad_record="skip"``) are listed and make the report not complete.
+
     python tools/scann_eval.py --embeddings DIR --mbeir_root ROOT --pool local|global --out OUT
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmret.data.mbeir import dataset_task, read_qrels
+from mmret.data.mbeir import dataset_task, qrels_path, read_qrels
 from mmret.eval.config import POOLS
-from mmret.eval.embed import Embeddings
-from mmret.eval.index import SearchConfig, build_index, check_exact
-from mmret.eval.metrics import TaskResult, evaluate_task, write_trec
+from mmret.eval.embed import Embeddings, file_stamps, key_of
+from mmret.eval.index import ExactIndex, ScannIndex, SearchConfig, build_index, exact_search, recall_against_exact
+from mmret.eval.metrics import TaskResult, evaluate_task, hits_at_k, write_trec
 from mmret.eval.report import write_report
 
 log = logging.getLogger("mmret.eval")
@@ -54,6 +64,91 @@ def _rankings(ids: Sequence[str], neighbours: np.ndarray) -> list[list[str]]:
     return [[ids[j] for j in row if j >= 0] for row in neighbours]
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values that compare equal after a round trip (tuples as lists, a NaN float
+    as the string ``"NaN"``: report.json allows no NaN, and NaN != NaN)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return "NaN"
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    return obj
+
+
+def report_key(
+    embeddings_key: Mapping[str, Any],
+    mbeir_root: str | Path,
+    pool: str,
+    tasks: Sequence[str],
+    *,
+    search: SearchConfig,
+    top: int,
+    check_exact_queries: int,
+) -> dict[str, Any]:
+    """What a report's numbers depend on: the embeddings' key (:func:`mmret.eval.embed.embed_key`), the
+    qrels files read (size and mtime_ns), the pool, the tasks and the search settings."""
+    split = embeddings_key["split"]
+    return jsonable(
+        {
+            "embeddings": embeddings_key,
+            "mbeir_root": str(Path(mbeir_root).absolute()),
+            "qrels_files": file_stamps(mbeir_root, [qrels_path(mbeir_root, split, t) for t in tasks]),
+            "pool": pool,
+            "tasks": list(tasks),
+            "search": search,
+            "top": top,
+            "check_exact": check_exact_queries,
+        }
+    )
+
+
+def agreement(
+    task: str,
+    qids: Sequence[str],
+    queries: np.ndarray,
+    approx: Sequence[Sequence[str]],
+    approx_ids: np.ndarray,
+    vectors: np.ndarray,
+    ids: Sequence[str],
+    positives: Mapping[str, Sequence[str]],
+    n: int,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The approximate search against exact search on ``n`` of a task's queries (seeded sample, all when
+    fewer): Recall@k (the task's headline k, percent) of the approximate rankings ``approx`` (rows of
+    ``approx_ids``) and of exact rankings, their difference (approximate - exact, points), and the
+    neighbour recall@10 (mean top-10 overlap)."""
+    k = dataset_task(task).recall_k
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(qids)) if n >= len(qids) else np.sort(rng.choice(len(qids), size=n, replace=False))
+    exact_ids, _ = exact_search(queries[rows], vectors, max(k, 10))
+    exact = _rankings(ids, exact_ids)
+    pos = [positives[qids[r]] for r in rows]
+    r_approx = 100.0 * float(hits_at_k([approx[r] for r in rows], pos, k).mean())
+    r_exact = 100.0 * float(hits_at_k(exact, pos, k).mean())
+    return {
+        "k": k,
+        "queries": len(rows),
+        "recall_scann": r_approx,
+        "recall_exact": r_exact,
+        "difference": r_approx - r_exact,
+        "neighbour_recall@10": recall_against_exact(approx_ids[rows], exact_ids, 10),
+    }
+
+
+def search_info(index: ExactIndex | ScannIndex) -> dict[str, Any]:
+    """The search an index does, for the report: ``{"method": "exact"}`` or ScaNN with its parameters."""
+    if isinstance(index, ScannIndex):
+        return {"method": "scann", "params": jsonable(index.params)}
+    return {"method": "exact"}
+
+
 def evaluate(
     embeddings: str | Path,
     mbeir_root: str | Path,
@@ -78,25 +173,36 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     positives = positives_for(mbeir_root, emb.manifest["split"], tasks)
+    fingerprint = report_key(
+        key_of(emb.manifest), mbeir_root, pool, tasks, search=search, top=top, check_exact_queries=check_exact_queries
+    )
     depth = max(top, MIN_DEPTH)
     started = time.perf_counter()
     results: dict[str, TaskResult] = {}
-    exact_recall: dict[str, float] = {}
-    indexes: dict[str, str] = {}
+    searches: dict[str, dict[str, Any]] = {}
 
     def run(name: str, index: Any, vectors: np.ndarray, ids: list[str], task_list: list[str]) -> None:
-        indexes[name] = type(index).__name__
-        queries = {t: emb.queries(t) for t in task_list}  # read once: check_exact and the search share them
-        if check_exact_queries and type(index).__name__ != "ExactIndex":
-            q = np.concatenate([v for _, v in queries.values()]).astype(np.float32)
-            exact_recall[name] = check_exact(index, vectors, q, check_exact_queries, k=10)
-            print(f"check_exact {name}: ScaNN recall@10 against exact search = {exact_recall[name]:.4f}", flush=True)
-        for task, (qids, q) in queries.items():
-            neighbours, scores = index.search(q.astype(np.float32), depth)
+        info = searches[name] = search_info(index)
+        if info["method"] != "exact":
+            info["agreement"] = {} if check_exact_queries else None
+        for task in task_list:
+            qids, q = emb.queries(task)
+            q = q.astype(np.float32)
+            neighbours, scores = index.search(q, depth)
             ranked = _rankings(ids, neighbours)
             cut = [s[: len(r)] for s, r in zip(scores, ranked, strict=True)]
             write_trec(out / f"{task}.trec", qids, ranked, cut, tag=tag, top=top)
             results[task] = evaluate_task(task, qids, ranked, positives)
+            if info.get("agreement") is not None:
+                a = info["agreement"][task] = agreement(
+                    task, qids, q, ranked, neighbours, vectors, ids, positives, check_exact_queries
+                )
+                print(
+                    f"check_exact {name} {task}: R@{a['k']} ScaNN {a['recall_scann']:.1f} - exact "
+                    f"{a['recall_exact']:.1f} = {a['difference']:+.1f} on {a['queries']} queries; "
+                    f"neighbour recall@10 {a['neighbour_recall@10']:.4f}",
+                    flush=True,
+                )
 
     if pool == "local":
         for task in tasks:
@@ -107,18 +213,24 @@ def evaluate(
         ids, vectors = emb.global_pool()
         vectors = vectors.astype(np.float32)
         run("global", build_index(vectors, search, k=depth), vectors, ids, tasks)
+    skipped = emb.manifest.get("skipped") or {}
+    skipped = {
+        **({"queries": q} if (q := {t: v for t, v in skipped.get("queries", {}).items() if t in tasks}) else {}),
+        **({"other_records": skipped["other_records"]} if "other_records" in skipped else {}),
+    }
     extra: dict[str, Any] = {
         "embeddings": str(Path(embeddings).absolute()),
-        "indexes": indexes,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    if exact_recall:
-        extra["scann_recall@10_vs_exact"] = exact_recall
     return write_report(
         out,
         results=results,
         mbeir_root=str(mbeir_root),
         pool=pool,
         checkpoint=checkpoint_label(emb.manifest),
+        search=searches,
+        check_exact=check_exact_queries,
+        skipped=skipped,
+        fingerprint=fingerprint,
         extra=extra,
     )

@@ -2,6 +2,10 @@
 numbers), ``report.png`` (a bar chart); and a before/after comparison table.
 
 Every file is replaced atomically, ``report.json`` last, so a report that has a ``report.json`` is whole.
+
+A report names its search per index (``search``: exact, or ScaNN with its parameters and its measured
+agreement with exact search, or a note that it was not measured), lists the test records the embedding
+skipped (``skipped``), and is ``complete`` only with all 16 tasks and nothing skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +52,88 @@ def _published_average(system: published.PublishedSystem, tasks: list[str], pool
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
+def skipped_queries(report: Mapping[str, Any]) -> dict[str, int]:
+    """Test queries the embedding skipped, per task (``{}`` when none)."""
+    return {t: int(v["count"]) for t, v in report.get("skipped", {}).get("queries", {}).items()}
+
+
+def _params(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def search_summary(report: Mapping[str, Any]) -> str:
+    """The search methods used, e.g. ``exact`` or ``exact (14 of 16 indexes), ScaNN (2 of 16 indexes)``."""
+    methods = [v["method"] for v in report["search"].values()]
+    names = {"exact": "exact", "scann": "ScaNN"}
+    parts = [f"{names.get(m, m)} ({methods.count(m)} of {len(methods)} indexes)" for m in sorted(set(methods))]
+    return names.get(methods[0], methods[0]) if len(set(methods)) == 1 else ", ".join(parts)
+
+
+def _search_lines(report: Mapping[str, Any]) -> list[str]:
+    """The report.md section on the search: method per index; for ScaNN its agreement with exact search."""
+    lines = ["", "## Search", ""]
+    searches = report["search"]
+    exact = [name for name, v in searches.items() if v["method"] == "exact"]
+    if exact:
+        which = "every index" if len(exact) == len(searches) else ", ".join(exact)
+        lines.append(f"- exact search (inner product, all candidates): {which}")
+    rows = []
+    for name, v in searches.items():
+        if v["method"] == "exact":
+            continue
+        lines.append(f"- {name}: ScaNN ({_params(v.get('params', {}))})")
+        if v.get("agreement") is None:
+            lines.append(
+                "  - agreement with exact search: not measured (eval.check_exact = 0); "
+                "the numbers may be below exact search's"
+            )
+            continue
+        for task, a in v["agreement"].items():
+            rows.append(
+                f"| {name} | {task} | {a['queries']} | R@{a['k']} | {a['recall_scann']:.1f} | "
+                f"{a['recall_exact']:.1f} | {a['difference'] + 0.0:+.1f} | {a['neighbour_recall@10']:.4f} |"
+            )
+    if rows:
+        lines += [
+            "",
+            "ScaNN against exact search on sampled queries (the reported metric: headline Recall@k, percent):",
+            "",
+            "| index | task | queries | k | ScaNN | exact | Δ (ScaNN − exact) | neighbour recall@10 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    return lines
+
+
+def _skipped_lines(report: Mapping[str, Any]) -> list[str]:
+    skipped = report.get("skipped", {})
+    if not skipped:
+        return []
+    lines = ["", "## Skipped records (eval.on_bad_record = skip): this report is not complete", ""]
+    for task, v in skipped.get("queries", {}).items():
+        reasons = ", ".join(f"{r} {n}" for r, n in v.get("reasons", {}).items())
+        lines.append(f"- {task}: {v['count']} test queries dropped ({reasons})")
+        lines += [f"  - e.g. {e}" for e in v.get("examples", [])]
+    if "other_records" in skipped:
+        v = skipped["other_records"]
+        reasons = ", ".join(f"{r} {n}" for r, n in v.get("reasons", {}).items())
+        lines.append(f"- other records (pools, instructions): {v['count']} dropped ({reasons})")
+        lines += [f"  - e.g. {e}" for e in v.get("examples", [])]
+    return lines
+
+
+def _incomplete_note(report: Mapping[str, Any]) -> str:
+    notes = []
+    n = sum(t in _EVAL_NAMES for t in report["tasks"])
+    if n != len(_EVAL_NAMES):
+        notes.append("the average is over these tasks only")
+    if skipped := skipped_queries(report):
+        notes.append(f"{sum(skipped.values())} test queries skipped")
+    if "other_records" in report.get("skipped", {}):
+        notes.append(f"{report['skipped']['other_records']['count']} pool/instruction records skipped")
+    return "" if report["complete"] else f" (not complete: {'; '.join(notes)})"
+
+
 def _markdown(report: dict[str, Any]) -> str:
     pool, tasks = report["pool"], list(report["tasks"])
     n_eval = sum(t in _EVAL_NAMES for t in tasks)
@@ -56,9 +142,9 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"- M-BEIR root: `{report['mbeir_root']}`",
         f"- checkpoint: `{report['checkpoint']}`" if report["checkpoint"] else "- checkpoint: none",
+        f"- search: {search_summary(report)} (see Search below)",
         "- units: Recall@k in percent; headline = R@5 (R@10 for Fashion200K and FashionIQ)",
-        f"- tasks: {n_eval} of {len(_EVAL_NAMES)} evaluated dataset-tasks"
-        + ("" if report["complete"] else " (incomplete: the average is over these tasks only)"),
+        f"- tasks: {n_eval} of {len(_EVAL_NAMES)} evaluated dataset-tasks" + _incomplete_note(report),
     ]
     lines += [f"- {key}: {value}" for key, value in report.get("extra", {}).items()]
     head = ["task", "queries", "R@1", "R@5", "R@10", "headline"] + [s.name for s in BASELINES]
@@ -68,7 +154,10 @@ def _markdown(report: dict[str, Any]) -> str:
         row += [f"{_fmt(t['headline'])} (R@{t['headline_k']})"]
         row += [_fmt(_published_task(s, name, pool)) for s in BASELINES]
         lines.append("| " + " | ".join(row) + " |")
+    skipped = sum(skipped_queries(report).values())
     label = "average" if report["complete"] else f"average ({len(tasks)} tasks)"
+    if skipped:
+        label = f"average ({len(tasks)} tasks, {skipped} queries skipped)"
     total = sum(t["num_queries"] for t in report["tasks"].values())
     row = [f"**{label}**", str(total), "", "", "", f"**{_fmt(report['average'])}**"]
     row += [_fmt(_published_average(s, tasks, pool)) for s in BASELINES]
@@ -77,6 +166,7 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Published {pool}-pool averages over all 16 tasks (RECIPES.md s.2): " + ", ".join(notes) + "."]
     if pool == "global":
         lines.append("The papers give no per-task numbers for the global pool.")
+    lines += _search_lines(report) + _skipped_lines(report)
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +197,10 @@ def _png(report: dict[str, Any]) -> bytes:
     ax.set_xticks(xs, [f"{t} (R@{report['tasks'][t]['headline_k']})" for t in tasks], rotation=45, ha="right")
     ax.set_ylabel("Recall@k (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"M-BEIR, {pool} pool" + ("" if report["complete"] else f" ({len(tasks)} of 16 tasks)"))
+    note = "" if report["complete"] else f" ({len(tasks)} of 16 tasks"
+    if skipped := sum(skipped_queries(report).values()):
+        note += f", {skipped} queries skipped"
+    ax.set_title(f"M-BEIR, {pool} pool, {search_summary(report)} search" + (note and note + ")"))
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
@@ -122,17 +215,40 @@ def write_report(
     mbeir_root: str,
     pool: str,
     checkpoint: str | None,
+    search: Mapping[str, Mapping[str, Any]],
+    check_exact: int = 0,
+    skipped: Mapping[str, Any] | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
     extra: Mapping | None = None,
 ) -> dict:
     """Write ``report.png``, ``report.md`` and ``report.json`` under ``out_dir``; return what report.json holds.
 
-    ``results`` maps dataset-task names to their results (in any order; written in paper order). ``extra``
-    (JSON-serialisable) is stored under the key ``"extra"`` and listed in report.md; absent when ``None``.
+    ``results`` maps dataset-task names to their results (in any order; written in paper order). ``search``:
+    index name -> ``{"method": "exact"}`` or ``{"method": "scann", "params": {...}, "agreement": ...}``,
+    agreement per task as :func:`mmret.eval.evaluate.agreement` gives it, or None when not measured
+    (``check_exact``: the sample size per task, 0: not measured). ``skipped``: the embedding's skipped
+    records (``{"queries": {task: {"count", "reasons", "examples"}}, "other_records": {...}}``; any makes
+    the report not complete). ``fingerprint``: what the numbers depend on (``mmret.eval.run`` compares it
+    before reusing the report). ``extra`` (JSON-serialisable) is stored under the key ``"extra"`` and
+    listed in report.md; absent when ``None``.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if not results:
         raise ValueError("no task results to report")
+    if not search:
+        raise ValueError("no search named: give each index's method")
+    search = {name: dict(v) for name, v in search.items()}
+    for name, v in search.items():
+        if v.get("method") not in ("exact", "scann"):
+            raise ValueError(f"search[{name!r}]: method must be 'exact' or 'scann', got {v.get('method')!r}")
+        if v["method"] == "scann":
+            if check_exact and v.get("agreement") is None:
+                raise ValueError(f"search[{name!r}]: check_exact {check_exact} but no agreement measured")
+            v.setdefault("agreement", None)
+            v["check_exact"] = check_exact
+            if v["agreement"] is None:
+                v["agreement_note"] = "not measured (eval.check_exact = 0)"
     for name, r in results.items():
         if dataset_task(name).name != r.task:
             raise ValueError(f"results[{name!r}] is the result of {r.task!r}")
@@ -154,8 +270,12 @@ def write_report(
         "units": "percent",
         "tasks": tasks,
         "average": average(results),
-        "complete": set(tasks) == set(_EVAL_NAMES),
+        "complete": set(tasks) == set(_EVAL_NAMES) and not skipped,
+        "search": search,
+        "skipped": dict(skipped or {}),
     }
+    if fingerprint is not None:
+        report["fingerprint"] = dict(fingerprint)
     if extra is not None:
         report["extra"] = dict(extra)
     text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"  # fails before any write

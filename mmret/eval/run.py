@@ -3,8 +3,12 @@
     <workdir>/eval/<step>/embeddings/     the embeddings (mmret.eval.embed; resumable)
     <workdir>/eval/<step>/<pool>/         TREC runs and report.{json,md,png} (mmret.eval.evaluate)
 
-Step 0 is the model the run starts from (before training). A pool whose report exists is not redone,
-so an interrupted evaluation picks up where it stopped.
+Step 0 is the model the run starts from (before training). A pool's report is reused only when its
+``fingerprint`` equals what this evaluation would depend on (:func:`mmret.eval.evaluate.report_key`: the
+embeddings' key, which covers the model, the settings, the M-BEIR root and the size and mtime of its
+record files, plus the qrels files and the search settings); otherwise it is redone, and embeddings
+whose key changed are recomputed (:func:`mmret.eval.embed.embed`). An interrupted evaluation picks up
+where it stopped. A missing root or record file is an error before anything is reused.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from typing import Any
 
 import jax
 
-from mmret.eval.embed import embed, resolve_step
-from mmret.eval.evaluate import evaluate
-from mmret.eval.report import compare_table, read_report
+from mmret.eval.embed import embed, embed_key, eval_root, resolve_step
+from mmret.eval.evaluate import evaluate, report_key
+from mmret.eval.report import compare_table, read_report, search_summary
 from mmret.train.trainer import TrainerConfig
 
 REPORT = "report.json"
@@ -32,8 +36,9 @@ def evaluate_run(cfg: TrainerConfig, workdir: str | Path, step: int | None = Non
     ecfg = cfg.eval
     step = resolve_step(workdir, step)
     out = eval_dir(workdir, step)
-    root = ecfg.root or cfg.data.root
-    todo = [p for p in ecfg.pools if not (out / p / REPORT).is_file()]
+    root = eval_root(cfg, ecfg)
+    key = embed_key(cfg, ecfg, workdir=workdir, step=step)  # raises for a missing root or record file
+    todo = [p for p in ecfg.pools if not _reusable(out / p, report_key_for(key, root, p, ecfg))]
     if todo:
         embed(cfg, out / "embeddings", ecfg, workdir=workdir, step=step)
     reports: dict[str, dict[str, Any]] = {}
@@ -52,8 +57,28 @@ def evaluate_run(cfg: TrainerConfig, workdir: str | Path, step: int | None = Non
                 )
             else:
                 reports[pool] = read_report(out / pool)
-            print(f"eval step {step}, {pool} pool: average {reports[pool]['average']:.1f} -> {out / pool}", flush=True)
+            r = reports[pool]
+            note = "" if pool in todo else " (reused: nothing it depends on changed)"
+            print(
+                f"eval step {step}, {pool} pool: average {r['average']:.1f}, {search_summary(r)} search "
+                f"-> {out / pool}{note}",
+                flush=True,
+            )
     return reports
+
+
+def report_key_for(key: dict[str, Any], root: str, pool: str, ecfg: Any) -> dict[str, Any]:
+    """The fingerprint a report of ``pool`` made now would record (``key``: the embeddings' key)."""
+    return report_key(
+        key, root, pool, key["tasks"], search=ecfg.search, top=ecfg.top, check_exact_queries=ecfg.check_exact
+    )
+
+
+def _reusable(pool_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """Whether the report in ``pool_dir`` was made from exactly what ``fingerprint`` names."""
+    if not (pool_dir / REPORT).is_file():
+        return False
+    return read_report(pool_dir).get("fingerprint") == fingerprint
 
 
 def before_after(workdir: str | Path, before: int, after: int, pools: tuple[str, ...]) -> str:
