@@ -85,7 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_workers=8,
         at_start=False,
         at_end=False,
-        check_exact=1000,
+        check_exact=1000,  # queries per task on which ScaNN's Recall@k is compared with exact search (ScaNN only)
+        on_bad_record="error",  # a test query whose positive is not in its local pool stops the evaluation
         # ScaNN / exact search (mmret/eval/index.py); None fields scale with the pool size. Exact search, as the
         # reference evaluation (UniIR's FAISS Flat, U-MARVEL's topk), for the reported numbers.
         search={
