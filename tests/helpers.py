@@ -26,6 +26,16 @@ def load_tool(name: str) -> ModuleType:
     return module
 
 
+def uniir_format_string(s: str | None) -> str:
+    """UniIR's ``format_string`` (``src/data/preprocessing/utils.py``; U-MARVEL copies it), restated
+    independently of mmret's: drop ``\\r``, strip, strip double quotes, capitalise, add "." unless ``.?!``."""
+    s = (s or "").replace("\r", "").strip().strip('"')
+    if s:
+        s = s[0].upper() + s[1:]
+        s = s + "." if s[-1] not in [".", "?", "!"] else s
+    return s
+
+
 def random_pairs(proc, n: int, seed: int = 0) -> tuple[list, list]:
     """``n`` processed queries and ``n`` candidates: 5 random words each, a random 56x56 image on
     every other one (queries at even indices, candidates at odd), from one seeded generator."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import uniir_format_string  # noqa: E402
 from PIL import Image
 
 from mmret.data import bad_records as br
@@ -495,15 +496,6 @@ def test_instruction_draw_is_seeded_and_stable(instructions: mbeir.Instructions)
 
 
 PINNED_DRAWS = [2, 2, 2, 3, 2, 2]
-
-
-def uniir_format_string(s: str | None) -> str:
-    """UniIR's ``format_string`` (src/data/preprocessing/utils.py), restated here independently."""
-    s = (s or "").replace("\r", "").strip().strip('"')
-    if s:
-        s = s[0].upper() + s[1:]
-        s = s + "." if s[-1] not in [".", "?", "!"] else s
-    return s
 
 
 # Expected values worked out by hand from UniIR's rules (remove \r, strip, strip '"', capitalise, add ".").

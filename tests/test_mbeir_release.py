@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import uniir_format_string  # noqa: E402
 from PIL import Image
 
 from mmret.data import mbeir
@@ -20,15 +21,6 @@ from mmret.data.processor import Processor, ProcessorConfig
 from mmret.eval.evaluate import positives_for
 from mmret.eval.metrics import evaluate_task
 from mmret.models.qwen2_vl.processor_files import write_processor_files
-
-
-def uniir_format_string(s: str | None) -> str:
-    """UniIR's ``format_string``, restated."""
-    s = (s or "").replace("\r", "").strip().strip('"')
-    if s:
-        s = s[0].upper() + s[1:]
-        s = s + "." if s[-1] not in [".", "?", "!"] else s
-    return s
 
 
 def _q(qid, txt, img, modality, pos, task, neg=()):
@@ -163,36 +155,26 @@ def test_a_training_batch_holds_each_copy_and_the_pipeline_texts(root, processor
 
 
 def test_the_trainer_trains_on_the_union_file(root, tmp_path):
-    from mmret.train.trainer import train
+    import dataclasses
+
+    from helpers import eval_trainer_config
+
+    from mmret.optim import OptimizerConfig
+    from mmret.train.trainer import CheckpointConfig, train
 
     proc_dir = tmp_path / "proc"
     write_processor_files(proc_dir)
-    summary = train(
-        {
-            "model": {"preset": "tiny", "scan_layers": True},
-            "data": {
-                "root": str(root),
-                "processor_dir": str(proc_dir),
-                "processor": {"max_pixels": 16 * 28 * 28},
-                "pipeline": {
-                    "batch_size": 8,
-                    "max_query_length": 96,
-                    "max_candidate_length": 96,
-                    "max_query_patches": 8 * 64,
-                    "max_candidate_patches": 8 * 64,
-                },
-            },
-            "epochs": 4.0,  # 4 epochs of the 4-line file at a global batch of 8: 2 steps, derived from the file
-            "optimizer": {"learning_rate": 1e-3, "warmup_steps": 0},
-            "mesh": {"data": 8},
-            "log_every": 1,
-            "checkpoint": {"every": 2, "keep": 1},
-        },
-        tmp_path / "run",
+    cfg = dataclasses.replace(
+        eval_trainer_config(root, proc_dir, tasks=["mscoco_task0"]),
+        epochs=4.0,  # 4 epochs of the 4-line union file at a global batch of 8: 2 steps, derived from the file
+        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0),
+        log_every=1,
+        checkpoint=CheckpointConfig(every=2, keep=1),
     )
+    train(cfg, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert all(np.isfinite(r["loss"]) for r in records) and summary
+    assert all(np.isfinite(r["loss"]) for r in records)
 
 
 def test_scoring_counts_every_qrels_positive(root):

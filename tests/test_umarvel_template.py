@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import uniir_format_string as format_string  # noqa: E402
 from PIL import Image
 
 transformers = pytest.importorskip("transformers")
@@ -39,15 +40,6 @@ EXACT = ProcessorConfig(template="umarvel_exact", max_text_tokens=None)
 
 
 # --- the independent rebuild ------------------------------------------------------------------------
-
-
-def format_string(s: str | None) -> str:
-    """U-MARVEL's (UniIR's) format_string, written out again."""
-    s = (s or "").replace("\r", "").strip().strip('"')
-    if s:
-        s = s[0].upper() + s[1:]
-        s = s + "." if s[-1] not in [".", "?", "!"] else s
-    return s
 
 
 def data_dict(txt: str, has_image: bool, *, keep_empty_text: bool = False) -> dict[str, Any]:
