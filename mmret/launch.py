@@ -13,13 +13,27 @@ Modes: ``train`` (default) trains, evaluating the model before (``eval.at_start`
 (``eval.at_end``) training and printing the before/after table; ``embed`` writes the embeddings of
 checkpoint ``--step`` (default: the latest; 0: before training) under ``DIR/eval/<step>/embeddings``;
 ``eval`` embeds, searches and reports it under ``DIR/eval/<step>/<pool>/`` (see :mod:`mmret.eval`).
+
+Errors in what the job was given are checked before anything is written to ``DIR`` (config values,
+the paths the config names, the model directory's weights, every record of the training data) and
+reported as one line on stderr, naming the config key, file or ``file:line``; the exit status is 1.
+``--verbose`` (or absl's ``--verbosity=1``) shows their traceback too. Errors of any other kind keep
+theirs. The metrics table that closes a run lists its first and last log points; each log point
+says how many steps it averages (``averaged_steps``: fewer than ``log_every`` after a resume, a
+preemption or skipped steps).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import sys
+import types
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 _COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -58,7 +72,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     from absl import flags, logging
 
-    from mmret.train.trainer import as_trainer_config, train
+    from mmret.train.trainer import as_trainer_config, open_inputs, train
 
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the progress readable
         logging.set_verbosity(logging.WARNING)
@@ -67,45 +81,164 @@ def main(argv: list[str]) -> None:
     workdir = flags.FLAGS.workdir
     mode = flags.FLAGS.mode
     step = None if flags.FLAGS.step < 0 else flags.FLAGS.step
-    try:
+    with one_line_errors(ValueError, TypeError, prefix="bad config: "):
         trainer_cfg = as_trainer_config(cfg)
-    except (ValueError, TypeError) as e:
-        sys.exit(f"mmret.launch: bad config: {e}")
+        check_choices(trainer_cfg)
+    with one_line_errors(ValueError, OSError):  # nothing is written before these pass
+        check_paths(trainer_cfg)
+        inputs = open_inputs(trainer_cfg) if mode == "train" else None  # reads (and checks) every record
     from mmret.eval import run as eval_run
 
-    if mode == "embed":
-        from mmret.eval.embed import embed, resolve_step
+    with one_line_errors(*input_errors()):
+        if mode == "embed":
+            from mmret.eval.embed import embed, resolve_step
 
-        step = resolve_step(workdir, step)
-        embed(trainer_cfg, eval_run.eval_dir(workdir, step) / "embeddings", workdir=workdir, step=step)
-        return
-    if mode == "eval":
-        eval_run.evaluate_run(trainer_cfg, workdir, step)
-        return
-    ecfg = trainer_cfg.eval
-    if ecfg.at_start:
-        eval_run.evaluate_run(trainer_cfg, workdir, 0)
-    summary = train(trainer_cfg, workdir)
-    after = summary["final_step"]
-    evaluated = ecfg.at_end and not summary["preempted"]
-    if evaluated:
-        eval_run.evaluate_run(trainer_cfg, workdir, after)
+            step = resolve_step(workdir, step)
+            embed(trainer_cfg, eval_run.eval_dir(workdir, step) / "embeddings", workdir=workdir, step=step)
+            return
+        if mode == "eval":
+            eval_run.evaluate_run(trainer_cfg, workdir, step)
+            return
+        ecfg = trainer_cfg.eval
+        if ecfg.at_start:
+            eval_run.evaluate_run(trainer_cfg, workdir, 0)
+        summary = train(trainer_cfg, workdir, inputs=inputs)
+        after = summary["final_step"]
+        evaluated = ecfg.at_end and not summary["preempted"]
+        if evaluated:
+            eval_run.evaluate_run(trainer_cfg, workdir, after)
     if jax.process_index() == 0:
         print("\n".join(summary_table(Path(workdir) / "metrics.jsonl")))
         if evaluated and ecfg.at_start:
             print(eval_run.before_after(workdir, 0, after, ecfg.pools))
 
 
+# ------------------------------------------------------------------------------------ input errors
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """What a job raises about its inputs (a record, the model's files, a path), not about itself."""
+    from mmret.convert.hf import ConversionError
+    from mmret.data.bad_records import BadRecordError
+
+    return (BadRecordError, ConversionError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def verbose() -> bool:
+    """Whether errors keep their traceback: ``--verbose`` or absl's ``--verbosity`` of 1 or more."""
+    from absl import flags
+
+    f = flags.FLAGS
+    return bool(f["verbose"].value) or (f["verbosity"].present and f["verbosity"].value >= 1)
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def one_line_errors(*kinds: type[BaseException], prefix: str = "") -> Iterator[None]:
+    """An error of ``kinds`` (raised, or the cause of what was raised) exits the job with one line
+    on stderr, ``mmret.launch: <prefix><message>``; with :func:`verbose`, it propagates as it is."""
+    try:
+        yield
+    except Exception as e:
+        found = next((c for c in _causes(e) if isinstance(c, kinds)), None)
+        if found is None or verbose():
+            raise
+        sys.exit(f"mmret.launch: {prefix}{one_line(found)}")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    node: BaseException | None = error
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        yield node
+        node = node.__cause__ or node.__context__
+
+
+def str_choices() -> dict[str, tuple[str, ...]]:
+    """Config keys typed ``str`` whose values are fixed (``Literal``-typed fields are checked from their type)."""
+    from mmret.models.qwen2_vl.config import AttentionImpl, RematPolicy
+
+    dtypes = ("float32", "bfloat16", "float16")  # mmret.models.qwen2_vl.config.as_dtype
+    return {
+        "model.remat": typing.get_args(RematPolicy),
+        "model.attention_impl": typing.get_args(AttentionImpl),
+        "model.dtype": dtypes,
+        "model.param_dtype": dtypes,
+        "data.format": ("raw", "array_record"),  # mmret.train.trainer.open_store
+    }
+
+
+def choice_fields(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any, tuple[Any, ...]]]:
+    """``(key, value, allowed)`` of every config field with a fixed set of values: those typed
+    ``Literal[...]`` (alone or in a union) and those :func:`str_choices` names."""
+    choices = str_choices()
+    hints = typing.get_type_hints(type(cfg))
+    for field in dataclasses.fields(cfg):
+        key, value = prefix + field.name, getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from choice_fields(value, key + ".")
+            continue
+        hint = hints[field.name]
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        allowed = tuple(a for o in options if typing.get_origin(o) is typing.Literal for a in typing.get_args(o))
+        if key in choices:
+            yield key, value, choices[key]
+        elif allowed and isinstance(value, str) and str not in options:
+            yield key, value, allowed
+
+
+def check_choices(cfg: Any) -> None:
+    """``ValueError`` naming the first config key whose value is not one of its allowed values."""
+    for key, value, allowed in choice_fields(cfg):
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def check_paths(cfg: Any) -> None:
+    """The paths the config names exist (directories; ``data.negatives_file`` a file), and a
+    ``model.hf_dir`` holds safetensors weights; the error names the config key and the path."""
+    from mmret.convert.hf import SafetensorsCheckpoint
+
+    dirs = {
+        "model.hf_dir": cfg.model.hf_dir,
+        "model.checkpoint": cfg.model.checkpoint,
+        "data.processor_dir": cfg.data.processor_dir,
+        "data.root": cfg.data.root,
+        "eval.root": cfg.eval.root,
+    }
+    for key, path in dirs.items():
+        if path and not Path(path).is_dir():
+            if Path(path).exists():
+                raise NotADirectoryError(f"{key}: {path}: not a directory")
+            raise FileNotFoundError(f"{key}: {path}: no such directory")
+    negatives = cfg.data.negatives_file
+    if negatives and not Path(negatives).is_file():
+        raise FileNotFoundError(f"data.negatives_file: {negatives}: no such file")
+    if cfg.model.hf_dir:
+        try:
+            SafetensorsCheckpoint(cfg.model.hf_dir)  # reads the headers only
+        except ValueError as e:
+            raise ValueError(f"model.hf_dir: {e}") from e
+
+
 def summary_table(metrics_file: Path, rows: int = 6) -> list[str]:
     """A short table of the run's logged metrics: the first and the last log points."""
-    if not metrics_file.is_file():
-        return []
     import json
 
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = []
+    for line in metrics_file.read_text().splitlines() if metrics_file.is_file() else ():
+        with contextlib.suppress(ValueError):  # a torn last line
+            records.append(json.loads(line))
+    if not records:
+        return ["", f"no metrics logged ({metrics_file})"]
     if len(records) > rows:
         records = records[: rows // 2] + records[-(rows - rows // 2) :]
-    cols = ("step", "loss", "accuracy", "temperature", "learning_rate", "examples_per_s")
+    cols = ("step", "loss", "accuracy", "temperature", "learning_rate", "examples_per_s", "averaged_steps")
     lines = ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for rec in records:
         cells = [f"{rec[c]:.4g}" if isinstance(rec.get(c), float) else str(rec.get(c, "")) for c in cols]
@@ -121,6 +254,7 @@ def run() -> None:
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
     flags.DEFINE_enum("mode", "train", ["train", "embed", "eval"], "Train (and evaluate per eval.at_*), or embed/eval.")
     flags.DEFINE_integer("step", -1, "Checkpoint to embed/evaluate: -1 the latest, 0 the model before training.")
+    flags.DEFINE_bool("verbose", False, "Show the traceback of input errors (else one line on stderr).")
     flags.mark_flags_as_required(["config", "workdir"])
     sys.argv = resolve_config_arg(sys.argv)
     try:

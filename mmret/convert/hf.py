@@ -139,7 +139,7 @@ class SafetensorsCheckpoint:
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
         if not self.dir.is_dir():
-            raise ConversionError(f"{self.dir}: not a directory")
+            raise ConversionError(f"{self.dir}: " + ("not a directory" if self.dir.exists() else "no such directory"))
         pickles = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt"))
         index = self.dir / INDEX_FILE
         single = self.dir / SINGLE_FILE
@@ -154,11 +154,13 @@ class SafetensorsCheckpoint:
             weight_map = {k: SINGLE_FILE for k in read_header(single)}
         elif pickles:
             raise ConversionError(
-                f"{self.dir / pickles[0]}: pickle checkpoints are refused (they can run code when loaded); "
-                "convert it to safetensors first"
+                f"{self.dir / pickles[0]}: pickle checkpoints are refused (they can run code when loaded): weights are "
+                f"read from safetensors only ({SINGLE_FILE} or {INDEX_FILE}); convert it to safetensors first"
             )
         else:
-            raise ConversionError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+            raise ConversionError(
+                f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (weights are read from safetensors only)"
+            )
         headers: dict[str, dict[str, TensorInfo]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for key, file in weight_map.items():

@@ -475,7 +475,7 @@ def iter_jsonl(path: str | Path, bad: BadRecords) -> Iterator[tuple[str, dict[st
             try:
                 obj = _json_decode(line)
             except json.JSONDecodeError as e:
-                bad.handle(BadRecordError(where, INVALID_JSON, f"{e.msg} at column {e.colno}"))
+                bad.handle(BadRecordError(where, INVALID_JSON, f"{e.msg.removesuffix(' at')} at column {e.colno}"))
                 continue
             if not isinstance(obj, dict):
                 bad.handle(BadRecordError(where, NOT_OBJECT, f"a line must be a JSON object, got {type(obj).__name__}"))

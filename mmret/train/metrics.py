@@ -316,7 +316,11 @@ class MetricWriters:
         if not self.primary:
             return
         print(progress_line(step, self.total_steps, metrics), file=self.out, flush=True)
-        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        numbers = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+        }
         assert self._jsonl is not None and self.events is not None
         record = {"step": int(step), **{k: (v if math.isfinite(v) else str(v)) for k, v in numbers.items()}}
         self._jsonl.write(json.dumps(record) + "\n")

@@ -32,13 +32,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import signal
 import sys
 import time
 import types
 import typing
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -455,6 +455,49 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def _first_line(error: BaseException, limit: int = 500) -> str:
+    """The gist of a (TensorStore) error: its first line without the specs, at most ``limit`` characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = re.sub(r" ?\[tensorstore_spec(\[\d+\])?='.*?'\]", "", text).split(" See full TensorStore details")[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _RestoreNoise(logging.Filter):
+    """What the reads of a failed restore print besides its error: the other reads in flight fail too,
+    and their asyncio tasks log "Task exception was never retrieved" (asyncio logger) or their
+    TensorStore callbacks find orbax's event loop closed (``sys.unraisablehook``), hundreds of lines.
+    From the first restore on, those are dropped: task errors naming a checkpoint that failed (or is
+    being read), and closed-loop errors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: list[str] = []
+        self._hook: Any = None
+
+    def watch(self, path: Path) -> None:
+        self.paths.append(f"{path}/")
+        if sys.unraisablehook != self._unraisable:  # (again, if something replaced it since)
+            self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        logging.getLogger("asyncio").addFilter(self)  # (once: a logger holds a filter once)
+
+    def unwatch(self, path: Path) -> None:
+        self.paths.remove(f"{path}/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()} {error}"
+        return not any(p in text for p in self.paths)
+
+    def _unraisable(self, unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        self._hook(unraisable)
+
+
+_RESTORE_NOISE = _RestoreNoise()
+
+
 class Checkpoints:
     """orbax ``CheckpointManager`` over ``directory``: async saves, keep N, restore with fallback.
 
@@ -496,30 +539,33 @@ class Checkpoints:
             )
             if "frozen" in abstract:
                 args["frozen"] = ocp.args.StandardRestore(abstract["frozen"])
+            path = self.directory / str(step)
+            _RESTORE_NOISE.watch(path)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+                _RESTORE_NOISE.unwatch(path)
                 return step, dict(restored)
             except Exception as e:  # noqa: BLE001 (any failure to read means: try the previous one)
-                msg = f"checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: {e}); "
-                msg += f"moving it to {self.unreadable} and trying the previous one"
-                warnings.warn(msg, stacklevel=2)
-                log.warning(msg)
+                target = self._move_aside(step)
+                msg = f"checkpoint {path} is unreadable ({type(e).__name__}: {_first_line(e)}); moved to {target}"
+                log.warning(msg + ("; trying the previous one" if step != steps[-1] else ""))
                 errors.append(msg)
-                self._move_aside(step)
         if steps:
-            raise RuntimeError(f"no readable checkpoint in {self.directory}:\n" + "\n".join(errors))
+            raise RuntimeError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
         return None
 
-    def _move_aside(self, step: int) -> None:
+    def _move_aside(self, step: int) -> Path:
+        """Move checkpoint ``step`` to ``checkpoints_unreadable/<step>.<time>`` (process 0 moves it)."""
+        target = self.unreadable / f"{step}.{int(time.time())}"
         if jax.process_index() == 0:
             self.unreadable.mkdir(parents=True, exist_ok=True)
-            target = self.unreadable / f"{step}.{int(time.time())}"
             shutil.move(str(self.directory / str(step)), str(target))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"mmret_ckpt_move_{step}")
         self.manager.reload()
+        return target if jax.process_index() == 0 else self.unreadable
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -585,7 +631,12 @@ def _jax_preemption_service() -> bool:
 
 class Meter:
     """Averages the finite steps' metrics over a log interval; examples/s and tokens/s over the
-    steps timed since the last log point (the clock restarts after the first, compiling step)."""
+    steps timed since the last log point (the clock restarts after the first, compiling step).
+
+    Each record says how many steps its averages cover, ``averaged_steps``: ``log_every`` in a steady
+    run; fewer in the first interval after a resume (only the steps since the checkpoint, which need
+    not be a log point), at the last step of a preempted run, or when non-finite steps were skipped
+    (they are left out of the averages)."""
 
     def __init__(self, global_batch: int, total_steps: int):
         self.global_batch, self.total_steps = global_batch, total_steps
@@ -608,6 +659,7 @@ class Meter:
         out = {
             key: float(np.mean([m[key] for m in self.interval])) for key in (self.interval[0] if self.interval else ())
         }
+        out["averaged_steps"] = len(self.interval)
         if self.steps and now > self.clock:
             seconds = now - self.clock
             out["examples_per_s"] = self.steps * self.global_batch / seconds
@@ -635,14 +687,32 @@ def step_pipeline(cfg: TrainerConfig) -> PipelineConfig:
     return pipeline
 
 
-def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) -> dict[str, Any]:
-    """Train (or resume) the run in ``workdir``; returns the last logged metrics plus a summary."""
+@dataclasses.dataclass
+class TrainInputs:
+    """What a run reads before it writes anything: the processor and the training record store."""
+
+    processor: Processor
+    store: Any
+    bad: BadRecords  # the records the store skipped while reading
+
+
+def open_inputs(cfg: TrainerConfig) -> TrainInputs:
+    """Open the run's processor and training store: every record is read and checked here (under
+    ``on_bad_record="error"`` the first bad one raises :class:`~mmret.data.bad_records.BadRecordError`)."""
+    bad = BadRecords(step_pipeline(cfg).on_bad_record)
+    processor = Processor(processor_dir(cfg), cfg.data.processor)
+    return TrainInputs(processor, open_store(cfg.data, bad), bad)
+
+
+def train(
+    config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path, *, inputs: TrainInputs | None = None
+) -> dict[str, Any]:
+    """Train (or resume) the run in ``workdir``; returns the last logged metrics plus a summary.
+    ``inputs``: :func:`open_inputs` of ``config``, when the caller opened them already. Nothing is
+    written to ``workdir`` before the inputs and the model are read."""
     cfg = as_trainer_config(config)
     workdir = Path(workdir).absolute()
     is_primary = jax.process_index() == 0
-    if is_primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_to_json(cfg), indent=1) + "\n")
 
     # ---------------------------------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(cfg.mesh)
@@ -652,10 +722,9 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
     # ---------------------------------------------------------------------------------------- data
     pipeline = step_pipeline(cfg)
     n_chunks = 1 if pipeline.grad_cache_chunk is None else pipeline.batch_size // pipeline.grad_cache_chunk
-    bad_read = BadRecords(pipeline.on_bad_record)  # records the store skipped while reading (every run)
+    inputs = open_inputs(cfg) if inputs is None else inputs
+    processor, store, bad_read = inputs.processor, inputs.store, inputs.bad  # bad_read: counted every run
     bad = BadRecords(pipeline.on_bad_record)  # examples the pipeline skipped (checkpointed with the data)
-    processor = Processor(processor_dir(cfg), cfg.data.processor)
-    store = open_store(cfg.data, bad_read)
     data_iter = iter(train_dataset(store, processor, pipeline))
 
     # --------------------------------------------------------------------------------------- model
@@ -709,6 +778,9 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
         return sharding.put_batch(arrays, mesh, rules, batch_axes)
 
     # ---------------------------------------------------------------------------------- checkpoint
+    if is_primary:  # the first write: the inputs and the model are read
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config_to_json(cfg), indent=1) + "\n")
     ckpt = Checkpoints(workdir / "checkpoints", cfg.checkpoint)
 
     def checkpoint_items(st: TrainState) -> dict[str, Any]:
@@ -749,7 +821,7 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
     meter = Meter(global_batch, total_steps)
     last: dict[str, Any] = {}
     started_at = time.perf_counter()
-    preempted = False
+    preempted = finished = False
 
     def absorb(step_number: int, device_metrics: Any, tokens: int) -> None:
         """Read a finished step's metrics (one step late, so the host never waits on the step just
@@ -775,7 +847,7 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
         meter.add(metrics if finite else None, tokens * jax.process_count())
         if step_number == start + 1:
             meter.restart_clock()  # the first step compiled
-        if step_number % cfg.log_every == 0 or step_number == total_steps:
+        if step_number % cfg.log_every == 0 or step_number == total_steps or preempted:  # preempted: the last step
             last = {"step": step_number, **meter.record(step_number), "skipped_steps": info["nonfinite_steps"]}
             writers.write(step_number, last)
 
@@ -808,12 +880,14 @@ def train(config: TrainerConfig | Mapping[str, Any] | Any, workdir: str | Path) 
             if pending is not None:
                 absorb(*pending)
         ckpt.wait()
+        finished = True
     finally:
         preemption.uninstall()
         ckpt.close()
         prefix = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
-        report = BadRecords(pipeline.on_bad_record).merge([bad_read, bad]).report()
-        writers.print(*(prefix + line for line in report), every_process=True)
+        report = BadRecords(pipeline.on_bad_record).merge([bad_read, bad])
+        if finished or report.total:  # not "none" just before an error (a bad record's among them) ends the run
+            writers.print(*(prefix + line for line in report.report()), every_process=True)
         writers.close()
 
     return {

@@ -53,8 +53,8 @@ def from_hf(
     Other options: see ``Qwen2VLConfig``."""
     dtype = as_dtype(dtype)
     param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
+    ckpt = SafetensorsCheckpoint(hf_dir)  # first: a clear error for a missing directory or pickle-only weights
     cfg = Qwen2VLConfig.from_hf_dir(hf_dir, dtype=dtype, param_dtype=param_dtype, **options)
-    ckpt = SafetensorsCheckpoint(hf_dir)
     return grow_vocab(load_into(abstract(cfg), ckpt), min_vocab_size, seed=seed)
 
 
