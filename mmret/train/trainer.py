@@ -725,6 +725,8 @@ def train(
     inputs = open_inputs(cfg) if inputs is None else inputs
     processor, store, bad_read = inputs.processor, inputs.store, inputs.bad  # bad_read: counted every run
     bad = BadRecords(pipeline.on_bad_record)  # examples the pipeline skipped (checkpointed with the data)
+    cfg = with_epochs(cfg, len(store.queries), global_batch)  # the schedule's length from the file's size
+    total_steps = cfg.steps
     data_iter = iter(train_dataset(store, processor, pipeline))
 
     # --------------------------------------------------------------------------------------- model
@@ -738,8 +740,6 @@ def train(
     graphdef, params, rest = nnx.split(model, wrt, ...)
     del model
     tx = make_optimizer(cfg.optimizer)
-    cfg = with_epochs(cfg, len(store.queries), global_batch)  # the schedule's length from the file's size
-    total_steps = cfg.steps
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = jax.tree.map(lambda x: x.sharding, params)
     abstract_opt = jax.eval_shape(tx.init, params)  # nothing allocated until we know there is no checkpoint
