@@ -141,13 +141,15 @@ def test_tfds_reads_the_build_without_tensorflow(build: Path, root: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["tf_installed"] or not got["tf_imported"]  # the environment has no TensorFlow: none was needed
-    queries = read_queries(root, "train")
-    assert got["n"] == len(queries)
+    union = "query/union_train/mbeir_union_up_train.jsonl"  # train is built from the union file
+    lines = [json.loads(line) for line in (root / union).read_text().splitlines()]
+    assert got["n"] == len(lines)
     first = got["first"]
-    assert first["id"] == queries[0].qid and first["task"] == "visualnews_task0"
-    assert json.loads(first["record"])["qid"] == queries[0].qid
-    assert first["source"] == "query/train/mbeir_visualnews_task0_train.jsonl:1"
-    assert first["image"] == ""  # a text query
+    assert json.loads(first["record"]) == lines[0] and first["id"] == lines[0]["qid"]
+    assert first["source"] == f"{union}:1"
+    assert first["image"] == (
+        b"" if lines[0]["query_img_path"] is None else (root / lines[0]["query_img_path"]).read_bytes()
+    ).decode("latin-1")
     pool_file = root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
     last = json.loads(pool_file.read_text().splitlines()[-1])
     assert got["m"] == len(read_pool(pool_file))
@@ -161,7 +163,7 @@ def test_tfds_reads_the_build_without_tensorflow(build: Path, root: Path) -> Non
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_store_has_the_raw_records_and_pixels(build: Path, root: Path, split: str) -> None:
-    raw, ar = RawStore(root, split, query_file="per_task"), ArrayRecordStore(build, split)
+    raw, ar = RawStore(root, split), ArrayRecordStore(build, split)
     assert len(ar.queries) == len(raw.queries)
     assert list(ar.queries) == list(raw.queries)
     assert ar.queries[-1] == raw.queries[-1] and ar.queries[3:7] == raw.queries[3:7]
@@ -200,9 +202,7 @@ def test_build_of_some_tasks_reads_their_local_pools(root: Path, tmp_path: Path)
 
 
 def test_training_batches_are_identical(build: Path, root: Path, processor: Processor) -> None:
-    raw = train_dataset(
-        RawStore(root, "train", query_file="per_task"), processor, CFG, process_index=0, process_count=1
-    )
+    raw = train_dataset(RawStore(root, "train"), processor, CFG, process_index=0, process_count=1)
     ar = train_dataset(ArrayRecordStore(build, "train"), processor, CFG, process_index=0, process_count=1)
     for a, b in zip(_take(iter(raw), 4), _take(iter(ar), 4), strict=True):
         _assert_same_batch(a, b)
@@ -212,7 +212,7 @@ def test_batches_with_negatives_and_workers_are_identical(
     build: Path, root: Path, negatives: Path, processor: Processor
 ) -> None:
     cfg = PipelineConfig(**{**CFG.__dict__, "num_negatives": 2})
-    raw_store = RawStore(root, "train", negatives_file=negatives, query_file="per_task")
+    raw_store = RawStore(root, "train", negatives_file=negatives)
     ar_store = ArrayRecordStore(build, "train", negatives_file=build / "negatives" / "train.jsonl")
     assert dict(ar_store.negatives) == raw_store.negatives
     expected = _take(iter(train_dataset(raw_store, processor, cfg, process_index=0, process_count=1)), 3)
@@ -296,15 +296,18 @@ def test_bad_images_are_skipped_and_counted(root: Path, tmp_path: Path) -> None:
 def test_invalid_record_is_counted_under_skip(root: Path, tmp_path: Path) -> None:
     copy = tmp_path / "mbeir"
     shutil.copytree(root, copy)
-    qfile = copy / "query" / "val" / "mbeir_cirr_task7_val.jsonl"
+    qfile = copy / "query" / "union_val" / "mbeir_union_val.jsonl"  # what the val split is built from
     lines = qfile.read_text().splitlines()
     lines[2] = "{not json"
     qfile.write_text("\n".join(lines) + "\n")
-    with pytest.raises(BadRecordError, match=r"mbeir_cirr_task7_val.jsonl:3: invalid_json"):
+    with pytest.raises(BadRecordError, match=r"mbeir_union_val.jsonl:3: invalid_json"):
         build_tfds_mbeir(copy, tmp_path / "a", splits=["val"])
     bad = BadRecords("skip")
     report = build_tfds_mbeir(copy, tmp_path / "b", splits=["val"], bad=bad)
     assert bad.counts == {"invalid_json": 1} and report.counts["val"]["queries"] == 128 - 1
+    # the per-task files, untouched, build in full
+    report = build_tfds_mbeir(copy, tmp_path / "c", splits=["val"], query_file="per_task")
+    assert report.counts["val"]["queries"] == 128
 
 
 def test_cli_usage_errors(tool: ModuleType, root: Path, build: Path, tmp_path: Path, capsys) -> None:

@@ -76,6 +76,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "then each split's pool is its global union pool when the root has one)",
     )
     parser.add_argument(
+        "--query_file",
+        default="auto",
+        choices=["auto", "union_up", "union", "per_task"],
+        help="where a split's queries come from, as data.query_file: auto (default: train / val from their union "
+        "file, query/union_train/mbeir_union_up_train.jsonl or query/union_val/mbeir_union_val.jsonl, when the "
+        "root has one; else the per-task files), a union file, or the per-task files",
+    )
+    parser.add_argument(
         "--num_shards",
         type=_positive_int,
         default=None,
@@ -159,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             progress_every=args.progress_every,
             log=lambda line: print(line, flush=True),
             force=args.force,
+            query_file=args.query_file,
         )
     except OutputExistsError as e:
         print(f"build_tfds_mbeir: error: {e}", file=sys.stderr)
         return 2
-    except (BadRecordError, BuildError, OSError) as e:
+    except (BadRecordError, BuildError, OSError, ValueError) as e:
         print(f"build_tfds_mbeir: error: {e}", file=sys.stderr)
         return 1
     print("\n".join(report.lines()))

@@ -275,6 +275,30 @@ def instructions_path(root: str | Path) -> Path:
     return Path(root) / "instructions" / "query_instructions.tsv"
 
 
+#: ``data.query_file`` choices (:func:`union_file`; the training stores read by it).
+QUERY_FILES = ("auto", "union_up", "union", "per_task")
+
+
+def union_file(root: str | Path, split: str, query_file: str = "auto") -> Path | None:
+    """The union query file ``split`` reads under ``query_file`` (None: the per-task files).
+
+    ``auto``: train reads ``mbeir_union_up_train.jsonl`` and val ``mbeir_union_val.jsonl`` when the root
+    has them (the files every published recipe uses); test, and roots without them, read the per-task files.
+    """
+    if query_file not in QUERY_FILES:
+        raise ValueError(f"data.query_file must be one of {', '.join(QUERY_FILES)}, got {query_file!r}")
+    if query_file == "per_task":
+        return None
+    if query_file == "auto":
+        kind = {"train": "union_up", "val": "union"}.get(split)
+        path = None if kind is None else union_query_path(root, split, kind)
+        return path if path is not None and path.is_file() else None
+    path = union_query_path(root, split, query_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (data.query_file={query_file!r})")
+    return path
+
+
 # ------------------------------------------------------------------------------------------ record checks
 
 
@@ -562,12 +586,13 @@ def read_union_queries(
     for query in iter_queries(
         path, bad=bad, pool=pool, keep_src_content=keep_src_content, image_root=image_root, copies={}
     ):
-        if keep is None or _query_task(query) in keep:
+        if keep is None or query_task(query) in keep:
             out.append(query)
     return out
 
 
-def _query_task(query: Query) -> DatasetTask | None:
+def query_task(query: Query) -> DatasetTask | None:
+    """The dataset-task of a query (its qid's dataset and its ``task_id``); None for an unknown dataset id."""
     name = DATASET_NAMES.get(query.dataset_id)
     return None if name is None else DatasetTask(name, query.task_id)
 

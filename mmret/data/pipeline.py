@@ -47,7 +47,7 @@ from mmret.data.mbeir import (
     read_pool,
     read_queries,
     read_union_queries,
-    union_query_path,
+    union_file,
 )
 from mmret.data.negatives import read_negatives
 from mmret.data.processor import PaddingSide, ProcessedExample, Processor
@@ -106,30 +106,6 @@ class RecordStore(Protocol):
     def candidate(self, did: str) -> Candidate: ...
 
     def image(self, path: str, *, max_pixels: int) -> Image.Image: ...
-
-
-#: ``data.query_file`` choices (:class:`RawStore`).
-QUERY_FILES = ("auto", "union_up", "union", "per_task")
-
-
-def union_file(root: str | Path, split: str, query_file: str = "auto") -> Path | None:
-    """The union query file ``split`` reads under ``query_file`` (None: the per-task files).
-
-    ``auto``: train reads ``mbeir_union_up_train.jsonl`` and val ``mbeir_union_val.jsonl`` when the root
-    has them (the files every published recipe uses); test, and roots without them, read the per-task files.
-    """
-    if query_file not in QUERY_FILES:
-        raise ValueError(f"data.query_file must be one of {', '.join(QUERY_FILES)}, got {query_file!r}")
-    if query_file == "per_task":
-        return None
-    if query_file == "auto":
-        kind = {"train": "union_up", "val": "union"}.get(split)
-        path = None if kind is None else union_query_path(root, split, kind)
-        return path if path is not None and path.is_file() else None
-    path = union_query_path(root, split, query_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (data.query_file={query_file!r})")
-    return path
 
 
 class RawStore:

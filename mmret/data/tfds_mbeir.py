@@ -36,7 +36,6 @@ so :class:`ArrayRecordStore` and :class:`~mmret.data.pipeline.RawStore` index th
 from __future__ import annotations
 
 import array
-import bisect
 import collections
 import dataclasses
 import hashlib
@@ -55,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 from mmret.atomic_dir import atomic_output_dir
-from mmret.data.bad_records import BAD_IMAGE, DUPLICATE_ID, BadRecordError, BadRecords, OnBadRecord
+from mmret.data.bad_records import BAD_ID, BAD_IMAGE, DUPLICATE_ID, BadRecordError, BadRecords, OnBadRecord
 from mmret.data.images import (
     DEFAULT_MAX_PIXELS,
     MISSING,
@@ -69,6 +68,7 @@ from mmret.data.images import (
 from mmret.data.mbeir import (
     EVAL_TASKS,
     SPLITS,
+    UNION_QUERY_FILES,
     Candidate,
     DatasetTask,
     Instructions,
@@ -82,7 +82,9 @@ from mmret.data.mbeir import (
     parse_candidate,
     parse_query,
     query_path,
+    query_task,
     read_instructions,
+    union_file,
 )
 from mmret.data.negatives import read_negatives, write_negatives
 
@@ -269,6 +271,7 @@ class _Pending:
     rid: str
     image_path: str | None
     example: dict[str, Any]
+    copy: int = 0  # the n-th line of this qid in a union file
 
 
 class _Progress:
@@ -298,8 +301,12 @@ class _SplitBuilder:
         self.did_set: set[str] = set()
         self.image_keys = array.array("Q")  # compact: a real pool has millions of images
         self.image_rows = array.array("q")
-        self.task_ranges: dict[str, list[int]] = {}
+        self.task_ranges: dict[str, list[int]] = {}  # per-task files only: each task's contiguous rows
+        self.query_tasks = array.array("h")  # per query row: its task's index in self.task_names
+        self.query_copies = array.array("i")  # per query row: its copy number (union files)
+        self.task_names: list[str] = []
         self.pool_files: list[str] = []
+        self.union = union_file(b.root, split, b.query_file)  # None: the per-task files
 
     def _rel(self, where: str) -> str:
         file, _, line = where.rpartition(":")
@@ -348,6 +355,10 @@ class _SplitBuilder:
 
     def _pool_sources(self) -> list[Path]:
         union = global_pool_path(self.b.root, self.split)
+        if self.union is not None:  # a union query file reads the union pool, as RawStore
+            if not union.is_file():
+                raise BuildError(f"{union}: no {self.split} pool for the union query file {self.union.name}")
+            return [union]
         if self.b.tasks is None and union.is_file():
             return [union]
         paths = [local_pool_path(self.b.root, t, self.split) for t in (self.b.tasks or EVAL_TASKS)]
@@ -392,6 +403,9 @@ class _SplitBuilder:
     # -- queries
 
     def _queries(self) -> Iterator[_Pending]:
+        if self.union is not None:
+            yield from self._union_queries()
+            return
         seen: set[str] = set()
         pool = _KeySet(self.did_set)
         for task in self.b.tasks or EVAL_TASKS:
@@ -409,10 +423,45 @@ class _SplitBuilder:
                 example = {"id": query.qid, "task": task.name, "record": json.dumps(obj), "source": self._rel(where)}
                 yield _Pending(where, query.qid, query.image_path, example)
 
+    def _union_queries(self) -> Iterator[_Pending]:
+        """The union file's lines in file order, each an example (as :func:`~mmret.data.mbeir.read_union_queries`:
+        a repeated qid must repeat its record and is numbered by its copy)."""
+        pool = _KeySet(self.did_set)
+        keep = None if self.b.tasks is None else set(self.b.tasks)
+        first: dict[str, tuple[Query, int]] = {}  # qid -> (first record, copies so far)
+        for where, obj in iter_jsonl(self.union, self.b.bad):
+            try:
+                query = parse_query(obj, where, keep_src_content=False)
+                if query.qid in first:
+                    record, copy = first[query.qid]
+                    if record != query:
+                        raise BadRecordError(where, DUPLICATE_ID, f"qid {query.qid!r} repeats with another record")
+                    copy += 1
+                else:
+                    check_against_pool(query, pool, where)
+                    copy = 0
+                task = query_task(query)
+                if task is None:
+                    raise BadRecordError(where, BAD_ID, f"qid {query.qid!r}: unknown dataset id {query.dataset_id}")
+            except BadRecordError as e:
+                self.b.bad.handle(e)
+                continue
+            first[query.qid] = (first.get(query.qid, (query, 0))[0], copy)
+            if keep is not None and task not in keep:
+                continue
+            example = {"id": query.qid, "task": task.name, "record": json.dumps(obj), "source": self._rel(where)}
+            yield _Pending(where, query.qid, query.image_path, example, copy)
+
     def _add_query(self, p: _Pending) -> None:
         row = self._num_queries
         self._num_queries += 1
-        self.task_ranges.setdefault(p.example["task"], [row, row])[1] = row + 1  # tasks come in order
+        task = p.example["task"]
+        if task not in self.task_names:
+            self.task_names.append(task)
+        self.query_tasks.append(self.task_names.index(task))
+        self.query_copies.append(p.copy)
+        if self.union is None:
+            self.task_ranges.setdefault(task, [row, row])[1] = row + 1  # tasks come in order
         if p.image_path is not None:
             self.image_keys.append(path_key(p.image_path))
             self.image_rows.append(-1 - row)
@@ -422,16 +471,20 @@ class _SplitBuilder:
     def run(self) -> tuple[Any, Any]:
         self._num_queries = 0
         tasks = self.b.tasks or EVAL_TASKS
-        query_files = [query_path(self.b.root, self.split, t) for t in tasks]
-        for task, path in zip(tasks, query_files, strict=True):
-            if not path.is_file():
-                raise BuildError(f"{path}: no {self.split} queries for {task.name} (choose the tasks to build)")
+        query_files = (
+            [self.union] if self.union is not None else [query_path(self.b.root, self.split, t) for t in tasks]
+        )
+        if self.union is None:
+            for task, path in zip(tasks, query_files, strict=True):
+                if not path.is_file():
+                    raise BuildError(f"{path}: no {self.split} queries for {task.name} (choose the tasks to build)")
         sources = self._pool_sources()
         self.pool_files = [str(p.relative_to(self.b.root)) for p in sources]
         cand_info = self._write(CANDIDATES, self._candidates(sources), _count_lines(sources), self._add_candidate)
         query_info = self._write(QUERIES, self._queries(), _count_lines(query_files), self._add_query)
         n = self._num_queries
-        self.task_ranges = {t.name: self.task_ranges.get(t.name, [n, n]) for t in tasks}
+        if self.union is None:
+            self.task_ranges = {t.name: self.task_ranges.get(t.name, [n, n]) for t in tasks}
         self._write_index()
         return query_info, cand_info
 
@@ -443,6 +496,8 @@ class _SplitBuilder:
         np.save(d / "dids.npy", dids)
         np.save(d / "did_sorted.npy", dids[order])
         np.save(d / "did_rows.npy", order.astype(np.int64))
+        np.save(d / "query_tasks.npy", np.frombuffer(self.query_tasks, dtype=np.int16))
+        np.save(d / "query_copies.npy", np.frombuffer(self.query_copies, dtype=np.int32))
         keys = np.frombuffer(self.image_keys, dtype=np.uint64)
         rows = np.frombuffer(self.image_rows, dtype=np.int64)
         order = np.argsort(keys, kind="stable")
@@ -520,6 +575,7 @@ class _Build:
     progress_every: int
     log: Callable[[str], None] | None
     features: dict[str, Any]
+    query_file: str = "auto"
 
 
 def build_tfds_mbeir(
@@ -538,13 +594,17 @@ def build_tfds_mbeir(
     progress_every: int = 10_000,
     log: Callable[[str], None] | None = None,
     force: bool = False,
+    query_file: str = "auto",
 ) -> BuildReport:
     """Convert the M-BEIR root ``mbeir_root`` into a TFDS build at ``out`` (written beside it, renamed at the end).
 
-    Per split: the queries of ``tasks`` (default: the 16 evaluated dataset-tasks, in that order) and the
-    pool RawStore would read (the global ``mbeir_union_<split>`` pool when ``tasks`` is None and it exists,
-    else the union of the tasks' local pools). ``num_shards``: at most that many contiguous shards per
-    split and dataset (default: one per ``shard_bytes``). ``max_pixels``: the decode cap every image is
+    Per split: the queries RawStore would read, with ``query_file`` as its ``data.query_file`` (default
+    ``auto``: train / val from their union file when the root has one, each line an example; else the
+    per-task files of ``tasks``, default the 16 evaluated dataset-tasks, in that order; ``tasks`` filters a
+    union file too), and the pool RawStore would read (the global ``mbeir_union_<split>`` pool with a union
+    file, or when ``tasks`` is None and it exists, else the union of the tasks' local pools).
+    ``num_shards``: at most that many contiguous shards per split and dataset (default: one per
+    ``shard_bytes``). ``max_pixels``: the decode cap every image is
     checked against. ``negatives_file``: a negatives file (:mod:`mmret.data.negatives`) for the train
     queries, validated against the train pool and copied. ``num_workers`` > 0 reads and checks images in
     that many processes (spawned: call it under ``if __name__ == "__main__":``). ``log`` gets a progress
@@ -574,7 +634,7 @@ def build_tfds_mbeir(
                 dataset_dir(tmp, name).mkdir(parents=True)
             b = _Build(
                 root, tmp, task_list, bad, images, num_shards, shard_bytes, progress_every, log,
-                {name: _features(name) for name in (QUERIES, CANDIDATES)},
+                {name: _features(name) for name in (QUERIES, CANDIDATES)}, query_file,
             )  # fmt: skip
             infos: dict[str, list[Any]] = {QUERIES: [], CANDIDATES: []}
             manifest_splits: dict[str, Any] = {}
@@ -590,7 +650,9 @@ def build_tfds_mbeir(
                 manifest_splits[split] = {
                     **counts[split],
                     "pool_files": sb.pool_files,
-                    "task_ranges": sb.task_ranges,
+                    "query_file": None if sb.union is None else str(sb.union.relative_to(root)),
+                    "task_names": sb.task_names,  # the values of index/<split>/query_tasks.npy
+                    "task_ranges": sb.task_ranges if sb.union is None else None,
                 }
                 if split == "train" and negatives_file is not None:
                     negs = read_negatives(negatives_file, pool=_KeySet(sb.did_set), bad=bad)
@@ -742,17 +804,14 @@ class _Reader:
 
 
 class _Queries(Sequence[Query]):
-    """The queries of some tasks (contiguous row ranges), decoded on access."""
+    """The queries at some record rows, decoded on access (with their copy numbers)."""
 
-    def __init__(self, reader: _Reader, ranges: Sequence[tuple[int, int]], keep_src_content: bool) -> None:
+    def __init__(self, reader: _Reader, rows: np.ndarray, copies: np.ndarray | None, keep_src_content: bool) -> None:
         self._reader, self._keep = reader, keep_src_content
-        self._ranges = [(int(a), int(b)) for a, b in ranges if b > a]
-        self._offsets = [0]
-        for a, b in self._ranges:
-            self._offsets.append(self._offsets[-1] + b - a)
+        self._rows, self._copies = rows, copies
 
     def __len__(self) -> int:
-        return self._offsets[-1]
+        return len(self._rows)
 
     def row(self, index: int) -> int:
         """The record row of the ``index``-th query."""
@@ -761,8 +820,7 @@ class _Queries(Sequence[Query]):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"query index {index} out of range ({n} queries)")
-        k = bisect.bisect_right(self._offsets, index) - 1
-        return self._ranges[k][0] + index - self._offsets[k]
+        return int(self._rows[index])
 
     @overload
     def __getitem__(self, index: int) -> Query: ...
@@ -775,6 +833,8 @@ class _Queries(Sequence[Query]):
         query = parse_query(
             json.loads(rec["record"]), rec["where"], task=dataset_task(rec["task"]), keep_src_content=self._keep
         )
+        if self._copies is not None and self._copies[self.row(index)]:
+            query = dataclasses.replace(query, copy=int(self._copies[self.row(index)]))
         self._reader.remember(query.image_path, rec["image"])
         return query
 
@@ -822,6 +882,8 @@ class ArrayRecordStore:
     sources on demand; only the few last images read are kept (``image_cache_size``), so that
     ``image()`` right after ``candidate()`` costs no second read. Picklable: grain workers reopen the
     files lazily. Unlike RawStore with ``tasks``, the pool is always the whole split's pool of the build.
+    ``query_file`` (``data.query_file``): ``auto`` takes what the split was built from; another value must
+    name it (a union file, or ``per_task``), else :class:`BuildError`.
     """
 
     def __init__(
@@ -834,6 +896,7 @@ class ArrayRecordStore:
         bad: BadRecords | None = None,
         keep_src_content: bool = False,
         image_cache_size: int = 64,
+        query_file: str = "auto",
     ) -> None:
         self.build = Path(build)
         self.split = split
@@ -843,16 +906,39 @@ class ArrayRecordStore:
             raise BuildError(
                 f"{self.build}: split {split!r} was not built (built: {', '.join(self.manifest['splits'])})"
             )
-        ranges: dict[str, list[int]] = info["task_ranges"]
-        names = list(ranges) if tasks is None else [dataset_task(t).name for t in tasks]
-        missing = [n for n in names if n not in ranges]
-        if missing:
-            raise BuildError(
-                f"{self.build}: task {missing[0]} is not in the {split} build (built: {', '.join(ranges)})"
-            )
+        built_file = info.get("query_file")
+        if query_file not in ("auto", "per_task", *UNION_QUERY_FILES.get(split, {})):
+            raise ValueError(f"data.query_file={query_file!r} has no meaning for split {split!r} of a build")
+        if query_file != "auto":
+            wanted = None if query_file == "per_task" else UNION_QUERY_FILES[split][query_file]
+            if built_file != wanted:
+                raise BuildError(
+                    f"{self.build}: the {split} split was built from {built_file or 'the per-task files'}, "
+                    f"not {wanted or 'the per-task files'} (data.query_file={query_file!r}); rebuild it"
+                )
+        self.query_file = built_file
         self.bad = BadRecords("error") if bad is None else bad
         self._reader = _Reader(self.build, split, image_cache_size)
-        self.queries: Sequence[Query] = _Queries(self._reader, [tuple(ranges[n]) for n in names], keep_src_content)
+        index = self.build / "index" / split
+        if (index / "query_tasks.npy").is_file():
+            built = list(info["task_names"])
+            task_rows = np.asarray(self._reader.array("query_tasks"))
+            copies = self._reader.array("query_copies")
+        else:  # a build from before the per-row tables: contiguous task ranges
+            built = list(info["task_ranges"])
+            task_rows = np.concatenate(
+                [np.full(b - a, i, np.int16) for i, (a, b) in enumerate(info["task_ranges"].values())] or [[]]
+            )
+            copies = None
+        names = built if tasks is None else [dataset_task(t).name for t in tasks]
+        missing = [n for n in names if n not in built]
+        if missing:
+            raise BuildError(f"{self.build}: task {missing[0]} is not in the {split} build (built: {', '.join(built)})")
+        if built_file is None:  # per-task files: the tasks in the order asked, as RawStore reads them
+            rows = np.concatenate([np.flatnonzero(task_rows == built.index(n)) for n in names] or [[]])
+        else:  # a union file: its lines in file order
+            rows = np.flatnonzero(np.isin(task_rows, [built.index(n) for n in names]))
+        self.queries: Sequence[Query] = _Queries(self._reader, rows.astype(np.int64), copies, keep_src_content)
         self.pool: Mapping[str, Candidate] = _Pool(self._reader, keep_src_content)
         path = instructions_path(self.build)
         self.instructions: Instructions | None = read_instructions(path, bad=self.bad) if path.is_file() else None

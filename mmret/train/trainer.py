@@ -120,7 +120,7 @@ class DataConfig:
     tasks: tuple[str, ...] | None = None  # dataset-tasks to keep (of the union file or the per-task files)
     # "auto": the union file of the split when the root has one (train: mbeir_union_up_train.jsonl, val:
     # mbeir_union_val.jsonl), else the per-task files; "union_up" / "union": that union file (required);
-    # "per_task": the 16 per-task files. (raw format only)
+    # "per_task": the 16 per-task files. An ArrayRecord build holds what it was built from ("auto" takes it).
     query_file: str = "auto"
     negatives_file: str | None = None
     processor_dir: str | None = None  # tokenizer + preprocessor files; default: the model's directory
@@ -285,12 +285,9 @@ def open_store(cfg: DataConfig, bad: BadRecords) -> Any:
     if cfg.format == "array_record":
         from mmret.data.tfds_mbeir import ArrayRecordStore
 
-        if cfg.query_file not in ("auto", "per_task"):  # builds hold the per-task files
-            raise ValueError(
-                f"data.query_file={cfg.query_file!r} needs data.format='raw' (ArrayRecord builds: per-task files)"
-            )
-
-        return ArrayRecordStore(cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad)
+        return ArrayRecordStore(
+            cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad, query_file=cfg.query_file
+        )
     raise ValueError(f"data.format must be 'raw' or 'array_record', got {cfg.format!r}")
 
 
