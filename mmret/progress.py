@@ -1,0 +1,73 @@
+"""The one progress display of long work (training, embedding, ArrayRecord builds, conversion): tqdm.
+
+On a terminal it is tqdm's live bar. Written to anything else (a log file, CI, a pipe), carriage-return
+redraws would pile up on one line, so each redraw becomes its own line, at most one every ``every``
+seconds (default 10) plus the final one: a log shows steady progress lines.
+
+    bar = progress(len(items), "embed queries", unit="item")
+    for batch in batches:
+        ...
+        bar.update(len(batch))
+    bar.close()
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+#: Seconds between progress lines when the output is not a terminal.
+LOG_EVERY = 10.0
+
+
+class _Lines:
+    """A file that turns tqdm's carriage-return redraws into whole lines (for logs)."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.out.write(line + "\n")
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _is_terminal(out: Any) -> bool:
+    try:
+        return bool(out.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress(
+    total: int | None,
+    desc: str,
+    *,
+    unit: str = "it",
+    initial: int = 0,
+    every: float | None = None,
+    out: TextIO | None = None,
+    disable: bool = False,
+) -> tqdm:
+    """A tqdm bar over ``total`` units (None: unknown) named ``desc``, starting at ``initial`` (a resumed
+    job). ``every``: least seconds between redraws (default: tqdm's own on a terminal, :data:`LOG_EVERY`
+    elsewhere). ``out``: where it writes (default stderr)."""
+    out = sys.stderr if out is None else out
+    terminal = _is_terminal(out)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        file=out if terminal else _Lines(out),
+        mininterval=(0.1 if terminal else LOG_EVERY) if every is None else every,
+        dynamic_ncols=terminal,
+        ascii=not terminal,
+        disable=disable,
+        leave=True,
+    )
