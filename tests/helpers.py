@@ -64,7 +64,7 @@ def start_worker(pid: int, nproc: int, port: str, local_devices: str) -> None:
 def eval_trainer_config(data_root: Path | str, proc: Path | str, tasks: Sequence[str], **eval_overrides: Any) -> Any:
     """A trainer config for embedding tests: the tiny random model (seed 0), the synthetic corpus at ``data_root``,
     processor files in ``proc``, 96-token sequences, 64 patches per image, batches of 8, shards of 40."""
-    from mmret.train.trainer import as_trainer_config
+    from mmret.recipe import as_trainer_config
 
     ev = {"tasks": list(tasks), "pools": ["local"], "batch_size": 8, "shard_size": 40, **eval_overrides}
     return as_trainer_config(
@@ -86,3 +86,13 @@ def eval_trainer_config(data_root: Path | str, proc: Path | str, tasks: Sequence
             "eval": ev,
         }
     )
+
+
+def read_scalars(logdir: Path | str) -> dict[str, list[tuple[int, float]]]:
+    """The scalars under ``logdir`` as TensorBoard itself reads them (its ``EventAccumulator``, every point
+    kept, a restarted run's orphaned points purged): tag -> [(step, value), ...] in the order written."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(logdir), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()[ea.SCALARS]}

@@ -1,10 +1,10 @@
 """Where training metrics go: a progress line on stdout, ``metrics.jsonl`` and TensorBoard event files.
 
-The TensorBoard writer needs no TensorFlow: an event file is a TFRecord file (length, masked CRC-32C,
-payload, masked CRC-32C) of ``tensorflow.Event`` protocol buffers, and the few fields a scalar needs are
-encoded here by hand (``Event.wall_time`` 1, ``step`` 2, ``file_version`` 3, ``summary`` 5;
-``Summary.value`` 1; ``Summary.Value.tag`` 1, ``simple_value`` 2). :func:`read_scalars` reads them back
-(CRC-checked), for tests and quick looks without TensorBoard.
+The event files (under ``workdir/tb``) are written by tensorboardX, which needs no TensorFlow, with its
+synchronous ``EventsWriter`` rather than its ``SummaryWriter``: a ``SummaryWriter`` hands events to a
+background thread, so ``flush()`` after a log point can run before that point reaches the file and a killed
+run loses it; here each log point is on disk (flushed and fsynced) before :meth:`MetricWriters.write`
+returns.
 """
 
 from __future__ import annotations
@@ -12,217 +12,44 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-# ----------------------------------------------------------------------------------- TFRecord framing
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
+if TYPE_CHECKING:
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event
 
 
-_CRC_TABLE = _crc32c_table()
+def _event_file(logdir: Path, restart_step: int | None) -> EventsWriter:
+    """A new event file in ``logdir``; ``restart_step``: a ``SessionLog.START`` there, so TensorBoard drops
+    earlier-written points at steps >= it (those of a run killed after its last checkpoint, then resumed)."""
+    # Imported here: tensorboardX imports torch when it is installed (a second), which readers of
+    # format_duration / progress_line need not pay.
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    # tensorboardX names the file events.out.tfevents.<seconds>.<host><suffix> and truncates an existing
+    # one: the suffix keeps two writers started within a second (a quick restart) apart, in start order.
+    events = EventsWriter(str(logdir / "events"), filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+    if restart_step is not None:
+        events.write_event(
+            Event(wall_time=time.time(), step=restart_step, session_log=SessionLog(status=SessionLog.START))
+        )
+    events.flush()
+    return events
 
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord uses it (event files are small: pure Python is enough)."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+def _scalar_event(step: int, values: Mapping[str, float]) -> Event:
+    """An ``Event`` at ``step`` whose ``Summary`` holds ``values`` as ``simple_value`` scalars."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
 
-
-def masked_crc32c(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(payload: bytes) -> bytes:
-    """One TFRecord: length, its masked CRC, the payload, its masked CRC."""
-    length = struct.pack("<Q", len(payload))
-    return length + struct.pack("<I", masked_crc32c(length)) + payload + struct.pack("<I", masked_crc32c(payload))
-
-
-def read_tfrecords(path: str | Path) -> Iterator[bytes]:
-    """The payloads of a TFRecord file; ``ValueError`` on a bad checksum. A torn last record (a writer
-    killed mid-write) ends the iteration."""
-    data = Path(path).read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):
-        length_bytes = data[pos : pos + 8]
-        (length,) = struct.unpack("<Q", length_bytes)
-        (crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
-        if crc != masked_crc32c(length_bytes):
-            raise ValueError(f"{path}: bad length checksum at byte {pos}")
-        end = pos + 12 + length + 4
-        if end > len(data):
-            return
-        payload = data[pos + 12 : pos + 12 + length]
-        (crc,) = struct.unpack("<I", data[end - 4 : end])
-        if crc != masked_crc32c(payload):
-            raise ValueError(f"{path}: bad payload checksum at byte {pos}")
-        yield payload
-        pos = end
-
-
-# ------------------------------------------------------------------------------ protocol buffers
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1  # int64 fields: negative numbers as 10-byte two's complement
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int) -> bytes:
-    return _varint((number << 3) | wire_type)
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _field(number, 2) + _varint(len(payload)) + payload
-
-
-def scalar_event(step: int, values: Mapping[str, float], wall_time: float | None = None) -> bytes:
-    """A serialised ``Event`` with a ``Summary`` of ``simple_value`` scalars."""
-    summary = b"".join(
-        _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5) + struct.pack("<f", float(v)))
-        for tag, v in values.items()
-    )
-    return (
-        _field(1, 1)
-        + struct.pack("<d", time.time() if wall_time is None else wall_time)
-        + _field(2, 0)
-        + _varint(int(step))
-        + _length_delimited(5, summary)
-    )
-
-
-def restart_event(step: int, wall_time: float | None = None) -> bytes:
-    """``SessionLog.START`` at ``step``: TensorBoard drops earlier-written points at steps >= ``step``
-    (those of a run that was killed after its last checkpoint and resumed from it)."""
-    return (
-        _field(1, 1)
-        + struct.pack("<d", time.time() if wall_time is None else wall_time)
-        + _field(2, 0)
-        + _varint(int(step))
-        + _length_delimited(6, _field(1, 0) + _varint(1))
-    )
-
-
-def version_event(wall_time: float | None = None) -> bytes:
-    return (
-        _field(1, 1)
-        + struct.pack("<d", time.time() if wall_time is None else wall_time)
-        + (_length_delimited(3, b"brain.Event:2"))
-    )
-
-
-def _parse(buf: bytes) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value) of a serialised message (varint, 64-bit, bytes, 32-bit)."""
-    pos = 0
-
-    def varint() -> int:
-        nonlocal pos
-        shift = result = 0
-        while True:
-            byte = buf[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return result
-
-    while pos < len(buf):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            yield number, wire, varint()
-        elif wire == 1:
-            yield number, wire, buf[pos : pos + 8]
-            pos += 8
-        elif wire == 2:
-            n = varint()
-            yield number, wire, buf[pos : pos + n]
-            pos += n
-        elif wire == 5:
-            yield number, wire, buf[pos : pos + 4]
-            pos += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
-def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under ``logdir``: tag -> [(step, value), ...] in file order."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        for record in read_tfrecords(path):
-            step, summaries = 0, []
-            for number, _, value in _parse(record):
-                if number == 2:
-                    step = value - (1 << 64) if value >= 1 << 63 else value
-                elif number == 5:
-                    summaries.append(value)
-            for summary in summaries:
-                for number, _, value in _parse(summary):
-                    if number != 1:
-                        continue
-                    tag, simple = None, None
-                    for n, _, v in _parse(value):
-                        if n == 1:
-                            tag = v.decode()
-                        elif n == 2:
-                            (simple,) = struct.unpack("<f", v)
-                    if tag is not None and simple is not None:
-                        out.setdefault(tag, []).append((step, simple))
-    return out
-
-
-class EventWriter:
-    """Scalars to a TensorBoard event file (``logdir/events.out.tfevents.<time>.<host>.<pid>``)."""
-
-    def __init__(self, logdir: str | Path):
-        self.logdir = Path(logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = self.logdir / name
-        self._file = open(self.path, "ab")  # noqa: SIM115 (closed in close())
-        self._file.write(tfrecord(version_event()))
-        self._file.flush()
-
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        finite = {k: float(v) for k, v in values.items() if v is not None}
-        if finite:
-            self._file.write(tfrecord(scalar_event(step, finite)))
-
-    def restart(self, step: int) -> None:
-        self._file.write(tfrecord(restart_event(step)))
-        self._file.flush()
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+    return Event(wall_time=time.time(), step=int(step), summary=summary)
 
 
 # ---------------------------------------------------------------------------------- the writers
@@ -236,6 +63,7 @@ def _step_of(line: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    """``5s``, ``1m05s``, ``2h03m``; ``?`` for a negative or non-finite time."""
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
     seconds = int(round(seconds))
@@ -245,7 +73,16 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(step: int, total: int, metrics: Mapping[str, Any], width: int = 20) -> str:
-    """``step  12/100 [##------] loss 1.2345 acc 0.500 tau 0.0500 |g| 1.2 lr 1.0e-04 3.1 ex/s 812 tok/s eta 1m05s``"""
+    """``step  12/100 [##------] loss 1.2345 acc 0.500 tau 0.0500 |g| 1.2 lr 1.0e-04 3.1 ex/s 812 tok/s eta 1m05s``
+
+    Training's one line per log point, printed to stdout here rather than drawn as an :mod:`mmret.progress`
+    (tqdm) bar: each line is a record of the run to read back (the loss over the steps), which a bar
+    redrawing itself in place on a terminal would erase, and which in a log the bar would thin to one line
+    every ``LOG_EVERY`` seconds; the lines interleave with the trainer's other messages (preemption, skipped
+    steps, evaluation) on stdout, which a live bar would garble; and the eta is the trainer's own (from the
+    step time after compilation), not tqdm's average since start. Tests and tools parse the leading
+    ``step N/TOTAL``.
+    """
     done = min(max(step / max(total, 1), 0.0), 1.0)
     bar = "#" * int(round(done * width))
     digits = len(str(total))
@@ -292,7 +129,7 @@ class MetricWriters:
         self.total_steps = total_steps
         self.out = sys.stdout if out is None else out
         self.primary = primary
-        self.events: EventWriter | None = None
+        self._events: EventsWriter | None = None
         self._jsonl: TextIO | None = None
         if primary:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -306,13 +143,12 @@ class MetricWriters:
                 path.write_text(
                     "".join(line if line.endswith("\n") else line + "\n" for line in keep), encoding="utf-8"
                 )
-            self.events = EventWriter(self.workdir / "tb")
-            if resume_step:
-                self.events.restart(resume_step + 1)
+            self._events = _event_file(self.workdir / "tb", restart_step=resume_step + 1 if resume_step else None)
             self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """One log point: a progress line, a jsonl record and TensorBoard scalars (numbers only)."""
+        """One log point: a progress line, a jsonl record and TensorBoard scalars (numbers only, not
+        ``eta_s``), both on disk when this returns."""
         if not self.primary:
             return
         print(progress_line(step, self.total_steps, metrics), file=self.out, flush=True)
@@ -321,12 +157,14 @@ class MetricWriters:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
         }
-        assert self._jsonl is not None and self.events is not None
+        assert self._jsonl is not None and self._events is not None
         record = {"step": int(step), **{k: (v if math.isfinite(v) else str(v)) for k, v in numbers.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        self.events.scalars(step, {k: v for k, v in numbers.items() if k != "eta_s"})
-        self.events.flush()
+        scalars = {k: v for k, v in numbers.items() if k != "eta_s"}
+        if scalars:
+            self._events.write_event(_scalar_event(step, scalars))
+            self._events.flush()
 
     def print(self, *lines: str, every_process: bool = False) -> None:
         """Print on the primary process (or on every process: what differs between them)."""
@@ -335,7 +173,9 @@ class MetricWriters:
                 print(line, file=self.out, flush=True)
 
     def close(self) -> None:
+        """Close the jsonl and the event file (again: nothing)."""
         if self._jsonl is not None and not self._jsonl.closed:
             self._jsonl.close()
-        if self.events is not None:
-            self.events.close()
+        if self._events is not None:
+            self._events.close()
+            self._events = None
