@@ -1,4 +1,4 @@
-"""Orbax checkpoints of Qwen2-VL parameters, with what an export back to Hugging Face needs.
+"""Orbax checkpoints of a backbone's parameters, with what an export back to Hugging Face needs.
 
 A checkpoint directory holds::
 
@@ -11,7 +11,10 @@ A checkpoint directory holds::
     model = load_model(ckpt_dir, dtype=jnp.bfloat16, scan_layers=False)
     save_model(new_ckpt_dir, model, hf_files_from=hf_files_dir(ckpt_dir))
 
-A model whose vocabulary grew (``mmret.models.qwen2_vl.hf.grow_vocab``, for tokens a processor added)
+The backbone is the one ``hf_files/config.json``'s ``model_type`` names (:mod:`mmret.models.registry`; its
+conversion table from :mod:`mmret.convert.tables`).
+
+A model whose vocabulary grew (``mmret.models.vocab.grow_vocab``, for tokens a processor added)
 keeps it: ``save_params`` writes the embedding's row count as ``vocab_size`` into the kept config.json, and
 ``added_tokens`` (a processor's ``added_tokens``) into the kept tokenizer files, so the export and a
 conversion back carry both.
@@ -28,7 +31,7 @@ import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +39,21 @@ import numpy as np
 from flax import nnx
 
 from mmret.atomic_dir import atomic_output_dir, check_output
-from mmret.convert.hf import ConversionError, SafetensorsCheckpoint, entries, read_params
-from mmret.models.qwen2_vl.config import Qwen2VLConfig, as_dtype
-from mmret.models.qwen2_vl.hf import EMBED_PATH
-from mmret.models.qwen2_vl.model import Qwen2VL, abstract
+from mmret.convert import tables
+from mmret.convert.hf import ConversionError, SafetensorsCheckpoint, read_params
+from mmret.convert.load import config_from_hf, read_hf_config, resolve
+from mmret.convert.table import ConversionTable
+from mmret.models import registry
+from mmret.models.backbone import Backbone
+from mmret.models.options import as_dtype
+from mmret.models.params import flat_params
 
-FORMAT = "mmret.qwen2_vl.params"
+if TYPE_CHECKING:
+    from mmret.models.interface import BackboneConfig, BackboneModel
+
+FORMAT = "mmret.params"
+#: Formats read besides :data:`FORMAT` (same layout; written before the format named no backbone).
+LEGACY_FORMATS = ("mmret.qwen2_vl.params",)
 FORMAT_VERSION = 1
 META_FILE = "mmret_checkpoint.json"
 PARAMS_DIR = "params"
@@ -77,27 +89,10 @@ Progress = Callable[[int, int, str], None]  # (done, total, name)
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """A model directory's ``config.json`` as a dict."""
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{path}: missing (every model directory needs its config.json)")
-    try:
-        hf = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(hf, dict):
-        raise ConversionError(f"{path}: not a JSON object")
-    return hf
-
-
-def config_from_hf(hf: dict[str, Any], where: str | Path, **options: Any) -> Qwen2VLConfig:
-    """``Qwen2VLConfig.from_hf_dict`` with its errors turned into ``ConversionError`` naming ``where``."""
-    try:
-        return Qwen2VLConfig.from_hf_dict(hf, **options)
-    except (KeyError, TypeError, ValueError) as e:
-        msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-        raise ConversionError(f"{where}: {msg}") from e
+def backbone_config(hf: dict[str, Any], where: str | Path, **options: Any) -> BackboneConfig:
+    """The config of the backbone ``hf``'s ``model_type`` names, with ``options``; errors name ``where``."""
+    spec, _ = resolve(hf, where)
+    return config_from_hf(spec, hf, where, **options)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -205,9 +200,9 @@ def add_tokens_to_files(hf_dir: str | Path, tokens: Sequence[str]) -> dict[str, 
     return ids
 
 
-def param_shapes(cfg: Qwen2VLConfig) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+def param_shapes(cfg: BackboneConfig) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     """Our parameters' shapes and dtypes for ``cfg``, without allocating anything."""
-    state = nnx.state(abstract(cfg), nnx.Param)
+    state = nnx.state(registry.of_config(cfg).abstract(cfg), nnx.Param)
     return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
@@ -224,10 +219,20 @@ class CheckpointInfo:
     dtype: str
     source: dict[str, Any]  # e.g. {"dir": ..., "keys": [hub keys of the source]}
 
-    def config(self, **options: Any) -> Qwen2VLConfig:
+    @property
+    def backbone(self) -> Backbone:
+        """The backbone the kept config.json names."""
+        return resolve(self.hf_config, self.path / HF_FILES_DIR / "config.json")[0]
+
+    @property
+    def table(self) -> ConversionTable:
+        """Its conversion table."""
+        return resolve(self.hf_config, self.path / HF_FILES_DIR / "config.json")[1]
+
+    def config(self, **options: Any) -> BackboneConfig:
         """The architecture, with ``options`` (default: the stored layout)."""
         options.setdefault("scan_layers", self.scan_layers)
-        return config_from_hf(self.hf_config, self.path / HF_FILES_DIR / "config.json", **options)
+        return backbone_config(self.hf_config, self.path / HF_FILES_DIR / "config.json", **options)
 
 
 def hf_files_dir(ckpt_dir: str | Path) -> Path:
@@ -247,7 +252,7 @@ def read_info(ckpt_dir: str | Path) -> CheckpointInfo:
         scan_layers, dtype, source = bool(meta["scan_layers"]), str(meta["dtype"]), dict(meta.get("source", {}))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{meta_path}: not valid checkpoint metadata ({type(e).__name__}: {e})") from e
-    if fmt != FORMAT:
+    if fmt != FORMAT and fmt not in LEGACY_FORMATS:
         raise ConversionError(f"{meta_path}: format is {fmt!r}, expected {FORMAT!r}")
     if version > FORMAT_VERSION:
         raise ConversionError(f"{meta_path}: version {version} is newer than this code's ({FORMAT_VERSION})")
@@ -274,7 +279,7 @@ def save_params(
     (:func:`add_tokens_to_files`; they must fall inside the embedding). Atomic; single-host (arrays
     are gathered to host numpy)."""
     hf_files_from = Path(hf_files_from)
-    read_hf_config(hf_files_from)
+    embed_path = resolve(read_hf_config(hf_files_from), hf_files_from / "config.json")[0].embed_path
     import orbax.checkpoint as ocp
 
     arrays = {path: np.asarray(x) for path, x in params.items()}  # no copy for host arrays
@@ -294,7 +299,7 @@ def save_params(
         for name in HF_FILES:
             if (hf_files_from / name).is_file():
                 shutil.copyfile(hf_files_from / name, tmp / HF_FILES_DIR / name)
-        rows = arrays[EMBED_PATH].shape[0] if EMBED_PATH in arrays else None
+        rows = arrays[embed_path].shape[0] if embed_path in arrays else None
         if rows is not None:
             _set_vocab_size(tmp / HF_FILES_DIR, int(rows))
         if added_tokens:
@@ -308,7 +313,7 @@ def save_params(
 
 def save_model(
     ckpt_dir: str | Path,
-    model: Qwen2VL,
+    model: BackboneModel,
     *,
     hf_files_from: str | Path,
     force: bool = False,
@@ -317,8 +322,6 @@ def save_model(
     """``save_params`` for a model (its parameters in its own layout). An untied model needs its
     ``lm_head`` (``with_lm_head=True``) for the checkpoint to export back to the hub. ``added_tokens``:
     the tokens a processor added for this model (``Processor.added_tokens``)."""
-    from mmret.models.qwen2_vl.hf import flat_params
-
     return save_params(
         ckpt_dir,
         flat_params(model),
@@ -329,20 +332,21 @@ def save_model(
     )
 
 
-def relayout(params: Mapping[ParamPath, np.ndarray], cfg: Qwen2VLConfig, *, scan_layers: bool) -> dict[ParamPath, Any]:
+def relayout(params: Mapping[ParamPath, np.ndarray], cfg: BackboneConfig, *, scan_layers: bool) -> dict[ParamPath, Any]:
     """Stack or unstack the block parameters: ``params`` are in ``cfg.scan_layers``'s layout, the
-    result in ``scan_layers``'s. Driven by the mapping table's ``entries`` (matched by hub key)."""
+    result in ``scan_layers``'s. Driven by the conversion table's ``entries`` (matched by hub key)."""
     params = dict(params)
     if cfg.scan_layers == scan_layers:
         return params
-    src = {e.hub: e for e in entries(cfg, with_lm_head=True)}
+    table = tables.of_config(cfg)
+    src = {e.hub: e for e in table.entries(cfg, with_lm_head=True)}
     groups: dict[ParamPath, list] = {}
-    for e in entries(cfg.replace(scan_layers=scan_layers), with_lm_head=True):
+    for e in table.entries(cfg.replace(scan_layers=scan_layers), with_lm_head=True):
         groups.setdefault(e.path, []).append(e)
     known = {e.path for e in src.values()}
     unknown = sorted(set(params) - known, key=str)
     if unknown:
-        raise ConversionError(f"checkpoint parameter {_dotted(unknown[0])} is not in the Qwen2-VL mapping")
+        raise ConversionError(f"checkpoint parameter {_dotted(unknown[0])} is not in the {table.name} mapping")
     out: dict[ParamPath, Any] = {}
     for path, group in groups.items():
         sources = [src[e.hub] for e in group]
@@ -392,14 +396,15 @@ def restore_params(ckpt_dir: str | Path, *, scan_layers: bool | None = None) -> 
 
 def load_model(
     ckpt_dir: str | Path, dtype: Any = jnp.float32, param_dtype: Any | None = None, **options: Any
-) -> Qwen2VL:
-    """Restore a checkpoint into a model, like ``qwen2_vl.from_hf``: ``dtype`` is the compute dtype,
-    parameters are cast to ``param_dtype`` (default ``dtype``); ``options`` are ``Qwen2VLConfig`` run
+) -> BackboneModel:
+    """Restore a checkpoint into a model, like ``mmret.models.from_hf``: ``dtype`` is the compute dtype,
+    parameters are cast to ``param_dtype`` (default ``dtype``); ``options`` are the backbone config's run
     options (``scan_layers``, ``with_lm_head``, ...), whatever layout the checkpoint stored."""
     dtype = as_dtype(dtype)
     param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
-    cfg = read_info(ckpt_dir).config(dtype=dtype, param_dtype=param_dtype, **options)
-    graphdef, state = nnx.split(abstract(cfg))
+    info = read_info(ckpt_dir)
+    cfg = info.config(dtype=dtype, param_dtype=param_dtype, **options)
+    graphdef, state = nnx.split(info.backbone.abstract(cfg))
     flat = dict(nnx.to_flat_state(state))
     params = restore_params(ckpt_dir, scan_layers=cfg.scan_layers)
     for path, var in flat.items():
@@ -431,7 +436,7 @@ def convert_from_hf(
     force: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Convert a hub Qwen2-VL directory (safetensors) into an orbax checkpoint at ``out``.
+    """Convert a hub model directory (safetensors) into an orbax checkpoint at ``out``.
 
     Tensors are read one at a time into their final arrays (peak host memory about one copy of the
     model). ``dtype`` defaults to the source's (bf16 stays bf16). An untied ``lm_head`` is kept."""
@@ -439,13 +444,15 @@ def convert_from_hf(
     check_output(out, force)
     ckpt = SafetensorsCheckpoint(hf_dir)
     hf = read_hf_config(hf_dir)
+    spec, table = resolve(hf, hf_dir / "config.json")
+    ckpt = ckpt.rekey(table.canonical_hub_key)
     name = dtype_name(ckpt.dtype() if dtype is None else dtype)
     cfg = config_from_hf(
-        hf, hf_dir / "config.json", scan_layers=scan_layers, with_lm_head=True, dtype=name, param_dtype=name
+        spec, hf, hf_dir / "config.json", scan_layers=scan_layers, with_lm_head=True, dtype=name, param_dtype=name
     )
     target = param_shapes(cfg)
     params: dict[ParamPath, np.ndarray] = {}
-    for i, (path, x) in enumerate(read_params(ckpt, cfg, target, np.dtype(as_dtype(name))), 1):
+    for i, (path, x) in enumerate(read_params(ckpt, table, cfg, target, np.dtype(as_dtype(name))), 1):
         params[path] = x
         if progress:
             progress(i, len(target), _dotted(path))

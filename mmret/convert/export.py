@@ -1,10 +1,10 @@
-"""Export an mmret orbax checkpoint to a Hugging Face Qwen2-VL directory.
+"""Export an mmret orbax checkpoint to a Hugging Face model directory (the backbone its config.json names).
 
 Writes safetensors in the hub key layout (one ``model.safetensors``, or ``model-0000k-of-0000n``
 shards plus ``model.safetensors.index.json`` above ``max_shard_size``), the source ``config.json``
 and the tokenizer / processor files the checkpoint kept (with a grown ``vocab_size`` and the tokens a
-processor added, when ``save_params`` was given them). The result loads with
-``transformers.Qwen2VLForConditionalGeneration.from_pretrained``.
+processor added, when ``save_params`` was given them). The result loads with the transformers class of
+the backbone (``Backbone.hf_model_class``, e.g. ``Qwen2VLForConditionalGeneration``) ``.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -30,15 +30,7 @@ from mmret.convert.checkpoint import (
     read_info,
     restore_params,
 )
-from mmret.convert.hf import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    ConversionError,
-    entries,
-    hub_shape,
-    write_safetensors,
-    write_tensors,
-)
+from mmret.convert.hf import INDEX_FILE, SINGLE_FILE, ConversionError, write_safetensors, write_tensors
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -113,10 +105,11 @@ def export_to_hf(
     out_dtype = None if dtype is None else np.dtype(dtype_name(dtype))
     info = read_info(ckpt_dir)
     cfg = info.config(with_lm_head=True)
+    table = info.table
     expected = param_shapes(cfg)
     params = restore_params(ckpt_dir)
     plan: Plan = []
-    for e in entries(cfg, with_lm_head=True):
+    for e in table.entries(cfg, with_lm_head=True):
         if e.path not in params:
             raise ConversionError(f"{ckpt_dir}: no parameter {'.'.join(map(str, e.path))} (for {e.hub!r})")
         x = params[e.path]
@@ -126,16 +119,16 @@ def export_to_hf(
                 f"the config implies {list(expected[e.path].shape)}"
             )
         layer_shape = x.shape[1:] if e.layer is not None else x.shape
-        plan.append((e.hub, out_dtype or x.dtype, hub_shape(cfg, e, layer_shape)))
+        plan.append((e.hub, out_dtype or x.dtype, table.hub_shape(cfg, e, layer_shape)))
     # A tied model whose source file also held lm_head.weight (= the embedding) gets it back.
     head = None
-    if cfg.text.tie_word_embeddings and "lm_head.weight" in info.source.get("keys", ()):
-        embed = next(e for e in entries(cfg) if e.hub == "model.embed_tokens.weight")
-        head = ("lm_head.weight", params[embed.path])
+    if cfg.tie_word_embeddings and table.lm_head in info.source.get("keys", ()):
+        embed = next(e for e in table.entries(cfg) if e.hub == table.embed)
+        head = (table.lm_head, params[embed.path])
         plan.append((head[0], out_dtype or head[1].dtype, head[1].shape))
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        pairs = write_tensors(params, cfg, with_lm_head=True)
+        pairs = write_tensors(params, table, cfg, with_lm_head=True)
         if head is not None:
             pairs = itertools.chain(pairs, [head])
         for n, (key, x) in enumerate(pairs, 1):

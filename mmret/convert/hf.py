@@ -1,20 +1,22 @@
-"""Read and write Qwen2-VL Hugging Face checkpoints (safetensors only), one tensor at a time."""
+"""Read and write Hugging Face checkpoints (safetensors only), one tensor at a time, through a backbone's
+conversion table (:mod:`mmret.convert.table`)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
 
-from mmret.convert.qwen2_vl_table import TABLE, Kind, canonical_hub_key, to_hub, to_ours
+from mmret.convert.table import ConversionTable, Entry, to_hub, to_ours
 
-if TYPE_CHECKING:  # a runtime import would be circular (qwen2_vl's from_hf imports this module)
-    from mmret.models.qwen2_vl.config import Qwen2VLConfig
+if TYPE_CHECKING:
+    from mmret.models.interface import BackboneConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -22,50 +24,6 @@ SINGLE_FILE = "model.safetensors"
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names the key or file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One hub tensor and where it lives in our parameters."""
-
-    hub: str
-    path: tuple[str | int, ...]  # our nnx state path
-    kind: Kind
-    layer: int | None  # block index for a stacked (scanned) parameter
-
-
-def entries(cfg: Qwen2VLConfig, *, with_lm_head: bool | None = None) -> list[Entry]:
-    """The mapping table expanded for one architecture (block counts, tied head, scan layout)."""
-    with_lm_head = cfg.with_lm_head if with_lm_head is None else with_lm_head
-    out = []
-    for rule in TABLE:
-        if rule.hub == "lm_head.weight" and (cfg.text.tie_word_embeddings or not with_lm_head):
-            continue
-        if "{i}" not in rule.hub:
-            out.append(Entry(rule.hub, _path(rule.ours), rule.kind, None))
-            continue
-        depth = cfg.vision.depth if rule.hub.startswith("visual.") else cfg.text.num_hidden_layers
-        for i in range(depth):
-            if cfg.scan_layers:
-                path = _path(rule.ours.replace(".{i}", ""))
-                out.append(Entry(rule.hub.format(i=i), path, rule.kind, i))
-            else:
-                out.append(Entry(rule.hub.format(i=i), _path(rule.ours.format(i=i)), rule.kind, None))
-    return out
-
-
-def _path(dotted: str) -> tuple[str | int, ...]:
-    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
-
-
-def hub_shape(cfg: Qwen2VLConfig, entry: Entry, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The hub tensor's shape, from the shape of our (unstacked) parameter."""
-    if entry.kind == "linear":
-        return tuple(reversed(ours_shape))
-    if entry.kind == "patch_embed":
-        v = cfg.vision
-        return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    return ours_shape
 
 
 #: safetensors dtype names <-> numpy dtypes (bfloat16 / float8 from ml_dtypes).
@@ -130,13 +88,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 class SafetensorsCheckpoint:
-    """A Hugging Face model directory's tensors, read lazily by (canonical) hub key.
+    """A Hugging Face model directory's tensors, read lazily by hub key.
 
+    Keys are as stored, or as ``canonical_key`` maps them (a conversion table's
+    ``canonical_hub_key``: one name whichever transformers layout saved the file; see :meth:`rekey`).
     Tensors are read with plain file reads (no mmap), so reading one costs one copy of it and
     nothing stays resident afterwards; bfloat16 and float8 come back as ``ml_dtypes`` arrays.
     """
 
-    def __init__(self, hf_dir: str | Path):
+    def __init__(self, hf_dir: str | Path, canonical_key: Callable[[str], str] | None = None):
         self.dir = Path(hf_dir)
         if not self.dir.is_dir():
             raise ConversionError(f"{self.dir}: " + ("not a directory" if self.dir.exists() else "no such directory"))
@@ -171,10 +131,24 @@ class SafetensorsCheckpoint:
                 headers[file] = read_header(path)
             if key not in headers[file]:
                 raise ConversionError(f"{self.dir / file}: has no tensor {key!r} (listed in {INDEX_FILE})")
-            canonical = canonical_hub_key(key)
-            if canonical in self.tensors:
+            self.tensors[key] = headers[file][key]
+        if canonical_key is not None:
+            self.tensors = self._canonical(canonical_key)
+
+    def _canonical(self, canonical_key: Callable[[str], str]) -> dict[str, TensorInfo]:
+        out: dict[str, TensorInfo] = {}
+        for key, info in self.tensors.items():
+            canonical = canonical_key(key)
+            if canonical in out:
                 raise ConversionError(f"{self.dir}: tensor {canonical!r} is stored twice (as {key!r})")
-            self.tensors[canonical] = headers[file][key]
+            out[canonical] = info
+        return out
+
+    def rekey(self, canonical_key: Callable[[str], str]) -> SafetensorsCheckpoint:
+        """The same tensors under ``canonical_key(key)`` (an error if two keys map to one name)."""
+        other = copy.copy(self)
+        other.tensors = self._canonical(canonical_key)
+        return other
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -242,22 +216,27 @@ def write_safetensors(
 
 
 def read_params(
-    ckpt: SafetensorsCheckpoint, cfg: Qwen2VLConfig, target: dict[tuple, Any], dtype: Any
+    ckpt: SafetensorsCheckpoint,
+    table: ConversionTable,
+    cfg: BackboneConfig,
+    target: dict[tuple, Any],
+    dtype: Any,
 ) -> Iterator[tuple[tuple, np.ndarray]]:
     """Yield (our path, array in ``dtype``) for every parameter of ``target`` (a flat dict of path ->
-    ShapeDtypeStruct), reading one hub tensor at a time and checking every shape.
+    ShapeDtypeStruct), reading one hub tensor at a time through ``table`` and checking every shape.
 
     Stacked parameters are assembled in one preallocated array. Unmapped hub tensors are an error,
-    except a tied model's redundant ``lm_head.weight``.
+    except a tied (or headless) model's redundant LM head.
     """
-    mapped = entries(cfg)
+    ckpt = ckpt.rekey(table.canonical_hub_key)
+    mapped = table.entries(cfg)
     known = {e.hub for e in mapped}
-    if cfg.text.tie_word_embeddings or not cfg.with_lm_head:
-        known.add("lm_head.weight")
+    if not table.has_head(cfg):
+        known.add(table.lm_head)
     unexpected = sorted(set(ckpt.keys()) - known)
     if unexpected:
         raise ConversionError(
-            f"{ckpt.dir}: {len(unexpected)} tensors the Qwen2-VL mapping does not know, e.g. {unexpected[:3]}"
+            f"{ckpt.dir}: {len(unexpected)} tensors the {table.name} mapping does not know, e.g. {unexpected[:3]}"
         )
     by_path: dict[tuple, list[Entry]] = {}
     for e in mapped:
@@ -275,7 +254,7 @@ def read_params(
         want = tuple(target[path].shape)
         layer_shape = want[1:] if group[0].layer is not None else want
         for e in group:
-            expect = hub_shape(cfg, e, layer_shape)
+            expect = table.hub_shape(cfg, e, layer_shape)
             got = ckpt.shape(e.hub)
             if got != expect:
                 raise ConversionError(
@@ -295,11 +274,11 @@ def read_params(
 
 
 def write_tensors(
-    params: dict[tuple, np.ndarray], cfg: Qwen2VLConfig, *, with_lm_head: bool
+    params: dict[tuple, np.ndarray], table: ConversionTable, cfg: BackboneConfig, *, with_lm_head: bool
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (hub key, hub-layout array) from our flat params, in table order."""
-    for e in entries(cfg, with_lm_head=with_lm_head):
+    for e in table.entries(cfg, with_lm_head=with_lm_head):
         x = np.asarray(params[e.path])
         if e.layer is not None:
             x = x[e.layer]
-        yield e.hub, to_hub(x, e.kind, hub_shape(cfg, e, x.shape))
+        yield e.hub, to_hub(x, e.kind, table.hub_shape(cfg, e, x.shape))

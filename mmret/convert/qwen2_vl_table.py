@@ -1,34 +1,21 @@
-"""The one declarative mapping between Qwen2-VL hub tensor names and mmret parameter paths.
+"""The conversion table of Qwen2-VL (model_type ``qwen2_vl``): hub tensor names <-> mmret parameter paths.
 
-Each rule pairs a hub key with our path; ``{i}`` is a block index (vision blocks or decoder
-layers). With ``scan_layers`` our blocks are stacked along a leading axis and the ``.{i}`` of our
-path disappears. ``kind`` names the layout change, applied one way on import and inverted on export.
-Both directions (``mmret.convert.hf``) and ``from_hf`` read this table and nothing else.
+See :mod:`mmret.convert.table` for what a rule says. ``{i}`` runs over the vision blocks for ``visual.``
+keys and over the decoder layers otherwise.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
+from typing import Any
 
-import numpy as np
-
-Kind = Literal["copy", "linear", "patch_embed"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    hub: str
-    ours: str
-    kind: Kind = "copy"
-
+from mmret.convert.table import ConversionTable, Rule
 
 _V = "visual.blocks.{i}"
 _VO = "visual.blocks.layers.{i}"
 _T = "model.layers.{i}"
 _TO = "language_model.layers.layers.{i}"
 
-TABLE: tuple[Rule, ...] = (
+RULES: tuple[Rule, ...] = (
     Rule("visual.patch_embed.proj.weight", "visual.patch_embed.proj.kernel", "patch_embed"),
     *(
         Rule(f"{_V}.{hub}.{w}", f"{_VO}.{ours}.{p}", kind)
@@ -67,25 +54,19 @@ TABLE: tuple[Rule, ...] = (
 HUB_ALIASES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
 
-def canonical_hub_key(key: str) -> str:
-    """A hub key in the classic layout, whichever layout it was saved in."""
-    for alias, canonical in HUB_ALIASES:
-        if key.startswith(alias):
-            return canonical + key[len(alias) :]
-    return key
+def _depth(cfg: Any, hub: str) -> int:
+    return cfg.vision.depth if hub.startswith("visual.") else cfg.text.num_hidden_layers
 
 
-def to_ours(x: np.ndarray, kind: Kind) -> np.ndarray:
-    """Hub layout -> ours."""
-    if kind == "linear":  # torch Linear weight [out, in] -> kernel [in, out]
-        return np.ascontiguousarray(x.T)
-    if kind == "patch_embed":  # Conv3d [embed, C, T, P, P], kernel == stride -> kernel [C*T*P*P, embed]
-        return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
-    return x
+def _patch_embed_shape(cfg: Any) -> tuple[int, ...]:
+    v = cfg.vision
+    return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
 
 
-def to_hub(x: np.ndarray, kind: Kind, hub_shape: tuple[int, ...]) -> np.ndarray:
-    """Ours -> hub layout (the inverse of ``to_ours``)."""
-    if kind in ("linear", "patch_embed"):
-        return np.ascontiguousarray(x.T).reshape(hub_shape)
-    return x
+TABLE = ConversionTable(
+    name="Qwen2-VL",
+    rules=RULES,
+    depth=_depth,
+    patch_embed_shape=_patch_embed_shape,
+    hub_aliases=HUB_ALIASES,
+)

@@ -1,9 +1,14 @@
-"""Qwen2-VL input processing for retrieval: a query or a candidate -> token ids, image patches, masks.
+"""Input processing for retrieval: a query or a candidate -> token ids, image patches, masks.
 
 ``Processor(model_dir, ProcessorConfig(...))(text=..., image=..., instruction=...)`` renders the input
 under a template (:mod:`mmret.data.templates`), tokenises it with the directory's tokenizer, turns the
-image into Qwen2-VL patches and returns a :class:`ProcessedExample` of numpy arrays. Numpy and PIL only
-(it runs in data-loading workers); no torch, no transformers call per example.
+image into patches and returns a :class:`ProcessedExample` of numpy arrays. Numpy and PIL only per
+example (it runs in data-loading workers); no torch, no transformers call per example.
+
+The backbone (:mod:`mmret.models.registry`) is the one the directory's ``config.json`` names by its
+``model_type`` (the default, Qwen2-VL's, for a directory of tokenizer and processor files alone, or the
+``model_type`` argument); it gives the M-RoPE position-id function, the special tokens (image pad, pad)
+and the image patching defaults that ``preprocessor_config.json`` does not set.
 
 Equal to Hugging Face on the same inputs: the token ids are those of the tokenizer on the rendered string
 with ``<|image_pad|>`` expanded, and ``pixel_values`` / ``image_grid_thw`` are bit-identical to the PIL
@@ -17,7 +22,7 @@ Added tokens: a template may need tokens the tokenizer lacks (``umarvel_exact``:
 the tokenizer as U-MARVEL does (``add_tokens``: not special, so, as in Hugging Face, the same string inside
 free text also becomes the token), at ids ``len(tokenizer)``, ``+1``, ... in the template's order;
 ``added_tokens`` lists them and ``vocab_size`` is the tokenizer's size with them (the rows the model's
-token embedding must have: see ``mmret.models.qwen2_vl.hf.grow_vocab``).
+token embedding must have: see ``mmret.models.vocab.grow_vocab``).
 
 Train and evaluation forms: ``for_eval=True`` renders the evaluation form of templates that have one
 (``umarvel_exact``: U-MARVEL's evaluation adds the generation prompt and words an image-only candidate as
@@ -52,7 +57,8 @@ from PIL import Image
 
 from mmret.data.smart_resize import UMARVEL_MAX_PIXELS, smart_resize
 from mmret.data.templates import TEXT_KINDS, Piece, TemplateName, TemplateSpec, render_string
-from mmret.models.qwen2_vl.position_ids import mrope_position_ids
+from mmret.models import registry
+from mmret.models.backbone import Backbone
 
 if TYPE_CHECKING:
     import tokenizers
@@ -125,7 +131,8 @@ class _Tokens:
 
 
 class ImagePatcher:
-    """Qwen2-VL image preprocessing: RGB, smart resize (PIL bicubic), rescale + normalise, patchify.
+    """Image preprocessing of the Qwen-VL families: RGB, smart resize (PIL bicubic), rescale + normalise,
+    patchify (the defaults are Qwen2-VL's; :meth:`for_backbone` takes a backbone's).
 
     Rows come out in Hugging Face's order: 2x2 merge blocks in row-major block order, row-major inside a
     block; each row is (channel, temporal, patch row, patch column), the still image repeated over the
@@ -151,6 +158,32 @@ class ImagePatcher:
         mean = np.asarray(image_mean, dtype=np.float32)[:, None]
         std = np.asarray(image_std, dtype=np.float32)[:, None]
         self._lut = (scaled[None, :] - mean) / std  # [3, 256] float32
+
+    @classmethod
+    def for_backbone(
+        cls, backbone: Backbone, preprocessor: dict[str, Any] | None = None, **overrides: Any
+    ) -> ImagePatcher:
+        """The patcher of ``backbone``'s image settings, with what a ``preprocessor_config.json`` dict sets
+        taking precedence, and ``overrides`` (e.g. ``min_pixels`` / ``max_pixels``; None: not given) last."""
+        pre = preprocessor or {}
+        size = pre.get("size") or {}
+        d = backbone.patching
+        settings: dict[str, Any] = {
+            "min_pixels": pre.get("min_pixels") or size.get("shortest_edge") or d.min_pixels,
+            "max_pixels": pre.get("max_pixels") or size.get("longest_edge") or d.max_pixels,
+            "patch_size": pre.get("patch_size", d.patch_size),
+            "temporal_patch_size": pre.get("temporal_patch_size", d.temporal_patch_size),
+            "merge_size": pre.get("merge_size", d.merge_size),
+            "image_mean": pre.get("image_mean", d.image_mean),
+            "image_std": pre.get("image_std", d.image_std),
+            "rescale_factor": pre.get("rescale_factor", d.rescale_factor),
+        }
+        settings.update({k: v for k, v in overrides.items() if v})
+        ints = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size")
+        return cls(
+            **{k: int(v) if k in ints else v for k, v in settings.items() if k != "rescale_factor"},
+            rescale_factor=float(settings["rescale_factor"]),
+        )
 
     @property
     def max_patches(self) -> int:
@@ -203,14 +236,23 @@ def to_rgb(image: ImageInput) -> Image.Image:
 
 
 class Processor:
-    """Renders queries and candidates into Qwen2-VL retrieval inputs (see the module docstring).
+    """Renders queries and candidates into retrieval inputs (see the module docstring).
 
     ``tokenizer`` may pass an already loaded Hugging Face fast tokenizer; otherwise it is loaded with
     ``AutoTokenizer.from_pretrained(model_dir)``. Image settings come from the directory's
-    ``preprocessor_config.json`` (min/max pixels overridable in the config).
+    ``preprocessor_config.json`` (min/max pixels overridable in the config), then the backbone's defaults.
+    ``model_type`` names the backbone (default: the directory's config.json, else
+    :data:`mmret.models.registry.DEFAULT_MODEL_TYPE`).
     """
 
-    def __init__(self, model_dir: str | Path, config: ProcessorConfig | None = None, *, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: ProcessorConfig | None = None,
+        *,
+        tokenizer: Any = None,
+        model_type: str | None = None,
+    ) -> None:
         from tokenizers import Tokenizer
 
         self.config = config if config is not None else ProcessorConfig()
@@ -230,6 +272,12 @@ class Processor:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.backbone: Backbone = (
+            registry.get(model_type)
+            if model_type is not None
+            else registry.backbone_of(model_dir, default=registry.DEFAULT_MODEL_TYPE)
+        )
+        tokens = self.backbone.tokens
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise TypeError(f"need a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
@@ -253,24 +301,17 @@ class Processor:
                     "pick one of its existing special tokens (no embedding resize)"
                 )
             self._special_ids[token] = added[token]
-        self.image_token_id = self._special_ids["<|image_pad|>"]
         pad = tokenizer.pad_token_id
-        self.pad_token_id = int(pad) if pad is not None else added["<|endoftext|>"]
+        for token in (tokens.image_pad, *([tokens.pad] if pad is None else [])):
+            if token.text not in added:
+                raise ValueError(f"the tokenizer in {model_dir} lacks {self.backbone.name}'s {token.text!r} token")
+        self.image_token_id: int = added[tokens.image_pad.text]
+        self.pad_token_id = int(pad) if pad is not None else added[tokens.pad.text]
         self._scaffold_cache: dict[str, list[int]] = {}
 
         pre = json.loads((model_dir / "preprocessor_config.json").read_text(encoding="utf-8"))
-        size = pre.get("size") or {}
-        min_pixels = self.config.min_pixels or pre.get("min_pixels") or size.get("shortest_edge")
-        max_pixels = self.config.max_pixels or pre.get("max_pixels") or size.get("longest_edge")
-        self.patcher = ImagePatcher(
-            min_pixels=int(min_pixels),
-            max_pixels=int(max_pixels),
-            patch_size=int(pre.get("patch_size", 14)),
-            temporal_patch_size=int(pre.get("temporal_patch_size", 2)),
-            merge_size=int(pre.get("merge_size", 2)),
-            image_mean=pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073)),
-            image_std=pre.get("image_std", (0.26862954, 0.26130258, 0.27577711)),
-            rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+        self.patcher = ImagePatcher.for_backbone(
+            self.backbone, pre, min_pixels=self.config.min_pixels, max_pixels=self.config.max_pixels
         )
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -342,7 +383,7 @@ class Processor:
         ids = tokens.ids
         pool = self._pool_mask(tokens.kinds, n_image)
         attention = np.ones(ids.shape, dtype=np.int32)
-        positions = mrope_position_ids(
+        positions = self.backbone.position_ids(
             ids[None],
             attention[None],
             grid,
@@ -364,7 +405,8 @@ class Processor:
         )
 
     def collate(self, examples: Sequence[ProcessedExample], **kwargs: Any) -> dict[str, np.ndarray]:
-        """:func:`collate` with this tokenizer's pad id."""
+        """:func:`collate` with this tokenizer's pad id and this patcher's patch row width."""
+        kwargs.setdefault("patch_dim", self.patcher.patch_dim)
         return collate(examples, pad_token_id=self.pad_token_id, **kwargs)
 
     def _tokenize(self, pieces: list[Piece], n_image: int) -> _Tokens:
@@ -445,6 +487,7 @@ def collate(
     padding_side: PaddingSide = "right",
     pad_token_id: int = 151643,
     pixel_dtype: Any = np.float32,
+    patch_dim: int = 3 * 2 * 14 * 14,
 ) -> dict[str, np.ndarray]:
     """Pad ``examples`` into one batch of fixed shapes.
 
@@ -455,7 +498,8 @@ def collate(
     filler row (1, 2, padding/2) covering the padding patch rows, then zero rows) with ``image_mask``
     [max_images] int32 (1 for real images); ``lengths`` [B] int32; ``text_tokens`` [B] int32
     (free-text plus instruction tokens: 0 for an image-only candidate). ``max_images`` defaults to the
-    batch size + 1 (room for the filler). Raises ``ValueError`` when an example or the batch does not fit.
+    batch size + 1 (room for the filler); ``patch_dim`` is the width of ``pixel_values`` when no example has
+    an image (else the examples'). Raises ``ValueError`` when an example or the batch does not fit.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -486,7 +530,7 @@ def collate(
         pool[b, span] = ex.pool_mask
         positions[:, b, span] = ex.position_ids
         lengths[b] = n
-    patch_dim = pixels[0].shape[1] if pixels else 3 * 2 * 14 * 14
+    patch_dim = pixels[0].shape[1] if pixels else patch_dim
     pixel_values = np.zeros((max_patches, patch_dim), dtype=pixel_dtype)
     if pixels:
         pixel_values[:n_patches] = np.concatenate(pixels)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmret.losses import l2_normalize
-from mmret.models.qwen2_vl import Qwen2VL
+from mmret.models.interface import BackboneModel
 
 Pooling = Literal["mean", "last"]
 Fusion = Literal["joint", "late"]
@@ -59,7 +59,7 @@ def last_token_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
 class Encoder(nnx.Module):
     """Backbone + pooling: ``encoder(batch) -> [B, hidden]`` embeddings (float32)."""
 
-    def __init__(self, backbone: Qwen2VL, cfg: EncoderConfig = EncoderConfig()):
+    def __init__(self, backbone: BackboneModel, cfg: EncoderConfig = EncoderConfig()):
         self.backbone = backbone
         self.cfg = cfg
 

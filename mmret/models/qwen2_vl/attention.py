@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmret.models.qwen2_vl.config import AttentionImpl
+from mmret.models.options import AttentionImpl
 
 
 def padding_mask(attention_mask: jax.Array, *, causal: bool) -> jax.Array:

@@ -5,24 +5,21 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
-AttentionImpl = Literal["xla", "cudnn", "auto"]
-AttentionMode = Literal["causal", "bidirectional"]
-RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims"]
+from mmret.models.options import AttentionImpl, AttentionMode, RematPolicy, as_dtype
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def as_dtype(dtype: Any) -> Any:
-    """Accept a jnp dtype or its name."""
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
-    return dtype
+__all__ = [
+    "AttentionImpl",
+    "AttentionMode",
+    "Qwen2VLConfig",
+    "RematPolicy",
+    "TextConfig",
+    "VisionConfig",
+    "as_dtype",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +77,8 @@ class TextConfig:
 class Qwen2VLConfig:
     """Architecture plus the options that change how (not what) the model computes."""
 
+    model_type: ClassVar[str] = "qwen2_vl"  # the Hugging Face config.json's model_type
+
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     image_token_id: int = 151655
@@ -104,6 +103,25 @@ class Qwen2VLConfig:
         if "param_dtype" in kwargs:
             kwargs["param_dtype"] = as_dtype(kwargs["param_dtype"])
         return dataclasses.replace(self, **kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the decoder's hidden states (the embedding size before any projection)."""
+        return self.text.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the token embedding."""
+        return self.text.vocab_size
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        """Whether the LM head is the token embedding (no ``lm_head`` parameter)."""
+        return self.text.tie_word_embeddings
+
+    def with_vocab_size(self, vocab_size: int) -> Qwen2VLConfig:
+        """The same config with ``vocab_size`` token-embedding rows."""
+        return self.replace(text=dataclasses.replace(self.text, vocab_size=vocab_size))
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **options: Any) -> Qwen2VLConfig:

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from mmret.models.qwen2_vl.config import RematPolicy
+from mmret.models.options import RematPolicy
 
 _POLICIES: dict[str, Any] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass

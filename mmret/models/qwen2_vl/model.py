@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from mmret.models.params import count_params
 from mmret.models.partitioning import logical
 from mmret.models.qwen2_vl.attention import padding_mask
 from mmret.models.qwen2_vl.config import Qwen2VLConfig
@@ -162,5 +161,4 @@ def abstract(cfg: Qwen2VLConfig) -> Qwen2VL:
     return nnx.eval_shape(lambda: Qwen2VL(cfg, rngs=nnx.Rngs(0)))
 
 
-def count_params(model: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+__all__ = ["LanguageModel", "Qwen2VL", "Qwen2VLOutput", "abstract", "count_params", "create"]
