@@ -25,11 +25,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmret.data.pipeline import PipelineConfig, RawStore, train_dataset  # noqa: E402
+from mmret.data.pipeline import PipelineConfig, train_dataset  # noqa: E402
 from mmret.data.processor import Processor, ProcessorConfig  # noqa: E402
 from mmret.data.smart_resize import UMARVEL_MAX_PIXELS  # noqa: E402
+from mmret.data.stores import ArrayRecordStore, RawStore  # noqa: E402
 from mmret.data.synthetic import write_synthetic_mbeir  # noqa: E402
-from mmret.data.tfds_mbeir import ArrayRecordStore, build_tfds_mbeir  # noqa: E402
+from mmret.data.tfds_mbeir import build_tfds_mbeir  # noqa: E402
 from mmret.models.qwen2_vl.processor_files import write_processor_files  # noqa: E402
 
 TASKS = ["cirr_task7", "fashioniq_task7"]

@@ -15,13 +15,13 @@ from mmret.data.negatives import read_negatives, write_negatives
 from mmret.data.pipeline import (
     EncodeTrainExample,
     PipelineConfig,
-    RawStore,
     candidate_dataset,
     iterate,
     query_dataset,
     train_dataset,
 )
 from mmret.data.processor import Processor, ProcessorConfig
+from mmret.data.stores import RawStore
 from mmret.data.synthetic import write_synthetic_mbeir
 from mmret.models.qwen2_vl.processor_files import write_processor_files
 
@@ -261,3 +261,203 @@ def test_instruction_redrawn_each_epoch(store, processor):
             np.testing.assert_array_equal(ids[epoch * n + i][: len(expect)], expect)
         differs += parts[0] != parts[1]
     assert differs >= n // 4  # most queries have several instructions
+
+
+# ------------------------------------------------------------------------ source-neutral examples, mixing
+
+
+class _LegacyEncode:
+    """The training example encoder as it was before source-neutral examples (restated from M-BEIR records:
+    query_text_parts / candidate_text straight into the processor), without the skip logic."""
+
+    def __init__(self, store, processor, cfg):
+        self.store, self.processor, self.cfg = store, processor, cfg
+
+    def _image(self, path):
+        return None if path is None else self.store.image(path, max_pixels=self.cfg.max_decode_pixels)
+
+    def __call__(self, item, rng):
+        from mmret.data.mbeir import candidate_text, query_text_parts
+        from mmret.data.pipeline import TrainExample
+
+        index, epoch = item
+        query = self.store.queries[index]
+        positive = query.pos_cand_list[int(rng.integers(len(query.pos_cand_list)))]
+        negatives = []
+        if self.cfg.num_negatives:
+            pool = [d for d in query.neg_cand_list if d not in query.pos_cand_list]
+            picks = rng.choice(len(pool), self.cfg.num_negatives, replace=len(pool) < self.cfg.num_negatives)
+            negatives = [pool[int(i)] for i in picks]
+        instruction, text = query_text_parts(
+            query, self.store.instructions, seed=self.cfg.instruction_seed, epoch=epoch
+        )
+        image = self._image(query.image_path)
+        encoded = self.processor(text=text or None, image=image, instruction=instruction or None)
+        dids = [positive, *negatives]
+        cands = [self.store.candidate(d) for d in dids]
+        return TrainExample(
+            query=encoded,
+            candidates=[self.processor(text=candidate_text(c) or None, image=self._image(c.image_path)) for c in cands],
+            qid=query.qid,
+            dids=dids,
+            positives=frozenset(query.pos_cand_list),
+            bad=BadRecords(self.cfg.on_bad_record),
+        )
+
+
+def _legacy_train_dataset(store, processor, cfg):
+    """The single-store training pipeline as it was before mixing (restated), on one host."""
+    import grain
+
+    from mmret.data.pipeline import collate_train
+
+    n = len(store.queries)
+    ds = grain.MapDataset.source(range(n)).seed(cfg.seed)
+    if cfg.shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(cfg.num_epochs).map_with_index(lambda position, index: (index, position // n))
+    ds = ds.random_map(_LegacyEncode(store, processor, cfg))
+    ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda exs: collate_train(exs, processor, cfg))
+    return ds.to_iter_dataset()
+
+
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_one_source_is_the_stream_of_before(store, processor, weight):
+    """A single source (any weight) gives the examples of the pre-mixing pipeline in the same order, with the
+    same draws (positives, negatives, instructions per epoch), bitwise."""
+    from mmret.data.pipeline import mixed_train_dataset
+
+    small = RawStore(store.root, "train", tasks=["webqa_task1", "cirr_task7"])  # 94 queries
+    cfg = dataclasses.replace(CFG, num_negatives=1, seed=5)
+    n = len(small.queries) // 4 + 3  # into the second epoch (its instruction redraws)
+    expected = take(iter(_legacy_train_dataset(small, processor, cfg)), n)
+    got = take(iter(mixed_train_dataset([(small, weight)], processor, cfg, process_index=0, process_count=1)), n)
+    for x, y in zip(expected, got, strict=True):
+        assert_same(x, y)
+    plain = take(iter(train_dataset(small, processor, cfg, process_index=0, process_count=1)), 3)
+    for x, y in zip(expected[:3], plain, strict=True):
+        assert_same(x, y)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mbeir_render_gives_the_tokens_of_before(root, processor, split):
+    """For every task of the synthetic corpus, the source-neutral render (query_example / candidate_part ->
+    encode_part) gives the processor outputs of the direct M-BEIR path (query_text_parts / candidate_text
+    into the processor), in the train and the evaluation forms."""
+    from mmret.data.example import encode_part
+    from mmret.data.mbeir import EVAL_TASKS, candidate_text, query_task, query_text_parts
+
+    store = RawStore(root, split)
+    by_task = {t.name: [] for t in EVAL_TASKS}
+    for q in store.queries:
+        by_task[query_task(q).name].append(q)
+    assert all(by_task.values())  # every task is there
+
+    def image(path):
+        return None if path is None else store.image(path, max_pixels=CFG.max_decode_pixels)
+
+    for queries in by_task.values():
+        for q in queries[:4]:
+            instruction, text = query_text_parts(q, store.instructions, seed=2, epoch=1)
+            example = store.query_example(q, seed=2, epoch=1)
+            cand = store.candidate(q.pos_cand_list[0])
+            for for_eval in (False, True):
+                before = processor(
+                    text=text or None, image=image(q.image_path), instruction=instruction or None, for_eval=for_eval
+                )
+                after = encode_part(example.query, processor, image(example.query.image), for_eval=for_eval)
+                _assert_processed_equal(before, after)
+                before = processor(text=candidate_text(cand) or None, image=image(cand.image_path), for_eval=for_eval)
+                part = store.candidate_part(cand.did)
+                _assert_processed_equal(before, encode_part(part, processor, image(part.image), for_eval=for_eval))
+
+
+def _assert_processed_equal(a, b):
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=field.name)
+        else:
+            assert x == y, field.name
+
+
+def _examples(batches):
+    """Per example of some batches: (qid, its candidate dids, its query's token ids)."""
+    out = []
+    for b in batches:
+        k = len(b["meta"]["dids"]) // len(b["meta"]["qids"])
+        for i, qid in enumerate(b["meta"]["qids"]):
+            ids = b["query"]["input_ids"][i]
+            out.append((qid, tuple(b["meta"]["dids"][k * i : k * (i + 1)]), ids[ids != 0].tobytes()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_sources(root):
+    a = RawStore(root, "train", tasks=["mscoco_task0"])  # 24 queries
+    b = RawStore(root, "train", tasks=["webqa_task1"])  # 46 queries
+    assert not {q.qid for q in a.queries} & {q.qid for q in b.queries}
+    return a, b
+
+
+def test_mix_is_in_proportion_and_keeps_each_sources_order(two_sources, processor):
+    """Weights 1:3. grain scales them to integer proportions (100:300) and puts element k of the stream in
+    source 0 when ceil((k + 1) / 4) > ceil(k / 4): a prefix of k examples holds ceil(k / 4) of source 0 and
+    floor(3k / 4) of source 1, each within one example of k * w_i / (w_0 + w_1). Each source's examples
+    are that source's own stream (seed + i: order, draws, epochs), interleaved."""
+    from mmret.data.pipeline import mixed_train_dataset
+
+    a, b = two_sources
+    cfg = dataclasses.replace(CFG, num_negatives=1)
+    mixed = _examples(
+        take(iter(mixed_train_dataset([(a, 1), (b, 3)], processor, cfg, process_index=0, process_count=1)), 16)
+    )
+    a_ids = {q.qid for q in a.queries}
+    source = [0 if qid in a_ids else 1 for qid, _, _ in mixed]
+    for k in range(1, len(mixed) + 1):
+        n0 = k - sum(source[:k])
+        assert abs(n0 - k / 4) < 1 and abs((k - n0) - 3 * k / 4) < 1, k
+    assert sum(source) == 48  # source 1 (46 queries) went into its second epoch
+    for i, store in enumerate((a, b)):
+        own = [e for e, s in zip(mixed, source, strict=True) if s == i]
+        alone = dataclasses.replace(cfg, seed=cfg.seed + i)
+        ref = _examples(take(iter(train_dataset(store, processor, alone, process_index=0, process_count=1)), 12))
+        assert own == ref[: len(own)]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_mixed_iterator_restores_mid_stream(two_sources, processor, workers):
+    from mmret.data.pipeline import mixed_train_dataset
+
+    cfg = dataclasses.replace(CFG, num_workers=workers)
+    sources = [(two_sources[0], 1.0), (two_sources[1], 2.5)]
+    it = iter(mixed_train_dataset(sources, processor, cfg, process_index=0, process_count=1))
+    take(it, 3)
+    state = it.get_state()
+    expected = take(it, 4)
+    restored = iter(mixed_train_dataset(sources, processor, cfg, process_index=0, process_count=1))
+    restored.set_state(state)
+    for x, y in zip(expected, take(restored, 4), strict=True):
+        assert_same(x, y)
+
+
+def test_mixed_epoch_length_is_where_a_finite_mix_ends(two_sources, processor):
+    """With num_epochs=1 the mix ends when its first source is spent: 24 of mscoco at 1 in 4 bound
+    it to 96 examples but webqa's 46 at 3 in 4 end it first, at floor(46 * 4 / 3) = 61."""
+    from mmret.data.pipeline import mixed_epoch_length, mixed_train_dataset
+
+    a, b = two_sources
+    assert mixed_epoch_length([24, 46], [1, 3]) == 61 and mixed_epoch_length([24, 100], [1, 3]) == 96
+    cfg = dataclasses.replace(CFG, num_epochs=1)
+    batches = list(mixed_train_dataset([(a, 1), (b, 3)], processor, cfg, process_index=0, process_count=1))
+    assert sum(len(x["meta"]["qids"]) for x in batches) == 61 // 4 * 4
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, float("nan"), float("inf"), "1"])
+def test_mix_weights_must_be_positive_numbers(store, processor, weight):
+    from mmret.data.pipeline import mixed_train_dataset
+
+    with pytest.raises(ValueError, match="weight must be a positive number"):
+        mixed_train_dataset([(store, 1.0), (store, weight)], processor, CFG, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="no training sources"):
+        mixed_train_dataset([], processor, CFG, process_index=0, process_count=1)

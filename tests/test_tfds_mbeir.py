@@ -21,13 +21,13 @@ from PIL import Image
 from mmret.data.bad_records import BadRecordError, BadRecords
 from mmret.data.mbeir import read_pool, read_queries
 from mmret.data.negatives import read_negatives, write_negatives
-from mmret.data.pipeline import PipelineConfig, RawStore, query_dataset, train_dataset
+from mmret.data.pipeline import PipelineConfig, query_dataset, train_dataset
 from mmret.data.processor import Processor, ProcessorConfig
+from mmret.data.stores import ArrayRecordStore, RawStore
 from mmret.data.synthetic import write_synthetic_mbeir
 from mmret.data.tfds_mbeir import (
     CANDIDATES,
     QUERIES,
-    ArrayRecordStore,
     BuildError,
     build_tfds_mbeir,
     dataset_dir,
@@ -330,3 +330,24 @@ def test_cli_usage_errors(tool: ModuleType, root: Path, build: Path, tmp_path: P
 def test_negatives_are_validated_against_the_train_pool(build: Path) -> None:
     copied = read_negatives(build / "negatives" / "train.jsonl", pool=ArrayRecordStore(build, "train").pool)
     assert copied and all(len(v) >= 1 for v in copied.values())
+
+
+def test_progress_is_shown_through_mmret_progress(tool: ModuleType, root: Path, tmp_path: Path, capsys) -> None:
+    """One bar per split and dataset: as whole lines to ``log`` (closing at records read = total, with the
+    records written), on stdout from the tool (stderr stays for errors), none with progress_every=0."""
+    lines: list[str] = []
+    report = build_tfds_mbeir(root, tmp_path / "a", splits=["test"], tasks=["webqa_task1"], log=lines.append)
+    assert lines[0] == "split test:"
+    for name, n in (("candidates", report.counts["test"]["candidates"]), ("queries", 24)):
+        closing = [line for line in lines if line.startswith(f"test {name}")][-1]
+        assert f"{n}/{n}" in closing and f"{n} written" in closing, closing
+    quiet: list[str] = []
+    build_tfds_mbeir(root, tmp_path / "b", splits=["test"], tasks=["webqa_task1"], log=quiet.append, progress_every=0)
+    assert quiet == []
+    argv = ["--mbeir_root", str(root), "--out", str(tmp_path / "c"), "--splits", "test", "--tasks", "webqa_task1"]
+    assert tool.main([*argv, "--progress_every", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "test queries" in out and "24/24" in out and "wrote" in out
+    assert tool.main([*argv[:3], str(tmp_path / "d"), *argv[4:], "--progress_every", "0"]) == 0
+    out, _ = capsys.readouterr()
+    assert "test queries" not in out and out.startswith("wrote")

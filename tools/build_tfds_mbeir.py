@@ -3,12 +3,12 @@
 
     python tools/build_tfds_mbeir.py --mbeir_root ROOT --out DIR [--splits train,val,test] [--tasks T1,T2]
         [--num_shards N] [--on_bad_record error|skip] [--max_pixels N] [--negatives FILE]
-        [--num_workers N] [--progress_every N] [--force]
+        [--num_workers N] [--progress_every SECONDS] [--force]
 
 DIR gets ``mbeir_queries/1.0.0`` and ``mbeir_candidates/1.0.0`` (TFDS dataset directories, one split per
 M-BEIR split), lookup tables under ``index/``, the instructions file and a manifest; see
 ``mmret.data.tfds_mbeir`` for the layout. Read it with ``tfds.data_source("mbeir_queries", data_dir=DIR,
-split="train")`` or train on it with ``mmret.data.tfds_mbeir.ArrayRecordStore(DIR, "train")``.
+split="train")`` or train on it with ``mmret.data.stores.ArrayRecordStore(DIR, "train")``.
 
 Every record is validated and every image decoded once under ``--max_pixels``. DIR is written beside
 itself under a temporary name and renamed at the end, so it is either absent, the old contents (with
@@ -55,6 +55,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
 
 
@@ -117,9 +127,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--progress_every",
-        type=_non_negative_int,
-        default=10_000,
-        help="print a progress line every N records (default 10000; 0: none)",
+        type=_non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between progress redraws, one bar per split and dataset on stdout (default: a live bar "
+        "on a terminal, a line every 10 s in a log; 0: no progress)",
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it is a non-empty directory")
     return parser.parse_args(argv)
@@ -166,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers,
             progress_every=args.progress_every,
             log=lambda line: print(line, flush=True),
+            progress_out=sys.stdout,
             force=args.force,
             query_file=args.query_file,
         )

@@ -16,6 +16,10 @@ pipeline workers); a bad record raises :class:`~mmret.data.bad_records.BadRecord
 ``file:line`` and a reason, which the ``on_bad_record`` policy (:class:`~mmret.data.bad_records.BadRecords`)
 turns into a stop or a counted skip. Files are streamed line by line. Record validation never opens an
 image; ``image_root=`` asks the readers to also check that each referenced image file exists (safely).
+
+These tables and checks hold for M-BEIR records only: the records render into the source-neutral
+examples the pipelines read (:mod:`mmret.data.example`) in :mod:`mmret.data.sources.mbeir`, and the
+stores that hold them are in :mod:`mmret.data.stores`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""grain pipelines: M-BEIR records -> processed, padded batches of static shape.
+"""grain pipelines: examples of one or several stores -> processed, padded batches of static shape.
+
+Stores (:mod:`mmret.data.stores`) give source-neutral examples (:mod:`mmret.data.example`); the
+pipelines only render them (instruction -> template -> tokens, image -> patches) and batch.
 
 Training: an example is a query, one positive (sampled among its positives) and ``num_negatives`` hard
-negatives (sampled from the query's list in the negatives file when the config names one, else from the
-query's own ``neg_cand_list``, M-BEIR's labelled hard negatives). Batches
-have static shapes declared in :class:`PipelineConfig` (a fixed length per sequence and a fixed budget
-of image patches per batch), so one compiled step serves the whole run.
+negatives (sampled from the query's list in the store's negatives file when it has one, else from the
+example's own negatives: M-BEIR's labelled ``neg_cand_list``). Batches have static shapes declared in
+:class:`PipelineConfig` (a fixed length per sequence and a fixed budget of image patches per batch), so
+one compiled step serves the whole run.
 
 Determinism and resumption: the order is a grain shuffle of the query indices for ``seed``; every
 random choice of an example comes from grain's per-index generator, so an example depends only on
@@ -12,45 +15,54 @@ random choice of an example comes from grain's per-index generator, so an exampl
 restored iterator yields exactly the batches the uninterrupted one would have. Hosts take disjoint
 slices (``jax.process_index()`` / ``jax.process_count()``) of the same global order.
 
+Mixing (:func:`mixed_train_dataset`): several stores with weights, through grain's ``MapDataset.mix``.
+Each source is its own single-source stream (shuffled with ``seed + i``, its own epochs and per-index
+draws, sliced per host), and the mix interleaves them deterministically in proportion to the weights;
+the mixed stream is still index-addressable, so its iterator state is as small and exact as a single
+source's. One source of any weight is exactly :func:`train_dataset`'s stream.
+
 Bad input: records are validated when read (policy ``on_bad_record``). A record that fails later, in
 a worker (an image that is missing, corrupt, outside the root or too large), raises
 :class:`BadRecordError` naming the record under ``"error"``; under ``"skip"`` the example is replaced
-by the next index's (deterministically) and the skip travels with the batch
+by the next index's of the same source (deterministically) and the skip travels with the batch
 (``batch["meta"]["bad_records"]``) so the main process can count and report it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
 
 from mmret.data.bad_records import BAD_IMAGE, BadRecordError, BadRecords, OnBadRecord
-from mmret.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_image
-from mmret.data.mbeir import (
-    EVAL_TASKS,
-    Candidate,
-    DatasetTask,
-    Instructions,
-    Query,
-    candidate_text,
-    global_pool_path,
-    instructions_path,
-    query_text_parts,
-    read_instructions,
-    read_local_pool,
-    read_pool,
-    read_queries,
-    read_union_queries,
-    union_file,
-)
-from mmret.data.negatives import read_negatives
+from mmret.data.example import Example, Part, encode_part
+from mmret.data.images import DEFAULT_MAX_PIXELS, BadImageError
 from mmret.data.processor import PaddingSide, ProcessedExample, Processor
+from mmret.data.sources.mbeir import as_store
+from mmret.data.stores import RawStore, Store
+
+__all__ = [  # RawStore: re-exported from mmret.data.stores until every import is switched
+    "MAX_REPLACEMENTS",
+    "NO_NEGATIVES",
+    "EncodeTrainExample",
+    "PipelineConfig",
+    "RawStore",
+    "TrainExample",
+    "candidate_dataset",
+    "collate_train",
+    "encode_dataset",
+    "iterate",
+    "mixed_epoch_length",
+    "mixed_train_dataset",
+    "query_dataset",
+    "train_dataset",
+]
 
 NO_NEGATIVES = "no_negatives"
 #: How many following indices a skipped training example may be replaced by before giving up.
@@ -96,69 +108,6 @@ class PipelineConfig:
                     raise ValueError(f"pipeline config: {name} must be a multiple of 4 * {n} chunks")
 
 
-class RecordStore(Protocol):
-    """Where examples come from: a raw M-BEIR root or an ArrayRecord build (same records, same images)."""
-
-    queries: Sequence[Query]
-    negatives: Mapping[str, tuple[str, ...]] | None  # None: no negatives file (queries' neg_cand_list)
-    instructions: Instructions | None
-
-    def candidate(self, did: str) -> Candidate: ...
-
-    def image(self, path: str, *, max_pixels: int) -> Image.Image: ...
-
-
-class RawStore:
-    """An M-BEIR root on disk: queries of one split, the candidates they need, images read on demand.
-
-    Queries come from the split's union file when there is one (:func:`union_file`; up-sampled copies are
-    separate examples) against the union pool, else from the per-task files; ``tasks`` keeps only those
-    dataset-tasks either way.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        tasks: Sequence[str | DatasetTask] | None = None,
-        *,
-        negatives_file: str | Path | None = None,
-        bad: BadRecords | None = None,
-        query_file: str = "auto",
-    ):
-        self.root = Path(root)
-        self.bad = BadRecords("error") if bad is None else bad
-        self.query_file = union_file(self.root, split, query_file)
-        if self.query_file is not None:
-            self.pool = read_pool(global_pool_path(self.root, split), bad=self.bad)
-            self.queries = read_union_queries(self.query_file, tasks, bad=self.bad, pool=self.pool)
-        else:
-            self.pool = self._read_pool(split, tasks)
-            self.queries = read_queries(self.root, split, tasks, bad=self.bad, pool=self.pool)
-        path = instructions_path(self.root)
-        self.instructions = read_instructions(path, bad=self.bad) if path.is_file() else None
-        self.negatives = (
-            read_negatives(negatives_file, pool=self.pool, bad=self.bad) if negatives_file is not None else None
-        )
-
-    def _read_pool(self, split: str, tasks: Sequence[str | DatasetTask] | None) -> dict[str, Candidate]:
-        union = global_pool_path(self.root, split)
-        if tasks is None and union.is_file():
-            return read_pool(union, bad=self.bad)
-        pool: dict[str, Candidate] = {}
-        for task in EVAL_TASKS if tasks is None else tasks:
-            for did, cand in read_local_pool(self.root, task, split, bad=self.bad).items():
-                if pool.setdefault(did, cand) != cand:
-                    raise ValueError(f"{self.root}: did {did!r} differs between local pools")
-        return pool
-
-    def candidate(self, did: str) -> Candidate:
-        return self.pool[did]
-
-    def image(self, path: str, *, max_pixels: int) -> Image.Image:
-        return load_image(self.root, path, max_pixels=max_pixels)
-
-
 @dataclasses.dataclass
 class TrainExample:
     """One processed training example plus what the batch needs to know about it."""
@@ -175,61 +124,62 @@ class EncodeTrainExample:
     """grain random map: (query index, epoch) -> :class:`TrainExample` (with skip-and-replace on bad
     records). The epoch keys the query's instruction draw (a fresh one each epoch, as UniIR's)."""
 
-    def __init__(self, store: RecordStore, processor: Processor, cfg: PipelineConfig):
-        self.store, self.processor, self.cfg = store, processor, cfg
+    def __init__(self, store: Store, processor: Processor, cfg: PipelineConfig):
+        self.store, self.processor, self.cfg = as_store(store), processor, cfg
 
     def __call__(self, item: tuple[int, int], rng: np.random.Generator) -> TrainExample:
         index, epoch = item
         bad = BadRecords(self.cfg.on_bad_record)
-        n = len(self.store.queries)
+        queries = self.store.queries
+        n = len(queries)
         for attempt in range(MAX_REPLACEMENTS):
             try:
-                example = self._encode(self.store.queries[(index + attempt) % n], rng, epoch)
+                record = queries[(index + attempt) % n]
+                example = self.store.query_example(record, seed=self.cfg.instruction_seed, epoch=epoch)
+                encoded = self._encode(example, rng)
             except BadRecordError as e:
                 bad.handle(e)  # raises under "error"
                 continue
-            example.bad = bad
-            return example
+            encoded.bad = bad
+            return encoded
         raise RuntimeError(f"{MAX_REPLACEMENTS} bad records in a row from index {index}: {bad.report()}")
 
-    def _image(self, path: str | None, what: str) -> Image.Image | None:
-        if path is None:
+    def _image(self, key: str | None, what: str) -> Image.Image | None:
+        if key is None:
             return None
         try:
-            return self.store.image(path, max_pixels=self.cfg.max_decode_pixels)
+            return self.store.image(key, max_pixels=self.cfg.max_decode_pixels)
         except BadImageError as e:
             raise BadRecordError(what, BAD_IMAGE, str(e)) from e
 
-    def _candidate(self, did: str) -> ProcessedExample:
-        cand = self.store.candidate(did)
-        image = self._image(cand.image_path, f"candidate {did}")
-        return self.processor(text=candidate_text(cand) or None, image=image)
+    def _candidate(self, cid: str) -> ProcessedExample:
+        part = self.store.candidate_part(cid)
+        return encode_part(part, self.processor, self._image(part.image, f"candidate {cid}"))
 
-    def _encode(self, query: Query, rng: np.random.Generator, epoch: int = 0) -> TrainExample:
-        positive = query.pos_cand_list[int(rng.integers(len(query.pos_cand_list)))]
+    def _encode(self, example: Example, rng: np.random.Generator) -> TrainExample:
+        positives = example.positives
+        positive = positives[int(rng.integers(len(positives)))]
         negatives: list[str] = []
         if self.cfg.num_negatives:
             file = self.store.negatives
-            listed = query.neg_cand_list if file is None else file.get(query.qid, ())
-            pool = [d for d in listed if d not in query.pos_cand_list]
+            listed = example.negatives if file is None else file.get(example.id, ())
+            pool = [d for d in listed if d not in positives]
             if not pool:
                 where = "its neg_cand_list (no negatives file given)" if file is None else "the negatives file"
-                raise BadRecordError(f"query {query.qid}", NO_NEGATIVES, f"no hard negatives in {where}")
+                raise BadRecordError(f"query {example.id}", NO_NEGATIVES, f"no hard negatives in {where}")
             replace = len(pool) < self.cfg.num_negatives
             picks = rng.choice(len(pool), self.cfg.num_negatives, replace=replace)
             negatives = [pool[int(i)] for i in picks]
-        instruction, text = query_text_parts(
-            query, self.store.instructions, seed=self.cfg.instruction_seed, epoch=epoch
-        )
-        image = self._image(query.image_path, f"{query.where or 'query'} (query {query.qid})")
-        encoded = self.processor(text=text or None, image=image, instruction=instruction or None)
+        query = example.query
+        image = self._image(query.image, f"{example.where or 'query'} (query {example.id})")
+        encoded = encode_part(query, self.processor, image)
         dids = [positive, *negatives]
         return TrainExample(
             query=encoded,
             candidates=[self._candidate(d) for d in dids],
-            qid=query.qid,
+            qid=example.id,
             dids=dids,
-            positives=frozenset(query.pos_cand_list),
+            positives=frozenset(positives),
             bad=BadRecords(self.cfg.on_bad_record),
         )
 
@@ -296,34 +246,101 @@ def _prefetch(it: grain.IterDataset, num_workers: int, buffer_size: int = 2) -> 
     return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer_size))
 
 
-def train_dataset(
-    store: RecordStore,
+class _WithEpoch:
+    """grain map_with_index: (position in the repeated order, query index) -> (query index, epoch)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, position: int, index: int) -> tuple[int, int]:
+        return index, position // self.n
+
+
+def _source_examples(
+    store: Store,
+    seed: int,
+    processor: Processor,
+    cfg: PipelineConfig,
+    process_index: int | None,
+    process_count: int | None,
+) -> grain.MapDataset:
+    """One store's training examples on this host: its shuffled query order for ``seed``, repeated for
+    ``cfg.num_epochs``, this host's slice, each example encoded from grain's per-index generator."""
+    n = len(store.queries)
+    ds = grain.MapDataset.source(range(n)).seed(seed)
+    if cfg.shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(cfg.num_epochs).map_with_index(_WithEpoch(n))  # (query index, epoch)
+    ds = _host_slice(ds, process_index, process_count)
+    return ds.random_map(EncodeTrainExample(store, processor, cfg))
+
+
+def _check_sources(sources: Sequence[tuple[Store, float]]) -> None:
+    if not sources:
+        raise ValueError("no training sources")
+    for i, (store, weight) in enumerate(sources):
+        if not (isinstance(weight, numbers.Real) and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"training source {i}: weight must be a positive number, got {weight!r}")
+        if not len(store.queries):
+            raise ValueError("no training queries" if len(sources) == 1 else f"training source {i}: no queries")
+
+
+def mixed_train_dataset(
+    sources: Sequence[tuple[Store, float]],
     processor: Processor,
     cfg: PipelineConfig,
     *,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """The training pipeline as a grain ``IterDataset`` (iterate it; the iterator is checkpointable)."""
-    if not store.queries:
-        raise ValueError("no training queries")
-    ds = grain.MapDataset.source(range(len(store.queries))).seed(cfg.seed)
-    if cfg.shuffle:
-        ds = ds.shuffle()
-    ds = ds.repeat(cfg.num_epochs)
-    n = len(store.queries)
-    ds = ds.map_with_index(lambda position, index: (index, position // n))  # (query index, epoch)
-    ds = _host_slice(ds, process_index, process_count)
-    ds = ds.random_map(EncodeTrainExample(store, processor, cfg))
+    """The training pipeline over ``(store, weight)`` sources, as a grain ``IterDataset`` (iterate it; the
+    iterator is checkpointable: ``get_state`` / ``set_state``, restored bitwise).
+
+    Source ``i`` is the single-source stream of its store shuffled with ``cfg.seed + i`` (so its examples
+    come in the same order, with the same draws, whatever it is mixed with); ``grain.MapDataset.mix``
+    interleaves the sources' examples deterministically, source ``i`` giving ``weight_i / sum(weights)``
+    of every prefix of the stream (grain rounds the weights to integer proportions, the smallest to 100:
+    a prefix of ``k`` examples holds within one example of ``k * p_i / sum(p)`` from source ``i``), and the
+    batches are cut from the mixed stream. Each host mixes its own slices of the sources. With
+    ``cfg.num_epochs`` set, the stream ends when the first source runs out (:func:`mixed_epoch_length`);
+    ``None`` repeats every source forever. A checkpointed state resumes only the same sources, weights
+    and config (it is a position in this stream).
+    """
+    _check_sources(sources)
+    parts = [
+        _source_examples(store, cfg.seed + i, processor, cfg, process_index, process_count)
+        for i, (store, _) in enumerate(sources)
+    ]
+    ds = grain.MapDataset.mix(parts, [float(w) for _, w in sources])
     ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda exs: collate_train(exs, processor, cfg))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches * cfg.batch_size)
     return _prefetch(ds.to_iter_dataset(read), cfg.num_workers, cfg.worker_buffer_size)
 
 
+def train_dataset(
+    store: Store,
+    processor: Processor,
+    cfg: PipelineConfig,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """The training pipeline of one store (:func:`mixed_train_dataset` of that store alone)."""
+    return mixed_train_dataset([(store, 1.0)], processor, cfg, process_index=process_index, process_count=process_count)
+
+
+def mixed_epoch_length(sizes: Sequence[int], weights: Sequence[float]) -> int:
+    """The examples a mix of sources of ``sizes`` queries yields (before batching, on one host; each of
+    ``P`` hosts yields about ``1/P`` of it) until its first source has been read once: grain's own length
+    of the mix of one epoch of each (a pipeline with ``num_epochs=1`` ends there)."""
+    if len(sizes) != len(weights) or not sizes:
+        raise ValueError(f"{len(sizes)} source sizes for {len(weights)} weights")
+    return len(grain.MapDataset.mix([grain.MapDataset.range(n) for n in sizes], [float(w) for w in weights]))
+
+
 def encode_dataset(
     items: Sequence[Any],
-    encode: Callable[[Any], ProcessedExample],
-    ids: Callable[[Any], str],
+    encode: Callable[[Any], tuple[str, ProcessedExample]],
     *,
     batch_size: int,
     max_length: int,
@@ -334,8 +351,8 @@ def encode_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """Ordered, static-shape batches of ``encode(item)`` for embedding queries or a pool: every item
-    exactly once (this host's slice), the last batch padded with copies flagged ``valid = 0``.
+    """Ordered, static-shape batches of ``encode(item) -> (id, processed)`` for embedding queries or a
+    pool: every item exactly once (this host's slice), the last batch padded with copies flagged ``valid = 0``.
 
     An item may be ``None``: a padding slot (``valid = 0``), so that callers can give every host the
     same number of batches. ``meta["ids"]`` lists the ids of the valid rows, in row order."""
@@ -345,12 +362,12 @@ def encode_dataset(
 
     def fill() -> ProcessedExample:
         if not filler:
-            filler.append(encode(next(i for i in items if i is not None)))
+            filler.append(encode(next(i for i in items if i is not None))[1])
         return filler[0]
 
     def one(index: int) -> tuple[str | None, ProcessedExample | None]:
         item = items[index]
-        return (None, None) if item is None else (ids(item), encode(item))
+        return (None, None) if item is None else encode(item)
 
     def batch_fn(chunk: Sequence[tuple[str | None, ProcessedExample | None]]) -> dict[str, Any]:
         real = [e for _, e in chunk if e is not None]
@@ -371,29 +388,34 @@ def encode_dataset(
     return _prefetch(ds.to_iter_dataset(), num_workers)
 
 
+def _encode_for_eval(store: Store, part: Part, processor: Processor, max_decode_pixels: int) -> ProcessedExample:
+    image = None if part.image is None else store.image(part.image, max_pixels=max_decode_pixels)
+    return encode_part(part, processor, image, for_eval=True)
+
+
 def query_dataset(
-    store: RecordStore,
+    store: Store,
     processor: Processor,
     *,
-    queries: Sequence[Query | None] | None = None,
+    queries: Sequence[Any | None] | None = None,
     instruction_seed: int = 0,
     max_decode_pixels: int = DEFAULT_MAX_PIXELS,
     **kw: Any,
 ) -> grain.IterDataset:
-    """Embedding pipeline over ``queries`` (default ``store.queries``; ``None`` entries are padding
-    slots, see :func:`encode_dataset`), with their instructions."""
+    """Embedding pipeline over the query records ``queries`` (default ``store.queries``; ``None`` entries
+    are padding slots, see :func:`encode_dataset`), with their instructions (one draw per query, epoch 0)."""
+    store = as_store(store)
 
-    def encode(query: Query) -> ProcessedExample:
-        instruction, text = query_text_parts(query, store.instructions, seed=instruction_seed)
-        image = None if query.image_path is None else store.image(query.image_path, max_pixels=max_decode_pixels)
-        return processor(text=text or None, image=image, instruction=instruction or None, for_eval=True)
+    def encode(record: Any) -> tuple[str, ProcessedExample]:
+        example = store.query_example(record, seed=instruction_seed)
+        return example.id, _encode_for_eval(store, example.query, processor, max_decode_pixels)
 
     items = store.queries if queries is None else queries
-    return encode_dataset(items, encode, lambda q: q.qid, processor=processor, **kw)
+    return encode_dataset(items, encode, processor=processor, **kw)
 
 
 def candidate_dataset(
-    store: RecordStore,
+    store: Store,
     dids: Sequence[str | None],
     processor: Processor,
     *,
@@ -401,13 +423,12 @@ def candidate_dataset(
     **kw: Any,
 ) -> grain.IterDataset:
     """Embedding pipeline over the candidates ``dids`` (no instruction; ``None``: a padding slot)."""
+    store = as_store(store)
 
-    def encode(did: str) -> ProcessedExample:
-        cand = store.candidate(did)
-        image = None if cand.image_path is None else store.image(cand.image_path, max_pixels=max_decode_pixels)
-        return processor(text=candidate_text(cand) or None, image=image, for_eval=True)
+    def encode(did: str) -> tuple[str, ProcessedExample]:
+        return did, _encode_for_eval(store, store.candidate_part(did), processor, max_decode_pixels)
 
-    return encode_dataset(dids, encode, lambda d: d, processor=processor, **kw)
+    return encode_dataset(dids, encode, processor=processor, **kw)
 
 
 def iterate(dataset: grain.IterDataset, bad: BadRecords | None = None) -> Iterator[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""An M-BEIR root converted into TFDS ArrayRecord datasets (image bytes embedded), and a store reading it.
+"""An M-BEIR root converted into TFDS ArrayRecord datasets (image bytes embedded): the build and its format.
 
 Pods then read a few large sharded files instead of millions of small images. TensorFlow is never
 needed: records are ``tf.train.Example`` protos written with TFDS's own (TF-free) serializer, whose
@@ -30,13 +30,13 @@ The build validates every record with the reader (:func:`~mmret.data.mbeir.parse
 once under the pixel cap; a bad record, including a missing, corrupt, escaping or over-cap image,
 stops the build (``on_bad_record="error"``, naming ``file:line``) or is skipped and counted
 (``"skip"``; a query whose positive was skipped is then skipped too). Records keep the reader's order,
-so :class:`ArrayRecordStore` and :class:`~mmret.data.pipeline.RawStore` index the same queries alike.
+so :class:`~mmret.data.stores.ArrayRecordStore` (the store reading a build) and
+:class:`~mmret.data.stores.RawStore` index the same queries alike.
 """
 
 from __future__ import annotations
 
 import array
-import collections
 import dataclasses
 import hashlib
 import json
@@ -44,34 +44,26 @@ import math
 import multiprocessing
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TextIO
 
 import numpy as np
-from PIL import Image
 
 from mmret.atomic_dir import atomic_output_dir
 from mmret.data.bad_records import BAD_ID, BAD_IMAGE, DUPLICATE_ID, BadRecordError, BadRecords, OnBadRecord
 from mmret.data.images import (
     DEFAULT_MAX_PIXELS,
-    MISSING,
     UNREADABLE,
-    UNSAFE_PATH,
     BadImageError,
     load_image_bytes,
     resolve_image_path,
-    unsafe_path_reason,
 )
 from mmret.data.mbeir import (
     EVAL_TASKS,
     SPLITS,
-    UNION_QUERY_FILES,
-    Candidate,
     DatasetTask,
-    Instructions,
     Query,
     check_against_pool,
     dataset_task,
@@ -87,6 +79,7 @@ from mmret.data.mbeir import (
     union_file,
 )
 from mmret.data.negatives import read_negatives, write_negatives
+from mmret.progress import progress
 
 FORMAT = "mmret.tfds_mbeir"
 FORMAT_VERSION = 1
@@ -274,24 +267,6 @@ class _Pending:
     copy: int = 0  # the n-th line of this qid in a union file
 
 
-class _Progress:
-    def __init__(self, what: str, every: int, log: Callable[[str], None] | None) -> None:
-        self.what, self.every, self.log = what, every, log
-        self.start = time.perf_counter()
-        self.seen = self.written = 0
-        self._next = every
-
-    def tick(self, seen: int, written: int, *, final: bool = False) -> None:
-        self.seen, self.written = seen, written
-        if self.log is None or self.every <= 0 or not (final or seen >= self._next):
-            return
-        while self._next <= seen:
-            self._next += self.every
-        rate = seen / max(time.perf_counter() - self.start, 1e-9)
-        done = "done: " if final else ""
-        self.log(f"  {self.what}: {done}{seen} valid records read, {written} written ({rate:.0f}/s)")
-
-
 class _SplitBuilder:
     """Writes the candidates, then the queries, of one split; collects the lookup tables."""
 
@@ -334,7 +309,7 @@ class _SplitBuilder:
         writer = _ShardWriter(
             dataset_dir(self.b.tmp, name), name, self.split, per_shard=per_shard, shard_bytes=self.b.shard_bytes
         )
-        progress = _Progress(f"{self.split} {name.removeprefix('mbeir_')}", self.b.progress_every, self.b.log)
+        bar = self.b.progress(f"{self.split} {name.removeprefix('mbeir_')}", upper_bound)
         pending: list[_Pending] = []
         seen = 0
         for rec in records:
@@ -342,10 +317,14 @@ class _SplitBuilder:
             if len(pending) >= _CHUNK:
                 seen += len(pending)
                 self._flush(pending, writer, serializer, features, on_written)
-                progress.tick(seen, writer.num_records)
+                bar.set_postfix_str(f"{writer.num_records} written", refresh=False)
+                bar.update(seen - bar.n)
         seen += len(pending)
         self._flush(pending, writer, serializer, features, on_written)
-        progress.tick(seen, writer.num_records, final=True)
+        bar.total = seen  # the valid records read (the bound counted lines)
+        bar.set_postfix_str(f"{writer.num_records} written", refresh=False)
+        bar.update(seen - bar.n)
+        bar.close()
         info = writer.close()
         if not info.shard_lengths:
             raise BuildError(f"{self.b.root}: no valid {name.removeprefix('mbeir_')} in split {self.split!r}")
@@ -572,10 +551,35 @@ class _Build:
     images: _ImageReader
     num_shards: int | None
     shard_bytes: int
-    progress_every: int
+    progress_every: float | None
     log: Callable[[str], None] | None
     features: dict[str, Any]
     query_file: str = "auto"
+    progress_out: TextIO | None = None
+
+    @property
+    def shows_progress(self) -> bool:
+        return self.progress_every != 0 and (self.progress_out is not None or self.log is not None)
+
+    def progress(self, desc: str, total: int) -> Any:
+        """A :func:`mmret.progress.progress` bar of records (disabled when the build shows no progress)."""
+        out = self.progress_out if self.progress_out is not None else _LogStream(self.log)
+        return progress(total, desc, unit="record", every=self.progress_every, out=out, disable=not self.shows_progress)
+
+
+class _LogStream:
+    """A text stream whose lines go to a ``log`` callable (none: dropped)."""
+
+    def __init__(self, log: Callable[[str], None] | None) -> None:
+        self.log = log
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            if line.strip() and self.log is not None:
+                self.log(line)
+
+    def flush(self) -> None:
+        pass
 
 
 def build_tfds_mbeir(
@@ -591,8 +595,9 @@ def build_tfds_mbeir(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     negatives_file: str | Path | None = None,
     num_workers: int = 0,
-    progress_every: int = 10_000,
+    progress_every: float | None = None,
     log: Callable[[str], None] | None = None,
+    progress_out: TextIO | None = None,
     force: bool = False,
     query_file: str = "auto",
 ) -> BuildReport:
@@ -607,8 +612,12 @@ def build_tfds_mbeir(
     ``shard_bytes``). ``max_pixels``: the decode cap every image is
     checked against. ``negatives_file``: a negatives file (:mod:`mmret.data.negatives`) for the train
     queries, validated against the train pool and copied. ``num_workers`` > 0 reads and checks images in
-    that many processes (spawned: call it under ``if __name__ == "__main__":``). ``log`` gets a progress
-    line every ``progress_every`` records. ``bad`` (a :class:`BadRecords`) replaces ``on_bad_record`` and
+    that many processes (spawned: call it under ``if __name__ == "__main__":``). Progress: one
+    :mod:`mmret.progress` bar per split and dataset (records read of the file's line count), written to
+    ``progress_out`` (a live bar on a terminal, else whole lines) or, without it, as lines to ``log``
+    (which also gets a ``split <name>:`` line per split); ``progress_every``: seconds between redraws
+    (default: :mod:`mmret.progress`'s, live on a terminal and every 10 s elsewhere; 0: no progress shown;
+    without ``log`` and ``progress_out`` none is). ``bad`` (a :class:`BadRecords`) replaces ``on_bad_record`` and
     collects the skips. Raises :class:`BadRecordError` (under ``"error"``) or :class:`BuildError`.
     """
     root = Path(mbeir_root)
@@ -634,13 +643,13 @@ def build_tfds_mbeir(
                 dataset_dir(tmp, name).mkdir(parents=True)
             b = _Build(
                 root, tmp, task_list, bad, images, num_shards, shard_bytes, progress_every, log,
-                {name: _features(name) for name in (QUERIES, CANDIDATES)}, query_file,
+                {name: _features(name) for name in (QUERIES, CANDIDATES)}, query_file, progress_out,
             )  # fmt: skip
             infos: dict[str, list[Any]] = {QUERIES: [], CANDIDATES: []}
             manifest_splits: dict[str, Any] = {}
             counts: dict[str, dict[str, int]] = {}
             for split in splits:
-                if log is not None and progress_every > 0:
+                if log is not None and b.shows_progress:
                     log(f"split {split}:")
                 sb = _SplitBuilder(b, split)
                 qinfo, cinfo = sb.run()
@@ -702,271 +711,10 @@ def _write_tfds_metadata(tmp: Path, infos: Mapping[str, list[Any]], features: Ma
         )
 
 
-# ----------------------------------------------------------------------------------------------- reading
+def __getattr__(name: str) -> Any:
+    """``ArrayRecordStore`` moved to :mod:`mmret.data.stores` (re-exported here until every import is switched)."""
+    if name == "ArrayRecordStore":
+        from mmret.data.stores import ArrayRecordStore
 
-
-class _Reader:
-    """The data sources and lookup tables of one split of a build, opened lazily in each process."""
-
-    def __init__(self, build: Path, split: str, cache_size: int) -> None:
-        self.build, self.split, self.cache_size = build, split, cache_size
-        self._reset()
-
-    def _where(self, name: str) -> str:
-        return f"{dataset_dir(self.build, name)} {self.split}"
-
-    def _reset(self) -> None:
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._sources: dict[str, Any] = {}
-        self._arrays: dict[str, np.ndarray] = {}
-        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._where_prefix = {name: self._where(name) for name in (QUERIES, CANDIDATES)}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"build": self.build, "split": self.split, "cache_size": self.cache_size}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._reset()
-
-    def _check_pid(self) -> None:
-        if self._pid != os.getpid():  # a forked child: reopen everything
-            self._reset()
-
-    def source(self, name: str) -> Any:
-        """The TFDS data source of ``name`` for this split (``tfds.builder_from_directory(...).as_data_source``)."""
-        self._check_pid()
-        ds = self._sources.get(name)
-        if ds is None:
-            with self._lock:
-                ds = self._sources.get(name)
-                if ds is None:
-                    import tensorflow_datasets as tfds
-
-                    builder = tfds.builder_from_directory(str(dataset_dir(self.build, name)))
-                    ds = self._sources[name] = builder.as_data_source(split=self.split)
-        return ds
-
-    def array(self, name: str) -> np.ndarray:
-        """``index/<split>/<name>.npy``, memory-mapped (shared by every process through the page cache)."""
-        self._check_pid()
-        arr = self._arrays.get(name)
-        if arr is None:
-            arr = np.load(self.build / "index" / self.split / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-            self._arrays[name] = arr
-        return arr
-
-    def record(self, name: str, row: int) -> dict[str, Any]:
-        """Record ``row`` of ``name``: text fields as ``str``, ``image`` as ``bytes``; remembers its image."""
-        raw = self.source(name)[row]
-        rec = {k: (v if k == "image" else v.decode("utf-8")) for k, v in raw.items()}
-        rec["image"] = bytes(rec["image"])
-        rec["where"] = f"{self._where_prefix[name]}[{row}] (from {rec['source']})"
-        return rec
-
-    def remember(self, path: str | None, data: bytes) -> None:
-        if path is None or self.cache_size <= 0:
-            return
-        with self._lock:
-            self._cache[path] = data
-            self._cache.move_to_end(path)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-
-    def cached(self, path: str) -> bytes | None:
-        self._check_pid()
-        with self._lock:
-            return self._cache.get(path)
-
-    def did_row(self, did: str) -> int | None:
-        """The candidate row of ``did`` (binary search in ``did_sorted.npy``), ``None`` when absent."""
-        try:
-            key = did.encode("ascii")
-        except (UnicodeEncodeError, AttributeError):
-            return None
-        ids = self.array("did_sorted")
-        if not len(ids) or len(key) > ids.dtype.itemsize:
-            return None
-        i = int(np.searchsorted(ids, np.bytes_(key)))
-        if i == len(ids) or ids[i] != key:
-            return None
-        return int(self.array("did_rows")[i])
-
-    def image_row(self, path: str) -> int | None:
-        """The row of a record holding image ``path`` (>= 0 candidate, < 0 query ``-1 - row``) or ``None``."""
-        keys = self.array("image_keys")
-        key = np.uint64(path_key(path))
-        i = int(np.searchsorted(keys, key))
-        if i == len(keys) or keys[i] != key:
-            return None
-        return int(self.array("image_rows")[i])
-
-
-class _Queries(Sequence[Query]):
-    """The queries at some record rows, decoded on access (with their copy numbers)."""
-
-    def __init__(self, reader: _Reader, rows: np.ndarray, copies: np.ndarray | None, keep_src_content: bool) -> None:
-        self._reader, self._keep = reader, keep_src_content
-        self._rows, self._copies = rows, copies
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def row(self, index: int) -> int:
-        """The record row of the ``index``-th query."""
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"query index {index} out of range ({n} queries)")
-        return int(self._rows[index])
-
-    @overload
-    def __getitem__(self, index: int) -> Query: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Query]: ...
-    def __getitem__(self, index: int | slice) -> Query | list[Query]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        rec = self._reader.record(QUERIES, self.row(index))
-        query = parse_query(
-            json.loads(rec["record"]), rec["where"], task=dataset_task(rec["task"]), keep_src_content=self._keep
-        )
-        if self._copies is not None and self._copies[self.row(index)]:
-            query = dataclasses.replace(query, copy=int(self._copies[self.row(index)]))
-        self._reader.remember(query.image_path, rec["image"])
-        return query
-
-    def __iter__(self) -> Iterator[Query]:
-        for i in range(len(self)):
-            yield self[i]
-
-
-class _Pool(Mapping[str, Candidate]):
-    """``did -> Candidate`` over the split's candidate records (membership needs no record read)."""
-
-    def __init__(self, reader: _Reader, keep_src_content: bool) -> None:
-        self._reader, self._keep = reader, keep_src_content
-
-    def __getitem__(self, did: str) -> Candidate:
-        row = self._reader.did_row(did)
-        if row is None:
-            raise KeyError(did)
-        rec = self._reader.record(CANDIDATES, row)
-        cand = parse_candidate(json.loads(rec["record"]), rec["where"], keep_src_content=self._keep)
-        if cand.did != did:
-            raise KeyError(f"{did!r}: the index of {self._reader.build} points at {cand.did!r} (corrupt build?)")
-        self._reader.remember(cand.image_path, rec["image"])
-        return cand
-
-    def __contains__(self, did: object) -> bool:
-        return isinstance(did, str) and self._reader.did_row(did) is not None
-
-    def __len__(self) -> int:
-        return len(self._reader.array("dids"))
-
-    def __iter__(self) -> Iterator[str]:
-        """The dids in pool order."""
-        for did in self._reader.array("dids"):
-            yield did.decode("ascii")
-
-
-class ArrayRecordStore:
-    """A TFDS build (:func:`build_tfds_mbeir`) as a :class:`~mmret.data.pipeline.RecordStore`.
-
-    ``queries`` (a lazy sequence, the order RawStore gives for the same split and tasks), ``pool`` (a lazy
-    ``did -> Candidate`` mapping), ``candidate(did)``, ``image(path, max_pixels=...)`` (the embedded bytes,
-    decoded with :func:`~mmret.data.images.load_image_bytes`), ``instructions`` and ``negatives`` (from
-    ``negatives_file``, e.g. the build's ``negatives/train.jsonl``). Records are read through the TFDS data
-    sources on demand; only the few last images read are kept (``image_cache_size``), so that
-    ``image()`` right after ``candidate()`` costs no second read. Picklable: grain workers reopen the
-    files lazily. Unlike RawStore with ``tasks``, the pool is always the whole split's pool of the build.
-    ``query_file`` (``data.query_file``): ``auto`` takes what the split was built from; another value must
-    name it (a union file, or ``per_task``), else :class:`BuildError`.
-    """
-
-    def __init__(
-        self,
-        build: str | Path,
-        split: str = "train",
-        tasks: Sequence[str | DatasetTask] | None = None,
-        *,
-        negatives_file: str | Path | None = None,
-        bad: BadRecords | None = None,
-        keep_src_content: bool = False,
-        image_cache_size: int = 64,
-        query_file: str = "auto",
-    ) -> None:
-        self.build = Path(build)
-        self.split = split
-        self.manifest = read_manifest(self.build)
-        info = self.manifest["splits"].get(split)
-        if info is None:
-            raise BuildError(
-                f"{self.build}: split {split!r} was not built (built: {', '.join(self.manifest['splits'])})"
-            )
-        built_file = info.get("query_file")
-        if query_file not in ("auto", "per_task", *UNION_QUERY_FILES.get(split, {})):
-            raise ValueError(f"data.query_file={query_file!r} has no meaning for split {split!r} of a build")
-        if query_file != "auto":
-            wanted = None if query_file == "per_task" else UNION_QUERY_FILES[split][query_file]
-            if built_file != wanted:
-                raise BuildError(
-                    f"{self.build}: the {split} split was built from {built_file or 'the per-task files'}, "
-                    f"not {wanted or 'the per-task files'} (data.query_file={query_file!r}); rebuild it"
-                )
-        self.query_file = built_file
-        self.bad = BadRecords("error") if bad is None else bad
-        self._reader = _Reader(self.build, split, image_cache_size)
-        index = self.build / "index" / split
-        if (index / "query_tasks.npy").is_file():
-            built = list(info["task_names"])
-            task_rows = np.asarray(self._reader.array("query_tasks"))
-            copies = self._reader.array("query_copies")
-        else:  # a build from before the per-row tables: contiguous task ranges
-            built = list(info["task_ranges"])
-            task_rows = np.concatenate(
-                [np.full(b - a, i, np.int16) for i, (a, b) in enumerate(info["task_ranges"].values())] or [[]]
-            )
-            copies = None
-        names = built if tasks is None else [dataset_task(t).name for t in tasks]
-        missing = [n for n in names if n not in built]
-        if missing:
-            raise BuildError(f"{self.build}: task {missing[0]} is not in the {split} build (built: {', '.join(built)})")
-        if built_file is None:  # per-task files: the tasks in the order asked, as RawStore reads them
-            rows = np.concatenate([np.flatnonzero(task_rows == built.index(n)) for n in names] or [[]])
-        else:  # a union file: its lines in file order
-            rows = np.flatnonzero(np.isin(task_rows, [built.index(n) for n in names]))
-        self.queries: Sequence[Query] = _Queries(self._reader, rows.astype(np.int64), copies, keep_src_content)
-        self.pool: Mapping[str, Candidate] = _Pool(self._reader, keep_src_content)
-        path = instructions_path(self.build)
-        self.instructions: Instructions | None = read_instructions(path, bad=self.bad) if path.is_file() else None
-        self.negatives: Mapping[str, tuple[str, ...]] | None = (
-            read_negatives(negatives_file, pool=self.pool, bad=self.bad) if negatives_file is not None else None
-        )
-
-    def candidate(self, did: str) -> Candidate:
-        """The candidate ``did`` (``KeyError`` when the split's pool has none)."""
-        return self.pool[did]
-
-    def image(self, path: str, *, max_pixels: int) -> Image.Image:
-        """The RGB image embedded for ``path``; :class:`~mmret.data.images.BadImageError` when bad or absent."""
-        data = self._reader.cached(path)
-        if data is None:
-            reason = unsafe_path_reason(path)
-            if reason is not None:
-                raise BadImageError(str(path), UNSAFE_PATH, reason)
-            data = self._lookup_image(path)
-        return load_image_bytes(data, max_pixels=max_pixels, name=path)
-
-    def _lookup_image(self, path: str) -> bytes:
-        row = self._reader.image_row(path)
-        if row is not None:
-            name, row = (CANDIDATES, row) if row >= 0 else (QUERIES, -1 - row)
-            rec = self._reader.record(name, row)
-            obj = json.loads(rec["record"])
-            if obj.get("img_path" if name == CANDIDATES else "query_img_path") == path:
-                self._reader.remember(path, rec["image"])
-                return rec["image"]
-        raise BadImageError(path, MISSING, f"no record of the {self.split} build {self.build} holds it")
+        return ArrayRecordStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
