@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmret.eval.index import SearchConfig, build_index, exact_search, recall_against_exact  # noqa: E402
+from mmret.eval.index import build_index, exact_search, recall_against_exact  # noqa: E402
+from mmret.recipe import SearchConfig  # noqa: E402
 
 
 class Mixture:

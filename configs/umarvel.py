@@ -23,7 +23,7 @@ import dataclasses
 
 import ml_collections
 
-from mmret.eval.index import SearchConfig
+from mmret.recipe import SearchConfig
 
 # Paper: 60 sequences per device on 64 devices (~3840 global). data.pipeline.batch_size is per host:
 # 8 devices per host -> 480 per host (set it to 60 * local devices on other hosts).

@@ -26,11 +26,8 @@ preemption or skipped steps).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
-import types
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,7 +69,9 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     from absl import flags, logging
 
-    from mmret.train.trainer import as_trainer_config, open_inputs, train
+    from mmret import tasks
+    from mmret.recipe import as_trainer_config
+    from mmret.train.trainer import train
 
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the progress readable
         logging.set_verbosity(logging.WARNING)
@@ -82,16 +81,18 @@ def main(argv: list[str]) -> None:
     mode = flags.FLAGS.mode
     step = None if flags.FLAGS.step < 0 else flags.FLAGS.step
     with one_line_errors(ValueError, TypeError, prefix="bad config: "):
-        trainer_cfg = as_trainer_config(cfg)
-        check_choices(trainer_cfg)
+        trainer_cfg = as_trainer_config(cfg)  # unknown keys, wrong types, values outside a Literal
+        task = tasks.get(trainer_cfg.task)
+        task.check(trainer_cfg)
     with one_line_errors(ValueError, OSError):  # nothing is written before these pass
         check_paths(trainer_cfg)
-        inputs = open_inputs(trainer_cfg) if mode == "train" else None  # reads (and checks) every record
+        inputs = task.open_inputs(trainer_cfg) if mode == "train" else None  # reads (and checks) every record
     from mmret.eval import run as eval_run
 
     with one_line_errors(*input_errors()):
         if mode == "embed":
-            from mmret.eval.embed import embed, resolve_step
+            from mmret.checkpoints import resolve_step
+            from mmret.eval.embed import embed
 
             step = resolve_step(workdir, step)
             embed(trainer_cfg, eval_run.eval_dir(workdir, step) / "embeddings", workdir=workdir, step=step)
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> None:
         ecfg = trainer_cfg.eval
         if ecfg.at_start:
             eval_run.evaluate_run(trainer_cfg, workdir, 0)
-        summary = train(trainer_cfg, workdir, inputs=inputs)
+        summary = train(trainer_cfg, workdir, task=task, inputs=inputs)
         after = summary["final_step"]
         evaluated = ecfg.at_end and not summary["preempted"]
         if evaluated:
@@ -157,46 +158,6 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         seen.add(id(node))
         yield node
         node = node.__cause__ or node.__context__
-
-
-def str_choices() -> dict[str, tuple[str, ...]]:
-    """Config keys typed ``str`` whose values are fixed (``Literal``-typed fields are checked from their type)."""
-    from mmret.models.qwen2_vl.config import AttentionImpl, RematPolicy
-
-    dtypes = ("float32", "bfloat16", "float16")  # mmret.models.qwen2_vl.config.as_dtype
-    return {
-        "model.remat": typing.get_args(RematPolicy),
-        "model.attention_impl": typing.get_args(AttentionImpl),
-        "model.dtype": dtypes,
-        "model.param_dtype": dtypes,
-        "data.format": ("raw", "array_record"),  # mmret.train.trainer.open_store
-    }
-
-
-def choice_fields(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any, tuple[Any, ...]]]:
-    """``(key, value, allowed)`` of every config field with a fixed set of values: those typed
-    ``Literal[...]`` (alone or in a union) and those :func:`str_choices` names."""
-    choices = str_choices()
-    hints = typing.get_type_hints(type(cfg))
-    for field in dataclasses.fields(cfg):
-        key, value = prefix + field.name, getattr(cfg, field.name)
-        if dataclasses.is_dataclass(value):
-            yield from choice_fields(value, key + ".")
-            continue
-        hint = hints[field.name]
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        allowed = tuple(a for o in options if typing.get_origin(o) is typing.Literal for a in typing.get_args(o))
-        if key in choices:
-            yield key, value, choices[key]
-        elif allowed and isinstance(value, str) and str not in options:
-            yield key, value, allowed
-
-
-def check_choices(cfg: Any) -> None:
-    """``ValueError`` naming the first config key whose value is not one of its allowed values."""
-    for key, value, allowed in choice_fields(cfg):
-        if value not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
 
 
 def check_paths(cfg: Any) -> None:

@@ -13,6 +13,7 @@ seconds (default 10) plus the final one: a log shows steady progress lines.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, TextIO
 
@@ -71,3 +72,13 @@ def progress(
         disable=disable,
         leave=True,
     )
+
+
+def format_duration(seconds: float) -> str:
+    """``5s``, ``1m05s``, ``2h03m``; ``?`` for a negative or non-finite time."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

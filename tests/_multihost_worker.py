@@ -28,7 +28,9 @@ from mmret.losses import Temperature  # noqa: E402
 from mmret.models import qwen2_vl  # noqa: E402
 from mmret.models.encoder import Encoder, EncoderConfig  # noqa: E402
 from mmret.models.qwen2_vl.presets import hf_config  # noqa: E402
-from mmret.train.step import Retriever, init_state, make_train_step, split_model  # noqa: E402
+from mmret.models.retriever import Retriever  # noqa: E402
+from mmret.tasks.base import init_state, split_model  # noqa: E402
+from mmret.tasks.bi_encoder.step import make_train_step  # noqa: E402
 
 BLOCK, LENGTH, PATCHES = 2, 64, 2 * 64
 

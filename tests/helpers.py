@@ -64,7 +64,7 @@ def start_worker(pid: int, nproc: int, port: str, local_devices: str) -> None:
 def eval_trainer_config(data_root: Path | str, proc: Path | str, tasks: Sequence[str], **eval_overrides: Any) -> Any:
     """A trainer config for embedding tests: the tiny random model (seed 0), the synthetic corpus at ``data_root``,
     processor files in ``proc``, 96-token sequences, 64 patches per image, batches of 8, shards of 40."""
-    from mmret.train.trainer import as_trainer_config
+    from mmret.recipe import as_trainer_config
 
     ev = {"tasks": list(tasks), "pools": ["local"], "batch_size": 8, "shard_size": 40, **eval_overrides}
     return as_trainer_config(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmret.losses import info_nce
-from mmret.train.trainer import as_trainer_config, with_epochs
+from mmret.recipe import as_trainer_config, with_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 

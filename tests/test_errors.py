@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmret import launch
+from mmret import build, checkpoints, launch, recipe
 from mmret.convert.hf import ConversionError, SafetensorsCheckpoint
 from mmret.data.bad_records import BadRecordError
-from mmret.train import trainer
+from mmret.train.meter import Meter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_missing_model_directory_is_one_line(inputs):
 # ------------------------------------------------------------------------------- the checks themselves
 
 
-def config(inputs: dict[str, Path], **overrides: object) -> trainer.TrainerConfig:
+def config(inputs: dict[str, Path], **overrides: object) -> recipe.TrainerConfig:
     cfg: dict = {
         "model": {"hf_dir": str(inputs["model"])},
         "data": {"root": str(inputs["mbeir"]), "pipeline": {"on_bad_record": "error"}},
@@ -126,7 +126,7 @@ def config(inputs: dict[str, Path], **overrides: object) -> trainer.TrainerConfi
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return trainer.as_trainer_config(cfg)
+    return recipe.as_trainer_config(cfg)
 
 
 @pytest.mark.parametrize(
@@ -142,9 +142,9 @@ def config(inputs: dict[str, Path], **overrides: object) -> trainer.TrainerConfi
 def test_choices_name_the_key_and_the_allowed_values(inputs, key, value, allowed):
     dotted = key.replace("__", ".")
     with pytest.raises(ValueError) as e:
-        launch.check_choices(config(inputs, **{key: value}))
+        config(inputs, **{key: value})  # the Literal-typed fields are checked when the config is parsed
     assert str(e.value) == f"{dotted} must be one of {allowed}, got {value!r}"
-    launch.check_choices(config(inputs))  # the defaults pass
+    config(inputs)  # the defaults pass
     with pytest.raises(ValueError, match=r"^encoder\.pooling must be one of \('mean', 'last'\), got 'foo'$"):
         config(inputs, encoder__pooling="foo")  # checked by EncoderConfig itself
 
@@ -189,7 +189,7 @@ def test_missing_field_names_file_and_line(inputs):
         root, 3, lambda line: json.dumps({k: v for k, v in json.loads(line).items() if k != "qid"})
     )
     with pytest.raises(BadRecordError) as e:
-        trainer.open_inputs(config(inputs, data__root=str(root)))
+        build.open_inputs(config(inputs, data__root=str(root)))
     where, detail = str(e.value).split(":3: ", 1)
     assert Path(where) in files and detail == "missing_field: field 'qid' is missing"
 
@@ -238,7 +238,7 @@ def test_unreadable_checkpoint_falls_back_with_one_warning_line(tmp_path, caplog
 
     unraisable: list[object] = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    ckpts = trainer.Checkpoints(tmp_path / "checkpoints", trainer.CheckpointConfig(every=1, keep=3, async_save=False))
+    ckpts = checkpoints.Checkpoints(tmp_path, recipe.CheckpointConfig(every=1, keep=3, async_save=False))
     tree = {f"w{i}": jnp.full((16, 16), float(i)) for i in range(200)}  # many arrays: many reads in flight
     for step in (1, 2):
         ckpts.save(step, {"trainable": tree}, {"iterator": step, "bad_records": {}}, {"n": step})
@@ -264,7 +264,7 @@ def test_unreadable_checkpoint_falls_back_with_one_warning_line(tmp_path, caplog
 
 
 def test_restore_noise_filter_drops_only_the_failed_reads(tmp_path):
-    noise = trainer._RestoreNoise()
+    noise = checkpoints._RestoreNoise()
     seen: list[object] = []
     previous = sys.unraisablehook
     sys.unraisablehook = seen.append
@@ -293,7 +293,7 @@ def test_restore_noise_filter_drops_only_the_failed_reads(tmp_path):
 
 
 def test_meter_records_say_how_many_steps_they_average():
-    meter = trainer.Meter(global_batch=8, total_steps=10)
+    meter = Meter(global_batch=8, total_steps=10)
     for loss in (1.0, 2.0, 3.0):
         meter.add({"loss": loss}, tokens=100)
     record = meter.record(3)
@@ -306,15 +306,17 @@ def test_meter_records_say_how_many_steps_they_average():
 
 PREEMPT_THEN_RESUME = """
 import json, sys
+from pathlib import Path
 from mmret import launch
 from mmret.train import trainer
+from mmret.train.preemption import Preemption
 
 cfg, workdir = json.loads(sys.argv[1]), sys.argv[2]
-should_stop = trainer.Preemption.should_stop
-trainer.Preemption.should_stop = lambda self, step: step >= 1  # a SIGTERM during step 1
+should_stop = Preemption.should_stop
+Preemption.should_stop = lambda self, step: step >= 1  # a SIGTERM during step 1
 first = trainer.train(cfg, workdir)
-table = launch.summary_table(trainer.Path(workdir) / "metrics.jsonl")
-trainer.Preemption.should_stop = should_stop
+table = launch.summary_table(Path(workdir) / "metrics.jsonl")
+Preemption.should_stop = should_stop
 second = trainer.train(cfg, workdir)
 print("RESULT " + json.dumps({"first": first, "table": table, "second": second}))
 """

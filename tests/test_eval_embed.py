@@ -24,11 +24,10 @@ from mmret.data.mbeir import (
 )
 from mmret.data.processor import Processor
 from mmret.eval import embed as embed_mod
-from mmret.eval.config import EvalConfig
 from mmret.eval.embed import Embeddings, embed, load_encoder, shard_name, write_json
 from mmret.eval.evaluate import evaluate
-from mmret.eval.index import SearchConfig
 from mmret.eval.metrics import read_trec
+from mmret.recipe import EvalConfig, SearchConfig
 
 TASKS = ("cirr_task7", "webqa_task1")  # (image, text) -> image and text -> text
 

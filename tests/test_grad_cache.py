@@ -10,12 +10,12 @@ from flax import nnx
 from helpers import random_pairs  # noqa: E402
 
 from mmret.data.processor import Processor, ProcessorConfig
+from mmret.grad_cache import grad_cache_value_and_grad
 from mmret.losses import info_nce
 from mmret.models import qwen2_vl
 from mmret.models.encoder import Encoder, EncoderConfig
 from mmret.models.qwen2_vl.presets import hf_config
 from mmret.models.qwen2_vl.processor_files import write_processor_files
-from mmret.train.grad_cache import grad_cache_value_and_grad
 
 CHUNK, N_CHUNKS, LENGTH, PATCHES = 2, 3, 64, 2 * 64
 

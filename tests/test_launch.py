@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmret import tasks
 from mmret.launch import CONFIGS, resolve_config_arg
-from mmret.train.trainer import as_trainer_config
+from mmret.recipe import as_trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,8 +40,8 @@ def test_default_config_is_the_papers_stage_3_recipe():
     assert c.model.dtype == "bfloat16" and c.model.param_dtype == "float32"
     assert any("visual" in f for f in c.freeze)
     # It needs a model and an M-BEIR root; given them, it is a valid trainer config.
-    with pytest.raises(ValueError, match="hf_dir"):
-        as_trainer_config(c)
+    with pytest.raises(ValueError, match="hf_dir"):  # checked by the task the config names
+        tasks.get(as_trainer_config(c).task).check(as_trainer_config(c))
     c.unlock()
     c.model.hf_dir, c.data.root = "/models/Qwen2-VL-7B-Instruct", "/data/M-BEIR"
     cfg = as_trainer_config(c)

@@ -16,8 +16,9 @@ from helpers import uniir_format_string  # noqa: E402
 from PIL import Image
 
 from mmret.data import mbeir
-from mmret.data.pipeline import PipelineConfig, RawStore, train_dataset
+from mmret.data.pipeline import PipelineConfig, train_dataset
 from mmret.data.processor import Processor, ProcessorConfig
+from mmret.data.stores import RawStore
 from mmret.eval.evaluate import positives_for
 from mmret.eval.metrics import evaluate_task
 from mmret.models.qwen2_vl.processor_files import write_processor_files
@@ -160,7 +161,8 @@ def test_the_trainer_trains_on_the_union_file(root, tmp_path):
     from helpers import eval_trainer_config
 
     from mmret.optim import OptimizerConfig
-    from mmret.train.trainer import CheckpointConfig, train
+    from mmret.recipe import CheckpointConfig
+    from mmret.train.trainer import train
 
     proc_dir = tmp_path / "proc"
     write_processor_files(proc_dir)

@@ -16,7 +16,9 @@ from mmret.losses import Temperature
 from mmret.models import qwen2_vl
 from mmret.models.encoder import Encoder, EncoderConfig
 from mmret.models.qwen2_vl.presets import hf_config
-from mmret.train.step import Retriever, StepConfig, init_state, make_train_step, split_model
+from mmret.models.retriever import Retriever
+from mmret.tasks.base import init_state, split_model
+from mmret.tasks.bi_encoder.step import StepConfig, make_train_step
 
 B, LENGTH, PATCHES = 4, 64, 4 * 64
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import read_scalars
 
-from mmret.train.metrics import crc32c, read_scalars, tfrecord
-from mmret.train.trainer import TrainerConfig, as_trainer_config, global_positive_mask, step_pipeline
+from mmret.recipe import TrainerConfig, as_trainer_config, step_pipeline
+from mmret.tasks.bi_encoder.task import BiEncoder, global_positive_mask
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -241,8 +242,8 @@ def test_config_from_nested_dict_rejects_unknown_keys(tmp_path):
     assert isinstance(cfg, TrainerConfig) and cfg.freeze == ("visual\\..*",) and cfg.steps == 5
     with pytest.raises(ValueError, match=r"unknown key optimizer\.lr"):
         as_trainer_config({"model": {"preset": "tiny"}, "optimizer": {"lr": 1.0}})
-    with pytest.raises(ValueError, match="exactly one of"):
-        as_trainer_config({"model": {"preset": "tiny", "hf_dir": str(tmp_path)}})
+    with pytest.raises(ValueError, match="exactly one of"):  # the bi-encoder task checks the model source
+        BiEncoder().check(as_trainer_config({"model": {"preset": "tiny", "hf_dir": str(tmp_path)}}))
 
 
 def test_grad_cache_chunk_of_the_whole_batch_runs_the_plain_step():
@@ -256,18 +257,6 @@ def test_grad_cache_chunk_of_the_whole_batch_runs_the_plain_step():
     assert step_pipeline(cfg(data={"pipeline": {"batch_size": 8, "grad_cache_chunk": 8}})).grad_cache_chunk is None
     assert step_pipeline(cfg(grad_cache_chunk=4)).grad_cache_chunk == 4
     assert step_pipeline(cfg()).grad_cache_chunk is None
-
-
-def test_event_records_are_tfrecords(tmp_path):
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    from mmret.train.metrics import EventWriter
-
-    w = EventWriter(tmp_path)
-    w.scalars(3, {"loss": 1.5, "accuracy": 0.25})
-    w.scalars(4, {"loss": 1.25})
-    w.close()
-    assert read_scalars(tmp_path) == {"loss": [(3, 1.5), (4, 1.25)], "accuracy": [(3, 0.25)]}
-    assert len(tfrecord(b"x")) == 8 + 4 + 1 + 4
 
 
 def test_global_positive_mask_follows_the_global_embedding_order():

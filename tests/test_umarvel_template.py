@@ -289,10 +289,11 @@ def short_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_embedding_grows_only_when_needed(proc: Processor, short_vocab_dir: Path) -> None:
     torch = pytest.importorskip("torch")
+    from mmret.build import load_backbone
     from mmret.models import qwen2_vl
     from mmret.models.qwen2_vl.hf import grow_vocab
     from mmret.models.qwen2_vl.presets import hf_config
-    from mmret.train.trainer import ModelConfig, load_backbone
+    from mmret.recipe import ModelConfig
 
     # The tiny preset keeps Qwen2-VL's padded 151,936 rows: the added ids fit, nothing grows.
     padded = qwen2_vl.create(qwen2_vl.Qwen2VLConfig.from_hf_dict(hf_config("tiny")))

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args: argparse.Namespace):
-    from mmret.train.trainer import as_trainer_config, config_to_json
+    from mmret.recipe import as_trainer_config, config_to_json
 
     if args.workdir is not None:
         path = args.workdir / "config.json"

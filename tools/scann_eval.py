@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from mmret.eval.evaluate import evaluate
-    from mmret.eval.index import SearchConfig
+    from mmret.recipe import SearchConfig
 
     overrides = {
         k: getattr(args, k)

@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,8 @@ from flax import nnx
 
 from mmret import sharding
 from mmret.atomic_dir import write_atomic
+from mmret.build import processor_dir
+from mmret.checkpoints import load_trained, resolve_step, step_dir
 from mmret.data.bad_records import POSITIVE_NOT_IN_POOL, BadRecordError, BadRecords
 from mmret.data.mbeir import (
     EVAL_TASKS,
@@ -73,12 +76,9 @@ from mmret.data.mbeir import (
 )
 from mmret.data.pipeline import candidate_dataset, query_dataset
 from mmret.data.processor import Processor
-from mmret.eval.config import EvalConfig
-from mmret.lora import merge_lora
 from mmret.models.encoder import Encoder
-from mmret.train.metrics import format_duration
-from mmret.train.trainer import TrainerConfig, build_retriever, config_to_json, processor_dir
-from mmret.train.trainer import trainable_filter as run_trainable_filter
+from mmret.progress import format_duration, progress
+from mmret.recipe import EvalConfig, TrainerConfig, config_to_json
 
 log = logging.getLogger("mmret.eval")
 
@@ -90,58 +90,12 @@ MEMBERS = "members.json"
 # ============================================================================================ the model
 
 
-def checkpoint_steps(workdir: str | Path) -> list[int]:
-    """The finished checkpoints of a training run (orbax renames a step directory into place when done)."""
-    d = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()) if d.is_dir() else []
-
-
-def resolve_step(workdir: str | Path, step: int | None) -> int:
-    """``step`` (0: the model the run started from), or the run's latest checkpoint when None."""
-    steps = checkpoint_steps(workdir)
-    if step is None:
-        if not steps:
-            raise FileNotFoundError(f"{workdir}/checkpoints: no finished checkpoint to evaluate (give --step 0?)")
-        return steps[-1]
-    if step != 0 and step not in steps:
-        raise FileNotFoundError(f"{workdir}/checkpoints/{step}: no such checkpoint (have: {steps or 'none'})")
-    return step
-
-
-def _restore_into(model: nnx.Module, wrt: Any, item_dir: Path) -> None:
-    """Read the parameters of ``model`` selected by ``wrt`` from an orbax item saved by the trainer
-    (``{"params": ...}`` plus the optimiser state, which is not read)."""
-    import orbax.checkpoint as ocp
-
-    _, state, _ = nnx.split(model, wrt, ...)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(
-            item_dir,
-            args=ocp.args.PyTreeRestore(
-                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True
-            ),
-        )
-    nnx.update(model, out["params"])  # a State shaped like the template
-
-
 def load_encoder(
     cfg: TrainerConfig, *, workdir: str | Path | None = None, step: int = 0, max_image_patches: int = 0
 ) -> Encoder:
     """The embedder of a run of ``cfg`` at ``step`` (0: before training, i.e. the model source), with
-    LoRA adapters merged into plain weights; in host memory. ``max_image_patches``: the processor's
-    per-image cap (see :func:`mmret.train.trainer.load_backbone`)."""
-    model = build_retriever(cfg, max_image_patches)
-    if step:
-        if workdir is None:
-            raise ValueError("a checkpoint step needs the run's workdir")
-        ckpt = Path(workdir) / "checkpoints" / str(step)
-        _restore_into(model, run_trainable_filter(cfg), ckpt / "state")
-        if (ckpt / "frozen").is_dir():  # checkpoint.save_frozen: the frozen weights too
-            _restore_into(model, nnx.Not(run_trainable_filter(cfg)), ckpt / "frozen")
-    merge_lora(model)
-    return model.encoder
+    LoRA adapters merged into plain weights; in host memory (:func:`mmret.checkpoints.load_trained`)."""
+    return load_trained(cfg, workdir, step, max_image_patches=max_image_patches).encoder
 
 
 def source_of(cfg: TrainerConfig, workdir: str | Path | None, step: int) -> dict[str, Any]:
@@ -150,7 +104,7 @@ def source_of(cfg: TrainerConfig, workdir: str | Path | None, step: int) -> dict
     source with the size and mtime of the files directly in it."""
     m = cfg.model
     if workdir is not None and step:
-        ckpt = Path(workdir) / "checkpoints" / str(step)
+        ckpt = step_dir(workdir, step)
         return {"workdir": str(Path(workdir).absolute()), "step": step, "mtime_ns": ckpt.stat().st_mtime_ns}
     source: dict[str, Any] = {"hf_dir": m.hf_dir, "checkpoint": m.checkpoint, "preset": m.preset, "seed": m.seed}
     if workdir is not None:
@@ -341,27 +295,6 @@ def _finished(out: Path, key: dict[str, Any]) -> bool:
     return bool(_primary_view(np.array([done]))[0])
 
 
-class Progress:
-    """One line per update: ``embed queries/x: 1200/20000 [##---] 350/s eta 54s``, at most every ``every`` s."""
-
-    def __init__(self, name: str, total: int, every: float = 10.0):
-        self.name, self.total, self.every = name, total, every
-        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
-        self.enabled = jax.process_index() == 0
-
-    def add(self, n: int, *, force: bool = False) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if not self.enabled or not (force or now - self.last >= self.every):
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        frac = self.done / max(self.total, 1)
-        bar = "#" * int(round(frac * 20))
-        eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
-        print(f"embed {self.name}: {self.done}/{self.total} [{bar:-<20}] {rate:.1f}/s eta {eta}", flush=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     batch_size: int  # per host
@@ -458,7 +391,7 @@ def embed_group(
         ds = candidate_dataset(store, slots, processor, **kw)
     batches = iter(ds)
     total = sum(len(items) for _, items, _ in parts)
-    progress = Progress(group.name, total)
+    bar = progress(total, f"embed {group.name}", unit="item", out=sys.stdout, disable=jax.process_index() != 0)
     for i, items, lengths in parts:
         n_batches = max(1, math.ceil(max(lengths) / shapes.batch_size))
         outputs = [embedder(next(batches)) for _ in range(n_batches)]  # dispatched asynchronously
@@ -470,7 +403,8 @@ def embed_group(
         if primary:
             ids = np.asarray(group.ids(items))
             write_atomic(directory / shard_name(i), lambda f, v=vectors, d=ids: np.savez(f, embeddings=v, ids=d))
-        progress.add(len(items), force=i == parts[-1][0])
+        bar.update(len(items))
+    bar.close()
     return total
 
 

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from mmret.data.mbeir import dataset_task, qrels_path, read_qrels
-from mmret.eval.config import POOLS
 from mmret.eval.embed import Embeddings, file_stamps, key_of
-from mmret.eval.index import ExactIndex, ScannIndex, SearchConfig, build_index, exact_search, recall_against_exact
+from mmret.eval.index import ExactIndex, ScannIndex, build_index, exact_search, recall_against_exact
 from mmret.eval.metrics import TaskResult, evaluate_task, hits_at_k, write_trec
 from mmret.eval.report import write_report
+from mmret.recipe import POOLS, SearchConfig
 
 log = logging.getLogger("mmret.eval")
 

@@ -19,10 +19,8 @@ ScaNN search that found fewer than k) come back as id -1 with score -inf.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -31,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from mmret.atomic_dir import atomic_output_dir
+from mmret.recipe import SearchConfig
 
 log = logging.getLogger("mmret.eval")
 
 INDEX_FORMAT = 1
-_METHODS = ("auto", "scann", "exact")
+_DEFAULT = SearchConfig()
 # Score-matrix budget of exact search: query rows per block = this // chunk (128 MiB of float32 scores).
 _EXACT_SCORE_ELEMENTS = 1 << 25
 # Queries per ScaNN call (ScaNN parallelises inside a call; this only bounds the result arrays).
@@ -43,89 +42,10 @@ _SCANN_QUERY_BATCH = 16384
 
 
 def _scann():
-    """ScaNN, imported on first use (the trainer imports this module for SearchConfig only)."""
+    """ScaNN, imported on first use (only ScaNN indexes need it)."""
     import scann
 
     return scann
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
-    """How to search a candidate pool. ``None`` fields are scaled with the pool size ``n`` (see
-    :meth:`resolve`); the rules were tuned on 1M x 1536 clustered vectors (benchmarks/search.py,
-    benchmarks/RESULTS.md) to reach recall@10 >= 0.99 against exact search.
-    """
-
-    method: str = "auto"  # "auto" | "scann" | "exact"; auto = exact below brute_force_below vectors, else ScaNN
-    # Exact below 100k candidates. Measured at dim 1536 on 2 CPU cores (benchmarks/RESULTS.md): a ScaNN build costs
-    # ~0.25-0.6 ms per pool vector (255 s at 1M, 62 s at 100k on a loaded machine) and exact search ~19-37 ns per
-    # (query, candidate) pair, so a build only pays once a task has more than ~13-17k queries, whatever the pool
-    # size. Below 100k, exact search of even 25k queries takes at most ~1.5 min and is exact; above, its cost grows
-    # with pool x queries (1M x 25k: ~8 min against ~4.5 min for ScaNN's build and search) and ScaNN takes over.
-    brute_force_below: int = 100_000
-    num_leaves: int | None = None  # None: 2*sqrt(n), clipped to [1, 4096] and to n // 20
-    num_leaves_to_search: int | None = None  # None: 3% of the leaves, at least 8
-    training_sample_size: int | None = None  # None: min(n, max(100_000, 64 * num_leaves))
-    dimensions_per_block: int = 2
-    # Spherical k-means (unit-norm centroids) for the leaves. With plain k-means, points join leaves by L2 but
-    # queries pick leaves by inner product, which favours large-norm (tight) centroids; on unit-norm data the
-    # spherical tree found the neighbours in far fewer leaves (measured: benchmarks/RESULTS.md).
-    spherical: bool = True
-    anisotropic_quantization_threshold: float = 0.2  # NaN: plain (isotropic) quantisation
-    reorder: int | None = None  # None: max(100, 4 * k), candidates rescored exactly
-    exact_chunk: int = 32_768  # candidates per matrix product in exact search
-
-    def __post_init__(self) -> None:
-        if self.method not in _METHODS:
-            raise ValueError(f"eval.search.method must be one of {_METHODS}, got {self.method!r}")
-        if not isinstance(self.brute_force_below, int) or self.brute_force_below < 0:
-            raise ValueError(
-                f"eval.search.brute_force_below must be a non-negative int, got {self.brute_force_below!r}"
-            )
-        for name in ("num_leaves", "num_leaves_to_search", "training_sample_size", "reorder"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"eval.search.{name} must be positive (or None to scale it), got {value!r}")
-        for name in ("dimensions_per_block", "exact_chunk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"eval.search.{name} must be positive, got {value!r}")
-        if self.num_leaves is not None and self.num_leaves_to_search is not None:
-            if self.num_leaves_to_search > self.num_leaves:
-                raise ValueError(
-                    f"eval.search.num_leaves_to_search ({self.num_leaves_to_search}) must not exceed "
-                    f"eval.search.num_leaves ({self.num_leaves})"
-                )
-        t = self.anisotropic_quantization_threshold
-        if not isinstance(self.spherical, bool):
-            raise ValueError(f"eval.search.spherical must be a bool, got {self.spherical!r}")
-        if not isinstance(t, int | float) or math.isinf(t):
-            raise ValueError(f"eval.search.anisotropic_quantization_threshold must be a finite float or NaN, got {t!r}")
-
-    def resolve(self, n: int, k: int) -> dict[str, int]:
-        """The ScaNN parameters for a pool of ``n`` vectors searched for ``k`` neighbours: given fields as
-        they are, ``None`` fields by the rules beside each field. Raises ``ValueError`` when a given
-        ``num_leaves`` exceeds ``n``."""
-        if n <= 0:
-            raise ValueError("cannot index an empty pool")
-        if self.num_leaves is not None:
-            if self.num_leaves > n:
-                raise ValueError(f"eval.search.num_leaves ({self.num_leaves}) must not exceed the pool size ({n})")
-            leaves = self.num_leaves
-        else:
-            leaves = max(1, min(4096, round(2 * math.sqrt(n)), n // 20))
-        to_search = self.num_leaves_to_search or max(8, math.ceil(0.03 * leaves))
-        to_search = min(to_search, leaves)
-        sample = self.training_sample_size or max(100_000, 64 * leaves)
-        sample = min(sample, n)
-        reorder = self.reorder or max(100, 4 * k)
-        return {
-            "num_leaves": leaves,
-            "num_leaves_to_search": to_search,
-            "training_sample_size": sample,
-            "reorder": reorder,
-            "dimensions_per_block": self.dimensions_per_block,
-        }
 
 
 # --- exact search ---------------------------------------------------------------------------------------------
@@ -265,7 +185,7 @@ class ScannIndex:
         self.params = dict(params)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, cfg: SearchConfig = SearchConfig(), *, k: int = 50) -> ScannIndex:
+    def build(cls, vectors: np.ndarray, cfg: SearchConfig = _DEFAULT, *, k: int = 50) -> ScannIndex:
         """Train and build a searcher over ``vectors`` [n, d] with the parameters ``cfg.resolve(n, k)``."""
         if vectors.ndim != 2 or vectors.shape[0] == 0:
             raise ValueError(f"vectors must be a non-empty 2-D array, got shape {vectors.shape}")
@@ -370,7 +290,7 @@ def _pad_result(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray
     return ids[:, :k], scores[:, :k]
 
 
-def build_index(vectors: np.ndarray, cfg: SearchConfig = SearchConfig(), *, k: int = 50) -> ExactIndex | ScannIndex:
+def build_index(vectors: np.ndarray, cfg: SearchConfig = _DEFAULT, *, k: int = 50) -> ExactIndex | ScannIndex:
     """The index ``cfg`` asks for over ``vectors`` [n, d]: exact when ``method="exact"``, or ``"auto"`` and
     ``n < cfg.brute_force_below``; ScaNN otherwise. ``k`` is the number of neighbours searches will ask for
     (it scales ScaNN's reordering)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from mmret.data.mbeir import EVAL_TASKS
-from mmret.eval.config import POOLS
+from mmret.recipe import POOLS
 
 
 def _per_task(values: tuple[float, ...]) -> Mapping[str, float]:

@@ -18,8 +18,8 @@ from typing import Any
 
 from mmret.data.mbeir import EVAL_TASKS, dataset_task
 from mmret.eval import published
-from mmret.eval.config import POOLS
 from mmret.eval.metrics import KS, TaskResult, average, write_atomic
+from mmret.recipe import POOLS
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 #: The published systems shown beside ours.

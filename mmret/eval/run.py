@@ -18,10 +18,11 @@ from typing import Any
 
 import jax
 
-from mmret.eval.embed import embed, embed_key, eval_root, resolve_step
+from mmret.checkpoints import resolve_step
+from mmret.eval.embed import embed, embed_key, eval_root
 from mmret.eval.evaluate import evaluate, report_key
 from mmret.eval.report import compare_table, read_report, search_summary
-from mmret.train.trainer import TrainerConfig
+from mmret.recipe import TrainerConfig
 
 REPORT = "report.json"
 

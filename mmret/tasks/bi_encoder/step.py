@@ -1,15 +1,14 @@
-"""The bi-encoder training step: embed queries and candidates, InfoNCE over the global batch, update.
+"""The bi-encoder's train step: embed queries and candidates, InfoNCE over the global batch, update.
 
-Functional around NNX (``nnx.split`` / ``nnx.merge`` around a jitted step, as the Flax Gemma example
-does) so parameter, optimiser and batch shardings are explicit jit arguments. With
-``grad_cache_chunk`` the batch arrives in chunks (a leading axis on every query / candidate array)
-and the gradient is taken with GradCache (:mod:`mmret.train.grad_cache`), equal to the plain step.
+Functional around NNX (``nnx.split`` / ``nnx.merge`` around a jitted step, as the Flax Gemma example does);
+with GradCache (chunked batches: a leading chunk axis on every query / candidate array) the gradient is
+taken with :mod:`mmret.grad_cache`, equal to the plain step. Imports only jax, flax, optax and mmret's model
+and loss layers, so benchmarks and accelerator images without the data stack can build it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,17 +16,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mmret.losses import Temperature, info_nce
-from mmret.models.encoder import Encoder
-from mmret.train.grad_cache import grad_cache_value_and_grad
-
-
-class Retriever(nnx.Module):
-    """What trains: the encoder (backbone + pooling) and the InfoNCE temperature."""
-
-    def __init__(self, encoder: Encoder, temperature: Temperature):
-        self.encoder = encoder
-        self.temperature = temperature
+from mmret.grad_cache import grad_cache_value_and_grad
+from mmret.losses import info_nce
+from mmret.models.retriever import Retriever
+from mmret.tasks.base import StepFn, TrainState, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,28 +30,6 @@ class StepConfig:
     # U-MARVEL's loss has no such masking (every other in-batch candidate is a negative).
     mask_false_negatives: bool = True
     grad_cache: bool = False  # the batch is chunked; take the gradient with GradCache
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Everything a step reads and writes; a pytree, so it can be sharded, donated and checkpointed."""
-
-    step: jax.Array
-    params: nnx.State  # trainable
-    rest: nnx.State  # frozen parameters and other variables
-    opt_state: optax.OptState
-
-
-jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "rest", "opt_state"], meta_fields=[])
-
-
-def split_model(model: Retriever, trainable: Any = nnx.Param) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, trainable state, everything else)."""
-    return nnx.split(model, trainable, ...)
-
-
-def init_state(params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
 
 
 def _positive_index(batch_size: int, num_candidates: int) -> jax.Array:
@@ -81,10 +51,9 @@ def embeddings_loss(
     )
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig = StepConfig()
-) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
-    """``step(state, batch) -> (state, metrics)``; jit it with the shardings you want (and donate state)."""
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig = StepConfig()) -> StepFn:
+    """``step(state, batch) -> (state, metrics)`` on a batch whose ``positive_mask`` is 2-D [queries,
+    candidates]; jit it with the shardings you want (and donate state)."""
 
     def merge(params: nnx.State, rest: nnx.State) -> Retriever:
         return nnx.merge(graphdef, params, rest)
@@ -113,9 +82,6 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
         (loss, metrics), grads = value_and_grad(state.params, state.rest, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(state.step + 1, params, state.rest, opt_state), metrics
+        return apply_gradients(state, grads, tx, loss, metrics)
 
     return step

@@ -1,0 +1,161 @@
+"""Building a run's parts from its recipe: the backbone (with LoRA), the retriever, the processor, the
+record store, and what trains. Train, evaluation and the tools build through here, so a run is built
+the same way wherever it is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from mmret.data.bad_records import BadRecords
+from mmret.data.processor import Processor
+from mmret.data.stores import ArrayRecordStore, RawStore
+from mmret.lora import PathRegex, apply_lora
+from mmret.lora import trainable_filter as lora_trainable_filter
+from mmret.losses import Temperature
+from mmret.models import qwen2_vl
+from mmret.models.encoder import Encoder
+from mmret.models.retriever import Retriever
+from mmret.recipe import DataConfig, ModelConfig, TrainerConfig, step_pipeline
+
+#: Paths (dot-joined, from the Retriever) of what a ``freeze`` pattern may also match relative to.
+BACKBONE_PREFIX = r"encoder\.backbone\."
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """``ValueError`` unless exactly one of ``hf_dir``, ``checkpoint``, ``preset`` is given."""
+    sources = cfg.sources()
+    if len(sources) != 1:
+        raise ValueError(f"model: give exactly one of hf_dir, checkpoint, preset (got {sources or 'none'})")
+
+
+def open_store(cfg: DataConfig, bad: BadRecords) -> Any:
+    """The record store of ``cfg`` (raw M-BEIR root or ArrayRecord build)."""
+    if not cfg.root:
+        raise ValueError("data.root: no M-BEIR root given")
+    if cfg.format == "raw":
+        return RawStore(
+            cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad, query_file=cfg.query_file
+        )
+    return ArrayRecordStore(
+        cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad, query_file=cfg.query_file
+    )
+
+
+def processor_dir(cfg: TrainerConfig) -> Path:
+    """The directory of the run's tokenizer and image-processor files."""
+    if cfg.data.processor_dir:
+        return Path(cfg.data.processor_dir)
+    if cfg.model.hf_dir:
+        return Path(cfg.model.hf_dir)
+    if cfg.model.checkpoint:
+        from mmret.convert.checkpoint import hf_files_dir
+
+        return hf_files_dir(cfg.model.checkpoint)
+    raise ValueError("data.processor_dir: needed with model.preset (a directory with the tokenizer files)")
+
+
+@dataclasses.dataclass
+class TrainInputs:
+    """What a run reads before it writes anything: the processor and the training record store."""
+
+    processor: Processor
+    store: Any
+    bad: BadRecords  # the records the store skipped while reading
+
+
+def open_inputs(cfg: TrainerConfig) -> TrainInputs:
+    """Open the run's processor and training store: every record is read and checked here (under
+    ``on_bad_record="error"`` the first bad one raises :class:`~mmret.data.bad_records.BadRecordError`)."""
+    bad = BadRecords(step_pipeline(cfg).on_bad_record)
+    processor = Processor(processor_dir(cfg), cfg.data.processor)
+    return TrainInputs(processor, open_store(cfg.data, bad), bad)
+
+
+def load_backbone(cfg: ModelConfig, max_image_patches: int = 0, vocab_size: int = 0) -> Any:
+    """The backbone ``cfg`` names; ``max_image_patches`` (the processor's per-image cap) lets the vision
+    tower attend within blocks of patches rather than across the whole batch (0: across the batch). A
+    token embedding with fewer than ``vocab_size`` rows (tokens the processor added) is grown to it,
+    new rows drawn from ``cfg.seed``."""
+    from mmret.models.qwen2_vl.hf import grow_vocab
+
+    check_model_source(cfg)
+    options = dict(
+        scan_layers=cfg.scan_layers,
+        remat=cfg.remat,
+        attention_impl=cfg.attention_impl,
+        max_image_patches=max_image_patches,
+    )
+    if cfg.hf_dir:
+        model = qwen2_vl.from_hf(cfg.hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
+    elif cfg.checkpoint:
+        from mmret.convert.checkpoint import load_model
+
+        model = load_model(cfg.checkpoint, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
+    else:
+        from mmret.models.qwen2_vl.presets import hf_config
+
+        model_cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(
+            hf_config(cfg.preset), dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options
+        )
+        model = qwen2_vl.create(model_cfg, seed=cfg.seed)
+    return grow_vocab(model, vocab_size, seed=cfg.seed)
+
+
+def backbone_vocab_size(cfg: TrainerConfig) -> int:
+    """The token rows the run's processor needs when its template adds tokens (``umarvel_exact``), else 0."""
+    if not cfg.data.processor.template_spec().added_tokens():
+        return 0
+    return Processor(processor_dir(cfg), cfg.data.processor).vocab_size
+
+
+def build_retriever(cfg: TrainerConfig, max_image_patches: int = 0) -> Retriever:
+    """The model a run of ``cfg`` starts from (backbone, LoRA adapters, temperature), in host memory;
+    ``max_image_patches``: see :func:`load_backbone`."""
+    with host_memory():
+        backbone = load_backbone(cfg.model, max_image_patches, backbone_vocab_size(cfg))
+        if cfg.lora.rank > 0:
+            apply_lora(
+                backbone,
+                rank=cfg.lora.rank,
+                alpha=cfg.lora.alpha,
+                dropout=cfg.lora.dropout,
+                target=cfg.lora.target,
+                rngs=cfg.seed,
+            )
+        t = cfg.temperature
+        return Retriever(
+            Encoder(backbone, cfg.encoder),
+            Temperature(t.init, learnable=t.learnable, min_temperature=t.min, max_temperature=t.max),
+        )
+
+
+def host_memory() -> contextlib.AbstractContextManager[Any]:
+    """Make new arrays on the host CPU (a whole model rarely fits one accelerator before sharding)."""
+    try:
+        return jax.default_device(jax.local_devices(backend="cpu")[0])
+    except RuntimeError:  # no CPU backend
+        return contextlib.nullcontext()
+
+
+def trainable_filter(cfg: TrainerConfig) -> Any:
+    """What trains: every parameter (or, with LoRA ``lora_only``, the adapters and ``also_train``),
+    minus those matching a ``freeze`` pattern. Patterns match the dot-joined path from the backbone
+    (``visual\\..*``) or from the Retriever (``encoder.backbone.visual\\..*``, ``temperature.log_tau``)."""
+
+    def relative(patterns: Sequence[str]) -> tuple[str, ...]:
+        return tuple(f"(?:{BACKBONE_PREFIX})?(?:{p})" for p in patterns)
+
+    wrt = lora_trainable_filter(
+        lora_only=cfg.lora.rank > 0 and cfg.lora.lora_only, also_train=relative(cfg.lora.also_train)
+    )
+    if cfg.freeze:
+        wrt = nnx.All(wrt, nnx.Not(PathRegex(relative(cfg.freeze))))
+    return wrt

@@ -1,0 +1,26 @@
+"""Kinds of training (:class:`~mmret.tasks.base.Task`), by the name a config's ``task`` field gives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mmret.tasks.base import Task
+
+#: name -> a factory of the task (imported on use, so naming a task loads only its module).
+TASKS: dict[str, Callable[[], Task]] = {}
+
+
+def _bi_encoder() -> Task:
+    from mmret.tasks.bi_encoder.task import BiEncoder
+
+    return BiEncoder()
+
+
+TASKS["bi_encoder"] = _bi_encoder
+
+
+def get(name: str) -> Task:
+    """The task called ``name``; ``ValueError`` naming the known ones otherwise."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {name!r}")
+    return TASKS[name]()

@@ -1,0 +1,1 @@
+"""The bi-encoder task: :mod:`.task` (what the trainer runs) and :mod:`.step` (its train step, light to import)."""
