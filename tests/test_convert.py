@@ -306,8 +306,15 @@ def test_cli(sources: dict[str, Path], tmp_path: Path) -> None:
 
     ok = cli("from_hf", "--hf_dir", str(sources["untied_bf16"]), "--out", str(tmp_path / "ckpt"))
     assert ok.returncode == 0, ok.stderr
-    assert "100%" in ok.stdout and "lm_head.kernel" in ok.stdout
+    # One progress bar over the parameters (mmret.progress): its final line counts them all and names the write.
+    n = len(restore_params(tmp_path / "ckpt"))
+    last = [line for line in ok.stdout.splitlines() if line.startswith("from_hf:")][-1]
+    assert "100%" in last and f"{n}/{n} " in last and f"tensor/s, writing {tmp_path / 'ckpt'}]" in last, ok.stdout
     assert read_info(tmp_path / "ckpt").dtype == "bfloat16"
+    quiet = cli("to_hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.strip() == f"wrote {tmp_path / 'hf'} in " + quiet.stdout.split(" in ")[-1].strip()
+    assert "%" not in quiet.stdout + quiet.stderr
 
     bad = shutil.copytree(sources["tied_f32"], tmp_path / "bad")
     _llava(bad)

@@ -247,7 +247,8 @@ def test_auto_processor(tiny_dir: Path) -> None:
 def test_seed_determinism(tool: ModuleType, tiny_dir: Path, tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
-    assert tool.main(["--out", str(tmp_path / "same"), "--seed", "0"]) == 0
+    # The family given or not (qwen2_vl is the default and the tiny preset's), the same bytes.
+    assert tool.main(["--out", str(tmp_path / "same"), "--family", "qwen2_vl", "--seed", "0"]) == 0
     assert tool.main(["--out", str(tmp_path / "other"), "--seed", "1"]) == 0
     base = (tiny_dir / "model.safetensors").read_bytes()
     assert (tmp_path / "same" / "model.safetensors").read_bytes() == base
@@ -273,9 +274,25 @@ def test_cli_refuses_to_overwrite(tool: ModuleType, tmp_path: Path, capsys: pyte
     with pytest.raises(SystemExit) as exc:
         tool.main(["--out", str(tmp_path / "big"), "--preset", "qwen2vl-2b"])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--out", str(tmp_path / "x"), "--family", "llava"])
+    assert exc.value.code == 2
     assert tool.main(["--out", str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "file"]  # no temporary dirs left
+
+
+def test_family_and_preset_resolution(tool: ModuleType) -> None:
+    from mmret import models
+
+    qwen = models.get("qwen2_vl")
+    assert tool.resolve(None, None) == (qwen, "tiny")  # the default family's first test preset
+    assert tool.resolve(None, "small") == (qwen, "small")  # the family that defines the preset
+    assert tool.resolve("qwen2_vl", None) == (qwen, "tiny")
+    assert tool.materialisable_presets() == {"tiny": "qwen2_vl", "small": "qwen2_vl"}
+    for family, preset, message in (("llava", None, "--family 'llava'"), (None, "qwen2vl-7b", "--preset 'qwen2vl-7b'")):
+        with pytest.raises(tool.UsageError, match=message):
+            tool.resolve(family, preset)
 
 
 # --- (4) presets -----------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Convert Qwen2-VL checkpoints between Hugging Face safetensors and mmret orbax checkpoints.
+"""Convert checkpoints between Hugging Face safetensors and mmret orbax checkpoints (any registered backbone).
 
     python tools/convert_checkpoint.py from_hf --hf_dir DIR --out CKPT [--dtype D] [--no-scan_layers]
     python tools/convert_checkpoint.py to_hf --ckpt CKPT --out HF_DIR [--max_shard_size 5GB] [--dtype D]
 
-Outputs are written beside their destination and renamed into place when complete; an existing
-non-empty output is refused unless --force. Errors print one line and exit with status 1.
+The backbone is the one config.json's ``model_type`` names. Progress is one bar over the tensors
+(``mmret.progress``, on stdout; whole lines at most every 10 s when stdout is not a terminal). Outputs are
+written beside their destination and renamed into place when complete; an existing non-empty output is
+refused unless --force. Errors print one line and exit with status 1.
 """
 
 from __future__ import annotations
@@ -20,15 +22,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _progress(quiet: bool):
-    start = time.monotonic()
+class _Progress:
+    """The converters' ``progress(done, total, name)`` callback as one ``mmret.progress`` bar (made on the
+    first call; nothing with ``quiet``); :meth:`close` writes its final line."""
 
-    def report(done: int, total: int, name: str) -> None:
-        if not quiet:
-            pct = 100 * done // total
-            print(f"[{done:>{len(str(total))}}/{total} {pct:3d}% {time.monotonic() - start:6.1f}s] {name}", flush=True)
+    def __init__(self, desc: str, quiet: bool):
+        self.desc, self.quiet, self.bar = desc, quiet, None
 
-    return report
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from mmret.progress import progress
+
+            self.bar = progress(total, self.desc, unit="tensor", out=sys.stdout)
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "from_hf",
         help="Hugging Face directory (safetensors) -> orbax checkpoint",
-        description="Read a Qwen2-VL hub directory one tensor at a time and write an orbax checkpoint of "
+        description="Read a hub model directory one tensor at a time and write an orbax checkpoint of "
         "its parameters, keeping config.json and the tokenizer / processor files in CKPT/hf_files.",
     )
     p.add_argument("--hf_dir", required=True, help="hub model directory: config.json + *.safetensors")
@@ -60,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "load_model converts either layout",
     )
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = sub.add_parser(
         "to_hf",
         help="orbax checkpoint -> Hugging Face directory (safetensors)",
-        description="Write an mmret checkpoint as a Qwen2-VL hub directory: safetensors in the hub key "
+        description="Write an mmret checkpoint as a hub model directory: safetensors in the hub key "
         "layout, config.json and the tokenizer / processor files the checkpoint kept.",
     )
     p.add_argument("--ckpt", required=True, help="checkpoint directory written by from_hf (or save_params)")
@@ -80,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES, default=None, help="dtype of the written tensors (default: the checkpoint's)"
     )
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
     return parser
 
 
@@ -89,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmret.convert.hf import ConversionError
 
     start = time.monotonic()
+    report = _Progress("from_hf" if args.command == "from_hf" else "to_hf", args.quiet)
     try:
         if args.command == "from_hf":
             from mmret.convert.checkpoint import convert_from_hf
@@ -99,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 scan_layers=args.scan_layers,
                 force=args.force,
-                progress=_progress(args.quiet),
+                progress=report,
             )
         else:
             from mmret.convert.export import export_to_hf
@@ -110,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_size=args.max_shard_size,
                 dtype=args.dtype,
                 force=args.force,
-                progress=_progress(args.quiet),
+                progress=report,
             )
     except (ConversionError, OSError) as e:
+        report.close()
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    report.close()
     print(f"wrote {out} in {time.monotonic() - start:.1f}s")
     return 0
 

@@ -101,6 +101,7 @@ class Backbone:
     patching: ImagePatching
     tokens: SpecialTokens
     presets: tuple[str, ...]  # names :attr:`preset_config` knows
+    test_presets: tuple[str, ...]  # those small enough to build with random weights (test models)
     preset_config: Callable[[str], dict[str, Any]]  # preset name -> Hugging Face config.json dict
     hf_model_class: str  # the transformers class of the reference model, e.g. "Qwen2VLForConditionalGeneration"
     embed_path: tuple[str, ...]  # our path of the token embedding [vocab, hidden]

@@ -60,6 +60,7 @@ BACKBONE = Backbone(
         eos=_token("<|im_end|>"),
     ),
     presets=tuple(presets.PRESETS),
+    test_presets=("tiny", "small"),
     preset_config=presets.hf_config,
     hf_model_class="Qwen2VLForConditionalGeneration",
     embed_path=("language_model", "embed_tokens", "embedding"),
