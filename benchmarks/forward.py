@@ -1,5 +1,6 @@
-"""Forward latency: our jitted Flax Qwen2-VL vs the Hugging Face PyTorch model, same weights, inputs
-and machine, reported as a ratio (measured interleaved, so machine noise hits both sides alike).
+"""Forward latency: our jitted Flax backbone vs the Hugging Face PyTorch model, same weights, inputs
+and machine, reported as a ratio (measured interleaved, so machine noise hits both sides alike). The
+backbone is the one defining ``--preset`` (mmret.models.registry).
 
     python benchmarks/forward.py --preset small                      # CPU, float32
     python benchmarks/forward.py --preset qwen2vl-2b --dtype bfloat16 --batch 8 --length 512 --image_tokens 256
@@ -19,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmret.models import qwen2_vl
-from mmret.models.qwen2_vl.presets import TOKEN_IDS, hf_config
+from mmret import models
+from mmret.models.backbone import Backbone
+from mmret.models.reference import transformers_model
 
 
-def make_inputs(batch: int, length: int, image_tokens: int, vocab: int, seed: int = 0):
+def make_inputs(spec: Backbone, batch: int, length: int, image_tokens: int, vocab: int, seed: int = 0):
     """Each row: a few text tokens, one image of ``image_tokens`` merged tokens (a square-ish grid),
     then text up to ``length``. Returns numpy ids, mask, pixel_values, grid."""
     rng = np.random.default_rng(seed)
@@ -31,13 +33,15 @@ def make_inputs(batch: int, length: int, image_tokens: int, vocab: int, seed: in
     while image_tokens % gh:
         gh -= 1
     gw = image_tokens // gh
-    grid = np.array([[1, 2 * gh, 2 * gw]] * batch, np.int64)
+    m = spec.patching.merge_size
+    grid = np.array([[1, m * gh, m * gw]] * batch, np.int64)
     ids = rng.integers(0, min(vocab, 150000), size=(batch, length))
-    ids[:, 1] = TOKEN_IDS["vision_start_token_id"]
-    ids[:, 2 : 2 + image_tokens] = TOKEN_IDS["image_token_id"]
-    ids[:, 2 + image_tokens] = TOKEN_IDS["vision_end_token_id"]
+    ids[:, 1] = spec.tokens.vision_start.id
+    ids[:, 2 : 2 + image_tokens] = spec.tokens.image_pad.id
+    ids[:, 2 + image_tokens] = spec.tokens.vision_end.id
     mask = np.ones_like(ids)
-    pixel_values = rng.standard_normal((batch * 4 * image_tokens, 1176)).astype(np.float32)
+    patches = batch * m * m * image_tokens
+    pixel_values = rng.standard_normal((patches, spec.patching.patch_dim)).astype(np.float32)
     return ids, mask, pixel_values, grid
 
 
@@ -54,23 +58,23 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    import transformers
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg_dict = hf_config(args.preset)
+    spec = models.find_preset(args.preset)
+    cfg_dict = spec.preset_config(args.preset)
+    patches_per_image = spec.patching.merge_size**2 * args.image_tokens
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        hf = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**cfg_dict))
-        hf = hf.to(torch_dtype).eval()
+        hf = transformers_model(spec, cfg_dict).to(torch_dtype).eval()
         hf.save_pretrained(tmp)
-        # Every image has 4 * image_tokens patches: the vision tower attends within blocks of that many.
-        model = qwen2_vl.from_hf(
-            tmp, dtype=args.dtype, attention_impl=args.attention_impl, max_image_patches=4 * args.image_tokens
+        # Every image has the same patches: the vision tower attends within blocks of that many.
+        model = models.from_hf(
+            tmp, dtype=args.dtype, attention_impl=args.attention_impl, max_image_patches=patches_per_image
         )
     hf = hf.to(device)
 
-    ids, mask, pv, grid = make_inputs(args.batch, args.length, args.image_tokens, cfg_dict["vocab_size"])
+    ids, mask, pv, grid = make_inputs(spec, args.batch, args.length, args.image_tokens, cfg_dict["vocab_size"])
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -83,7 +87,7 @@ def main() -> None:
         attention_mask=torch.tensor(mask, device=device),
         pixel_values=torch.tensor(pv, device=device, dtype=torch_dtype),
         image_grid_thw=torch.tensor(grid, device=device),
-        mm_token_type_ids=torch.tensor((ids == TOKEN_IDS["image_token_id"]).astype(np.int64), device=device),
+        mm_token_type_ids=torch.tensor((ids == spec.tokens.image_pad.id).astype(np.int64), device=device),
     )
 
     def run_jax() -> float:
@@ -112,6 +116,7 @@ def main() -> None:
     tokens = args.batch * args.length
     res = {
         "preset": args.preset,
+        "model_type": spec.model_type,
         "dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
         "torch_device": device,

@@ -19,14 +19,15 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmret import models  # noqa: E402
 from mmret.losses import Temperature  # noqa: E402
-from mmret.models import qwen2_vl  # noqa: E402
 from mmret.models.encoder import Encoder, EncoderConfig  # noqa: E402
-from mmret.models.qwen2_vl.presets import hf_config  # noqa: E402
-from mmret.train.step import Retriever, StepConfig, init_state, make_train_step, split_model  # noqa: E402
+from mmret.models.retriever import Retriever  # noqa: E402
+from mmret.tasks.base import init_state, split_model  # noqa: E402
+from mmret.tasks.bi_encoder.step import StepConfig, make_train_step  # noqa: E402
 
 
-def abstract_batch(batch: int, length: int, patches_per_example: int, chunks: int | None) -> dict:
+def abstract_batch(batch: int, length: int, patches_per_example: int, chunks: int | None, patch_dim: int) -> dict:
     """ShapeDtypeStructs of a collated training batch (one candidate per query)."""
 
     def side(b: int) -> dict:
@@ -36,7 +37,7 @@ def abstract_batch(batch: int, length: int, patches_per_example: int, chunks: in
             "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
             "pool_mask": jax.ShapeDtypeStruct((b, length), jnp.int32),
             "position_ids": jax.ShapeDtypeStruct((3, b, length), jnp.int32),
-            "pixel_values": jax.ShapeDtypeStruct((p, 1176), jnp.float32),
+            "pixel_values": jax.ShapeDtypeStruct((p, patch_dim), jnp.float32),
             "image_grid_thw": jax.ShapeDtypeStruct((b, 3), jnp.int32),
             "text_tokens": jax.ShapeDtypeStruct((b,), jnp.int32),
         }
@@ -69,20 +70,24 @@ def main() -> None:
     p.add_argument("--patches", type=int, default=64, help="image patches per example (4 per image token)")
     args = p.parse_args()
 
-    cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(hf_config(args.preset), scan_layers=True)
+    patch_dim = models.find_preset(args.preset).patching.patch_dim
     abstract = nnx.eval_shape(
-        lambda: Retriever(Encoder(qwen2_vl.Qwen2VL(cfg, rngs=nnx.Rngs(0)), EncoderConfig()), Temperature(0.05))
+        lambda: Retriever(
+            Encoder(models.from_preset(args.preset, scan_layers=True), EncoderConfig()), Temperature(0.05)
+        )
     )
     graphdef, params, rest = split_model(abstract)
     tx = optax.adamw(1e-4)
     state = jax.eval_shape(lambda p, r: init_state(p, r, tx), params, rest)
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
-        plain = peak_bytes(make_train_step(graphdef, tx), state, abstract_batch(b, args.length, args.patches, None))
+        plain = peak_bytes(
+            make_train_step(graphdef, tx), state, abstract_batch(b, args.length, args.patches, None, patch_dim)
+        )
         gc = peak_bytes(
             make_train_step(graphdef, tx, StepConfig(grad_cache=True)),
             state,
-            abstract_batch(b, args.length, args.patches, b // args.chunk),
+            abstract_batch(b, args.length, args.patches, b // args.chunk, patch_dim),
         )
         rows.append({"global_batch": b, "plain_MiB": round(plain / 2**20, 1), "grad_cache_MiB": round(gc / 2**20, 1)})
         print(json.dumps(rows[-1]), flush=True)

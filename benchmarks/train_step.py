@@ -2,7 +2,8 @@
 
 Same random weights, same batch (B queries and B candidates, each ``--length`` tokens of which
 ``--image_tokens`` are one image), bidirectional attention, mean pooling, L2 normalisation,
-InfoNCE over the batch (temperature 0.05), AdamW; iterations interleaved, medians reported.
+InfoNCE over the batch (temperature 0.05), AdamW; iterations interleaved, medians reported. The backbone
+is the one defining ``--preset`` (mmret.models.registry).
 
     python benchmarks/train_step.py --preset small                      # CPU, float32
     python benchmarks/train_step.py --preset qwen2vl-2b --dtype bfloat16 --batch 8 --length 512 --image_tokens 256
@@ -26,11 +27,13 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.forward import make_inputs  # noqa: E402
+from mmret import models  # noqa: E402
 from mmret.losses import Temperature  # noqa: E402
-from mmret.models import qwen2_vl  # noqa: E402
 from mmret.models.encoder import Encoder, EncoderConfig  # noqa: E402
-from mmret.models.qwen2_vl.presets import TOKEN_IDS, hf_config  # noqa: E402
-from mmret.train.step import Retriever, init_state, make_train_step, split_model  # noqa: E402
+from mmret.models.reference import transformers_model  # noqa: E402
+from mmret.models.retriever import Retriever  # noqa: E402
+from mmret.tasks.base import init_state, split_model  # noqa: E402
+from mmret.tasks.bi_encoder.step import make_train_step  # noqa: E402
 
 LR, TAU = 1e-5, 0.05
 
@@ -60,28 +63,29 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    cfg_dict = hf_config(args.preset)
+    spec = models.find_preset(args.preset)
+    cfg_dict = spec.preset_config(args.preset)
     torch.manual_seed(0)
-    hf = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**cfg_dict)).eval()
+    hf = transformers_model(spec, cfg_dict).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         # f32 master weights, compute in --dtype (the mmret recipe)
-        backbone = qwen2_vl.from_hf(
+        backbone = models.from_hf(
             tmp,
             dtype=args.dtype,
             param_dtype="float32",
             attention_impl=args.attention_impl,
             remat=args.remat,
-            max_image_patches=4 * args.image_tokens,  # one image per sequence (the trainer: the processor's cap)
+            # one image per sequence (the trainer: the processor's cap)
+            max_image_patches=spec.patching.merge_size**2 * args.image_tokens,
         )
     hf = hf.to(device=device, dtype=torch_dtype).train()
     hf_opt = torch.optim.AdamW(hf.model.parameters(), lr=LR)
 
-    ids, mask, pv, grid = make_inputs(args.batch, args.length, args.image_tokens, cfg_dict["vocab_size"])
+    ids, mask, pv, grid = make_inputs(spec, args.batch, args.length, args.image_tokens, cfg_dict["vocab_size"])
     model = Retriever(Encoder(backbone, EncoderConfig()), Temperature(TAU, learnable=False))
     tx = optax.adamw(LR)
     graphdef, params, rest = split_model(model)
@@ -93,7 +97,7 @@ def main() -> None:
         input_ids=torch.tensor(ids, device=device),
         pixel_values=torch.tensor(pv, device=device, dtype=torch_dtype),
         image_grid_thw=torch.tensor(grid, device=device),
-        mm_token_type_ids=torch.tensor((ids == TOKEN_IDS["image_token_id"]).astype(np.int64), device=device),
+        mm_token_type_ids=torch.tensor((ids == spec.tokens.image_pad.id).astype(np.int64), device=device),
     )
     length = ids.shape[1]
     bidir = {"full_attention": torch.tensor(mask, device=device).bool()[:, None, None, :].expand(-1, 1, length, -1)}
@@ -135,6 +139,7 @@ def main() -> None:
     samples = 2 * args.batch  # queries + candidates embedded per step
     res = {
         "preset": args.preset,
+        "model_type": spec.model_type,
         "dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
         "torch_device": device,
