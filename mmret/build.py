@@ -23,7 +23,7 @@ from mmret.losses import Temperature
 from mmret.models import qwen2_vl
 from mmret.models.encoder import Encoder
 from mmret.models.retriever import Retriever
-from mmret.recipe import DataConfig, ModelConfig, TrainerConfig, step_pipeline
+from mmret.recipe import DataConfig, ModelConfig, SourceConfig, TrainerConfig, step_pipeline
 
 #: Paths (dot-joined, from the Retriever) of what a ``freeze`` pattern may also match relative to.
 BACKBONE_PREFIX = r"encoder\.backbone\."
@@ -36,10 +36,10 @@ def check_model_source(cfg: ModelConfig) -> None:
         raise ValueError(f"model: give exactly one of hf_dir, checkpoint, preset (got {sources or 'none'})")
 
 
-def open_store(cfg: DataConfig, bad: BadRecords) -> Any:
-    """The record store of ``cfg`` (raw M-BEIR root or ArrayRecord build)."""
+def open_store(cfg: DataConfig | SourceConfig, bad: BadRecords, key: str = "data") -> Any:
+    """The record store of ``cfg`` (raw M-BEIR root or ArrayRecord build); ``key`` names it in errors."""
     if not cfg.root:
-        raise ValueError("data.root: no M-BEIR root given")
+        raise ValueError(f"{key}.root: no M-BEIR root given")
     if cfg.format == "raw":
         return RawStore(
             cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad, query_file=cfg.query_file
@@ -67,8 +67,13 @@ class TrainInputs:
     """What a run reads before it writes anything: the processor and the training record store."""
 
     processor: Processor
-    store: Any
-    bad: BadRecords  # the records the store skipped while reading
+    store: Any  # data's own store
+    bad: BadRecords  # the records the stores skipped while reading
+    sources: list[tuple[Any, float]] = dataclasses.field(default_factory=list)  # (store, weight): data's, then mix
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            self.sources = [(self.store, 1.0)]
 
 
 def open_inputs(cfg: TrainerConfig) -> TrainInputs:
@@ -76,7 +81,9 @@ def open_inputs(cfg: TrainerConfig) -> TrainInputs:
     ``on_bad_record="error"`` the first bad one raises :class:`~mmret.data.bad_records.BadRecordError`)."""
     bad = BadRecords(step_pipeline(cfg).on_bad_record)
     processor = Processor(processor_dir(cfg), cfg.data.processor)
-    return TrainInputs(processor, open_store(cfg.data, bad), bad)
+    own = open_store(cfg.data, bad)
+    mixed = [(open_store(s, bad, f"data.mix[{i}]"), s.weight) for i, s in enumerate(cfg.data.mix)]
+    return TrainInputs(processor, own, bad, [(own, cfg.data.weight), *mixed])
 
 
 def load_backbone(cfg: ModelConfig, max_image_patches: int = 0, vocab_size: int = 0) -> Any:

@@ -171,6 +171,7 @@ def check_paths(cfg: Any) -> None:
         "data.processor_dir": cfg.data.processor_dir,
         "data.root": cfg.data.root,
         "eval.root": cfg.eval.root,
+        **{f"data.mix[{i}].root": source.root for i, source in enumerate(cfg.data.mix)},
     }
     for key, path in dirs.items():
         if path and not Path(path).is_dir():

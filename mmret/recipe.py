@@ -87,8 +87,29 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One more training source, mixed with ``data``'s own by weight (grain's mixing): an M-BEIR-layout root
+    (``format="raw"``) or an ArrayRecord build of one; the fields mean what ``data``'s do."""
+
+    root: str
+    weight: float = 1.0
+    format: DataFormat = "raw"
+    split: str = "train"
+    tasks: tuple[str, ...] | None = None
+    query_file: QueryFile = "auto"
+    negatives_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"data.mix: weight must be positive, got {self.weight}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """An M-BEIR root (``format="raw"``) or a TFDS/ArrayRecord build (``"array_record"``) of it."""
+    """An M-BEIR root (``format="raw"``) or a TFDS/ArrayRecord build (``"array_record"``) of it, optionally
+    mixed with more sources (``mix``): source ``i`` gives ``weight_i / sum(weights)`` of every stretch of
+    the stream, each source in its own order; with ``epochs``, an epoch ends when the first source runs out
+    (:func:`mmret.data.pipeline.mixed_epoch_length`)."""
 
     root: str | None = None
     format: DataFormat = "raw"
@@ -96,9 +117,28 @@ class DataConfig:
     tasks: tuple[str, ...] | None = None  # dataset-tasks to keep (of the union file or the per-task files)
     query_file: QueryFile = "auto"
     negatives_file: str | None = None
+    weight: float = 1.0  # of this source in a mix (only read with ``mix``)
+    mix: tuple[SourceConfig, ...] = ()
     processor_dir: str | None = None  # tokenizer + preprocessor files; default: the model's directory
     processor: ProcessorConfig = ProcessorConfig()
     pipeline: PipelineConfig = PipelineConfig()
+
+    def __post_init__(self) -> None:
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"data.weight must be positive, got {self.weight}")
+
+    def sources(self) -> list[SourceConfig]:
+        """Every training source: this one first, then ``mix``."""
+        own = SourceConfig(
+            root=self.root or "",
+            weight=self.weight,
+            format=self.format,
+            split=self.split,
+            tasks=self.tasks,
+            query_file=self.query_file,
+            negatives_file=self.negatives_file,
+        )
+        return [own, *self.mix]
 
 
 @dataclasses.dataclass(frozen=True)

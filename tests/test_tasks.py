@@ -149,3 +149,40 @@ def test_a_registered_task_is_found_by_name(tmp_path, capsys):
     assert "least squares: 4 batches read" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"task must be one of \('bi_encoder',\), got 'least_squares'"):
         tasks.get("least_squares")
+
+
+def test_the_bi_encoder_mixes_its_sources_by_weight(tmp_path):
+    """``data.mix``: data's own source and one more, 1:3, each read in its own order; the epoch of a mix ends
+    when its first source runs out."""
+    from mmret.data.synthetic import write_synthetic_mbeir
+    from mmret.models.qwen2_vl.processor_files import write_processor_files
+    from mmret.tasks.bi_encoder.task import BiEncoder
+
+    write_synthetic_mbeir(tmp_path / "mbeir", scale="tiny", seed=0)
+    write_processor_files(tmp_path / "proc")
+    a, b = "mscoco_task0", "fashioniq_task7"
+    cfg = as_trainer_config(
+        {
+            "model": {"preset": "tiny"},
+            "data": {
+                "root": str(tmp_path / "mbeir"),
+                "processor_dir": str(tmp_path / "proc"),
+                "tasks": [a],
+                "mix": [{"root": str(tmp_path / "mbeir"), "tasks": [b], "weight": 3}],
+                "pipeline": {"batch_size": 4, "max_query_patches": 4 * 1200, "max_candidate_patches": 4 * 1200},
+            },
+        }
+    )
+    task = BiEncoder()
+    inputs = task.open_inputs(cfg)
+    assert [w for _, w in inputs.sources] == [1.0, 3.0]
+    sizes = [len(store.queries) for store, _ in inputs.sources]
+    data = task.data(cfg, inputs)
+    qids = [q for _ in range(6) for q in next(data)["meta"]["qids"]]
+    from_a = {q.qid for q in inputs.sources[0][0].queries}
+    from_b = {q.qid for q in inputs.sources[1][0].queries}
+    assert from_a.isdisjoint(from_b) and set(qids) <= from_a | from_b
+    n_a = sum(q in from_a for q in qids)
+    assert abs(n_a - len(qids) / 4) <= 1  # 1:3, within one example of the proportion
+    # One epoch: the mix ends when its first source runs out (a gives 1/4 of the stream, b 3/4).
+    assert abs(data.examples - min(sizes[0] * 4, sizes[1] * 4 / 3)) <= 4, (data.examples, sizes)

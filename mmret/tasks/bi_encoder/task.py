@@ -22,7 +22,7 @@ from flax import nnx
 
 from mmret import build, sharding
 from mmret.data.bad_records import BadRecords
-from mmret.data.pipeline import train_dataset
+from mmret.data.pipeline import mixed_epoch_length, mixed_train_dataset, train_dataset
 from mmret.models.retriever import Retriever
 from mmret.recipe import TrainerConfig, step_pipeline
 from mmret.tasks.base import StepFn, TrainState
@@ -61,8 +61,13 @@ class BiEncoderData:
         pipeline = step_pipeline(cfg)
         self.read_bad = inputs.bad  # what the store skipped while reading (counted again every run)
         self.bad = BadRecords(pipeline.on_bad_record)
-        self.examples = len(inputs.store.queries)
-        self._iter = iter(train_dataset(inputs.store, inputs.processor, pipeline))
+        if len(inputs.sources) == 1:
+            self.examples = len(inputs.store.queries)
+            self._iter = iter(train_dataset(inputs.store, inputs.processor, pipeline))
+        else:  # an epoch of a mix ends when its first source runs out
+            sizes = [len(store.queries) for store, _ in inputs.sources]  # every host reads every query
+            self.examples = mixed_epoch_length(sizes, [w for _, w in inputs.sources])
+            self._iter = iter(mixed_train_dataset(inputs.sources, inputs.processor, pipeline))
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._iter)
