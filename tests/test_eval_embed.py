@@ -23,6 +23,7 @@ from mmret.data.mbeir import (
     read_queries,
 )
 from mmret.data.processor import Processor
+from mmret.data.stores import EvalStore
 from mmret.eval import embed as embed_mod
 from mmret.eval.embed import Embeddings, embed, load_encoder, shard_name, write_json
 from mmret.eval.evaluate import evaluate
@@ -61,7 +62,7 @@ def test_sharded_embeddings_equal_single_example_forwards(env, embedded):
     emb = Embeddings(embedded)
     encoder = load_encoder(cfg)
     proc = Processor(env["proc"], cfg.data.processor)
-    store = embed_mod.EvalStore(env["root"], "test", list(TASKS), ["local"], BadRecords("error"))
+    store = EvalStore(env["root"], "test", list(TASKS), ["local"], BadRecords("error"))
 
     def one(example) -> np.ndarray:
         batch = proc.collate([example], max_length=96, max_patches=64)
@@ -426,7 +427,7 @@ def test_skipped_queries_are_counted_and_the_report_is_not_complete(env, broken,
 def test_oven_and_infoseek_cross_dataset_positives_are_not_flagged(env):
     """Their qrels name the other dataset's copy too, which only the global pool holds: no bad record."""
     tasks = ["oven_task6", "infoseek_task6"]
-    store = embed_mod.EvalStore(env["root"], "test", tasks, ["local"], BadRecords("error"))
+    store = EvalStore(env["root"], "test", tasks, ["local"], BadRecords("error"))
     for task in tasks:
         qrels = read_qrels(env["root"], "test", task).positives
         pool = store.pools[task]

@@ -14,11 +14,12 @@ from helpers import uniir_format_string  # noqa: E402
 from PIL import Image
 
 from mmret.data import mbeir
+from mmret.data.bad_records import BadRecords
 from mmret.data.example import Example, Part
 from mmret.data.pipeline import PipelineConfig, train_dataset
 from mmret.data.processor import Processor, ProcessorConfig
 from mmret.data.sources.mbeir import as_store
-from mmret.data.stores import ArrayRecordStore, RawStore, Store
+from mmret.data.stores import ArrayRecordStore, EvalStore, RawStore, Store
 from mmret.data.synthetic import write_synthetic_mbeir
 from mmret.data.tfds_mbeir import build_tfds_mbeir
 from mmret.models.qwen2_vl.processor_files import write_processor_files
@@ -118,6 +119,37 @@ def test_as_store_wraps_a_holder_of_mbeir_records(root: Path) -> None:
     ]
     did = raw.queries[0].pos_cand_list[0]
     assert wrapped.candidate_part(did) == raw.candidate_part(did)
+
+
+def test_the_evaluation_store_is_a_store(root: Path) -> None:
+    """EvalStore renders test queries and candidates as RawStore does, without a wrapper; it has no
+    negatives file; with the global pool it reads every local pool (pool_tasks) and the union's members."""
+    tasks = ["cirr_task7", "webqa_task1"]
+    ev = EvalStore(root, "test", tasks, ["local"], BadRecords("error"))
+    raw = RawStore(root, "test", tasks=tasks)
+    assert isinstance(ev, Store) and as_store(ev) is ev and ev.negatives is None
+    assert ev.queries == list(raw.queries) and list(ev.task_queries) == tasks
+    assert [ev.query_example(q, seed=2) for q in ev.queries] == [raw.query_example(q, seed=2) for q in raw.queries]
+    assert all(ev.candidate_part(d) == raw.candidate_part(d) for d in raw.pool)
+    key = next(q.image_path for q in ev.queries if q.image_path)
+    np.testing.assert_array_equal(np.asarray(ev.image(key, max_pixels=BIG)), np.asarray(raw.image(key, max_pixels=BIG)))
+    assert ev.skipped() == {} and list(ev.pools) == tasks and ev.members == []
+    both = EvalStore(root, "test", tasks, ["local", "global"], BadRecords("error"))
+    assert list(both.pools) == mbeir.pool_tasks(root, "test", tasks, ["global"])
+    assert list(both.pools)[:2] == tasks and len(both.pools) == len(mbeir.EVAL_TASKS)
+    assert both.members == list(mbeir.read_global_pool(root, "test"))
+
+
+def test_input_files_name_what_an_evaluation_reads(root: Path, tmp_path: Path) -> None:
+    files = mbeir.input_files(root, "test", ["cirr_task7"], ["local"])
+    assert files == [
+        mbeir.instructions_path(root),
+        mbeir.query_path(root, "test", "cirr_task7"),
+        mbeir.local_pool_path(root, "cirr_task7", "test"),
+    ]
+    assert mbeir.input_files(root, "test", ["cirr_task7"], ["global"])[-1] == mbeir.global_pool_path(root, "test")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        mbeir.input_files(tmp_path / "absent", "test", ["cirr_task7"], ["local"])
 
 
 # --------------------------------------------------------------------------------- another kind of source

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +301,38 @@ def union_file(root: str | Path, split: str, query_file: str = "auto") -> Path |
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (data.query_file={query_file!r})")
     return path
+
+
+def pool_tasks(root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[str]:
+    """The tasks whose local pool an evaluation reads: those evaluated (the file must exist), and with the
+    global pool every other one whose file exists (the union pool reuses their embeddings)."""
+    out = list(tasks)
+    if "global" in pools:
+        out += [t.name for t in EVAL_TASKS if t.name not in out and local_pool_path(root, t, split).is_file()]
+    return out
+
+
+def input_files(root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[Path]:
+    """The record files an evaluation of ``tasks`` on ``pools`` reads (what
+    :func:`mmret.eval.embed.embed_key` stamps); raises ``FileNotFoundError`` naming a missing one (the root
+    itself first)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: the M-BEIR root (eval.root, else data.root) is not a directory")
+    files = [instructions_path(root)] if instructions_path(root).is_file() else []
+    for task in tasks:
+        files.append(query_path(root, split, task))
+        if not files[-1].is_file():
+            raise FileNotFoundError(f"{files[-1]}: no {split} queries for {task} under {root}")
+    for task in pool_tasks(root, split, tasks, pools):
+        files.append(local_pool_path(root, task, split))
+        if not files[-1].is_file():
+            raise FileNotFoundError(f"{files[-1]}: no local pool for {task} under {root}")
+    if "global" in pools:
+        files.append(global_pool_path(root, split))
+        if not files[-1].is_file():
+            raise FileNotFoundError(f"{files[-1]}: no global pool for eval.pools 'global'")
+    return files
 
 
 # ------------------------------------------------------------------------------------------ record checks

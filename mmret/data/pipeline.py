@@ -45,14 +45,13 @@ from mmret.data.example import Example, Part, encode_part
 from mmret.data.images import DEFAULT_MAX_PIXELS, BadImageError
 from mmret.data.processor import PaddingSide, ProcessedExample, Processor
 from mmret.data.sources.mbeir import as_store
-from mmret.data.stores import RawStore, Store
+from mmret.data.stores import Store
 
-__all__ = [  # RawStore: re-exported from mmret.data.stores until every import is switched
+__all__ = [
     "MAX_REPLACEMENTS",
     "NO_NEGATIVES",
     "EncodeTrainExample",
     "PipelineConfig",
-    "RawStore",
     "TrainExample",
     "candidate_dataset",
     "collate_train",

@@ -3,8 +3,8 @@
 * :class:`RawStore`: an M-BEIR root on disk (JSON-lines records, image files read on demand).
 * :class:`ArrayRecordStore`: a TFDS ArrayRecord build of such a root (:mod:`mmret.data.tfds_mbeir`
   writes it; records and image bytes read through the TFDS data sources, lookups memory-mapped).
-* the evaluation store (today ``mmret.eval.embed.EvalStore``; it moves here): a root's test queries by
-  task and the candidates of the pools evaluated.
+* :class:`EvalStore`: what an evaluation embeds from an M-BEIR root: its test queries by task and the
+  candidates of the pools evaluated (:mod:`mmret.eval.embed` writes them out).
 
 The pipelines (:mod:`mmret.data.pipeline`) read a store only through :class:`Store`: its query records
 (``queries``, indexed in order by training), each rendered into a source-neutral
@@ -15,10 +15,8 @@ instruction draw) and keep their M-BEIR view besides (``queries`` as :class:`~mm
 ``candidate(did)`` as :class:`~mmret.data.mbeir.Candidate`, ``pool``, ``instructions``); a store of
 another source (a text-pair or caption file) implements the same protocol over its own records.
 
-Moving a store in (the evaluation store): put the class here, subclass
-:class:`~mmret.data.sources.mbeir.MBeirStore` (it then satisfies :class:`Store` by itself, so the
-pipelines no longer wrap it with :func:`~mmret.data.sources.mbeir.as_store`), keep its own methods
-(``skipped``, ``groups``, ...) and leave the layout rules it reads in :mod:`mmret.data.mbeir`.
+Each M-BEIR store subclasses :class:`~mmret.data.sources.mbeir.MBeirStore`, so it satisfies :class:`Store`
+by itself; the layout rules they read (which files, which pools) stay in :mod:`mmret.data.mbeir`.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from typing import Any, Protocol, overload, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from mmret.data.bad_records import BadRecords
+from mmret.data.bad_records import POSITIVE_NOT_IN_POOL, BadRecordError, BadRecords
 from mmret.data.example import Example, Part
 from mmret.data.images import MISSING, UNSAFE_PATH, BadImageError, load_image, load_image_bytes, unsafe_path_reason
 from mmret.data.mbeir import (
@@ -48,8 +46,11 @@ from mmret.data.mbeir import (
     dataset_task,
     global_pool_path,
     instructions_path,
+    local_pool_path,
     parse_candidate,
     parse_query,
+    pool_tasks,
+    read_global_pool,
     read_instructions,
     read_local_pool,
     read_pool,
@@ -407,3 +408,77 @@ class ArrayRecordStore(MBeirStore):
                 self._reader.remember(path, rec["image"])
                 return rec["image"]
         raise BadImageError(path, MISSING, f"no record of the {self.split} build {self.build} holds it")
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+class EvalStore(MBeirStore):
+    """The records an evaluation embeds: test queries by task, every candidate of the pools read (the
+    tasks' local pools, :func:`~mmret.data.mbeir.pool_tasks`, and the union pool with ``"global"`` in
+    ``pools``), images read on demand from inside the root.
+
+    A query whose own-dataset positives (:func:`mmret.data.mbeir.restrict_positives`) are not all in its
+    task's local pool is a ``positive_not_in_pool`` bad record (negatives are not checked: evaluation
+    does not use them, and ``negatives`` is None). Query records go to one :class:`BadRecords` per task
+    (``query_bad``, with the policy of ``bad``), the others to ``bad``."""
+
+    def __init__(self, root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str], bad: BadRecords):
+        self.root = Path(root)
+        self.negatives: Mapping[str, tuple[str, ...]] | None = None
+        self.bad = bad
+        path = instructions_path(self.root)
+        self.instructions = read_instructions(path, bad=bad) if path.is_file() else None
+        self.pools: dict[str, dict[str, Candidate]] = {
+            task: read_local_pool(self.root, task, split, bad=bad) for task in pool_tasks(root, split, tasks, pools)
+        }
+        self.candidates: dict[str, Candidate] = {}
+        for pool in self.pools.values():
+            self.candidates.update(pool)
+        self.members: list[str] = []  # the union pool's dids in file order (with "global")
+        if "global" in pools:
+            union = read_global_pool(self.root, split, bad=bad)
+            self.members = list(union)
+            for did, cand in union.items():
+                self.candidates.setdefault(did, cand)
+        self.query_bad = {t: BadRecords(bad.on_bad_record) for t in tasks}
+        self.task_queries = {t: self._read_queries(split, t) for t in tasks}
+        self.queries: list[Query] = [q for qs in self.task_queries.values() for q in qs]
+
+    def _read_queries(self, split: str, task: str) -> list[Query]:
+        bad, pool = self.query_bad[task], self.pools[task]
+        out = []
+        for q in read_queries(self.root, split, task, bad=bad, eval_positives=True):
+            missing = [d for d in q.pos_cand_list if d not in pool]  # own-dataset positives (eval_positives)
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                where = local_pool_path(self.root, task, split)
+                detail = f"query {q.qid}: positive {missing[0]!r} is not in the local pool {where}{more}"
+                bad.handle(BadRecordError(q.where or q.qid, POSITIVE_NOT_IN_POOL, detail))
+                continue
+            out.append(q)
+        return out
+
+    def skipped(self) -> dict[str, Any]:
+        """The records skipped (``on_bad_record="skip"``): per task the test queries dropped, and the
+        other records (pool candidates, instruction rows); ``{}`` when none."""
+        out: dict[str, Any] = {}
+        queries = {t: _bad_summary(b) for t, b in self.query_bad.items() if b.total}
+        if queries:
+            out["queries"] = queries
+        if self.bad.total:
+            out["other_records"] = _bad_summary(self.bad)
+        return out
+
+    def candidate(self, did: str) -> Candidate:
+        """The candidate ``did`` of any pool read (``KeyError`` when none holds it)."""
+        return self.candidates[did]
+
+    def image(self, path: str, *, max_pixels: int) -> Image.Image:
+        """The RGB image at ``path`` under the root; :class:`~mmret.data.images.BadImageError` when bad."""
+        return load_image(self.root, path, max_pixels=max_pixels)
+
+
+def _bad_summary(bad: BadRecords) -> dict[str, Any]:
+    """``{"count", "reasons", "examples"}`` of the records ``bad`` skipped (an embeddings manifest's ``skipped``)."""
+    return {"count": bad.total, "reasons": dict(sorted(bad.counts.items())), "examples": sum(bad.examples.values(), [])}

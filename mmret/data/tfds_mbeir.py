@@ -709,12 +709,3 @@ def _write_tfds_metadata(tmp: Path, infos: Mapping[str, list[Any]], features: Ma
             check_data=False,  # reading it back through as_dataset would need TensorFlow
             description=f"M-BEIR {name.removeprefix('mbeir_')} with embedded image bytes (mmret).",
         )
-
-
-def __getattr__(name: str) -> Any:
-    """``ArrayRecordStore`` moved to :mod:`mmret.data.stores` (re-exported here until every import is switched)."""
-    if name == "ArrayRecordStore":
-        from mmret.data.stores import ArrayRecordStore
-
-        return ArrayRecordStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

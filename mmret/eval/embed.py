@@ -59,23 +59,11 @@ from mmret import sharding
 from mmret.atomic_dir import write_atomic
 from mmret.build import processor_dir
 from mmret.checkpoints import load_trained, resolve_step, step_dir
-from mmret.data.bad_records import POSITIVE_NOT_IN_POOL, BadRecordError, BadRecords
-from mmret.data.mbeir import (
-    EVAL_TASKS,
-    Candidate,
-    Query,
-    dataset_task,
-    global_pool_path,
-    instructions_path,
-    local_pool_path,
-    query_path,
-    read_global_pool,
-    read_instructions,
-    read_local_pool,
-    read_queries,
-)
+from mmret.data.bad_records import BadRecords
+from mmret.data.mbeir import EVAL_TASKS, dataset_task, input_files, pool_tasks
 from mmret.data.pipeline import candidate_dataset, query_dataset
 from mmret.data.processor import Processor
+from mmret.data.stores import EvalStore
 from mmret.models.encoder import Encoder
 from mmret.progress import format_duration, progress
 from mmret.recipe import EvalConfig, TrainerConfig, config_to_json
@@ -150,109 +138,15 @@ class Group:
         return [q.qid for q in items] if self.kind == "query" else list(items)
 
 
-def pool_tasks(root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[str]:
-    """The tasks whose local pool is read: those evaluated (the file must exist), and with the global
-    pool every other one whose file exists (the union pool reuses their embeddings)."""
-    out = list(tasks)
+def groups(store: EvalStore, tasks: Sequence[str], pools: Sequence[str]) -> list[Group]:
+    """What ``store`` embeds: each task's queries, each local pool read, and with the global pool its
+    candidates that are in no local pool (the rest reuse the local pools' embeddings)."""
+    out = [Group(f"queries/{t}", "query", store.task_queries[t]) for t in tasks]
+    out += [Group(f"pools/local/{t}", "candidate", list(p)) for t, p in store.pools.items()]
     if "global" in pools:
-        out += [t.name for t in EVAL_TASKS if t.name not in out and local_pool_path(root, t, split).is_file()]
+        local = set().union(*(p.keys() for p in store.pools.values())) if store.pools else set()
+        out.append(Group("pools/global/extra", "candidate", [d for d in store.members if d not in local]))
     return out
-
-
-def input_files(root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[Path]:
-    """The record files embedding reads (what :func:`embed_key` stamps); raises ``FileNotFoundError``
-    naming a missing one (the root itself first)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: the M-BEIR root (eval.root, else data.root) is not a directory")
-    files = [instructions_path(root)] if instructions_path(root).is_file() else []
-    for task in tasks:
-        files.append(query_path(root, split, task))
-        if not files[-1].is_file():
-            raise FileNotFoundError(f"{files[-1]}: no {split} queries for {task} under {root}")
-    for task in pool_tasks(root, split, tasks, pools):
-        files.append(local_pool_path(root, task, split))
-        if not files[-1].is_file():
-            raise FileNotFoundError(f"{files[-1]}: no local pool for {task} under {root}")
-    if "global" in pools:
-        files.append(global_pool_path(root, split))
-        if not files[-1].is_file():
-            raise FileNotFoundError(f"{files[-1]}: no global pool for eval.pools 'global'")
-    return files
-
-
-class EvalStore:
-    """The records an evaluation embeds (a :class:`mmret.data.pipeline.RecordStore`): test queries,
-    every candidate of the pools read, images read on demand from inside the root.
-
-    A query whose own-dataset positives (:func:`mmret.data.mbeir.restrict_positives`) are not all in its
-    task's local pool is a ``positive_not_in_pool`` bad record (negatives are not checked: evaluation
-    does not use them). Query records go to one :class:`BadRecords` per task (``query_bad``, with the
-    policy of ``bad``), the others to ``bad``."""
-
-    def __init__(self, root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str], bad: BadRecords):
-        from mmret.data.images import load_image
-
-        self.root = Path(root)
-        self._load_image = load_image
-        self.negatives: dict[str, tuple[str, ...]] = {}
-        self.bad = bad
-        path = instructions_path(self.root)
-        self.instructions = read_instructions(path, bad=bad) if path.is_file() else None
-        self.pools: dict[str, dict[str, Candidate]] = {
-            task: read_local_pool(self.root, task, split, bad=bad) for task in pool_tasks(root, split, tasks, pools)
-        }
-        self.candidates: dict[str, Candidate] = {}
-        for pool in self.pools.values():
-            self.candidates.update(pool)
-        self.members: list[str] = []
-        if "global" in pools:
-            union = read_global_pool(self.root, split, bad=bad)
-            self.members = list(union)
-            for did, cand in union.items():
-                self.candidates.setdefault(did, cand)
-        self.query_bad = {t: BadRecords(bad.on_bad_record) for t in tasks}
-        self.task_queries = {t: self._read_queries(split, t) for t in tasks}
-        self.queries: list[Query] = [q for qs in self.task_queries.values() for q in qs]
-
-    def _read_queries(self, split: str, task: str) -> list[Query]:
-        bad, pool = self.query_bad[task], self.pools[task]
-        out = []
-        for q in read_queries(self.root, split, task, bad=bad, eval_positives=True):
-            missing = [d for d in q.pos_cand_list if d not in pool]  # own-dataset positives (eval_positives)
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                where = local_pool_path(self.root, task, split)
-                detail = f"query {q.qid}: positive {missing[0]!r} is not in the local pool {where}{more}"
-                bad.handle(BadRecordError(q.where or q.qid, POSITIVE_NOT_IN_POOL, detail))
-                continue
-            out.append(q)
-        return out
-
-    def skipped(self) -> dict[str, Any]:
-        """The records skipped (``on_bad_record="skip"``): per task the test queries dropped, and the
-        other records (pool candidates, instruction rows); ``{}`` when none."""
-        out: dict[str, Any] = {}
-        queries = {t: _bad_summary(b) for t, b in self.query_bad.items() if b.total}
-        if queries:
-            out["queries"] = queries
-        if self.bad.total:
-            out["other_records"] = _bad_summary(self.bad)
-        return out
-
-    def candidate(self, did: str) -> Candidate:
-        return self.candidates[did]
-
-    def image(self, path: str, *, max_pixels: int) -> Any:
-        return self._load_image(self.root, path, max_pixels=max_pixels)
-
-    def groups(self, tasks: Sequence[str], pools: Sequence[str]) -> list[Group]:
-        out = [Group(f"queries/{t}", "query", self.task_queries[t]) for t in tasks]
-        out += [Group(f"pools/local/{t}", "candidate", list(p)) for t, p in self.pools.items()]
-        if "global" in pools:
-            local = set().union(*(p.keys() for p in self.pools.values())) if self.pools else set()
-            out.append(Group("pools/global/extra", "candidate", [d for d in self.members if d not in local]))
-        return out
 
 
 # ============================================================================================ embedding
@@ -408,10 +302,6 @@ def embed_group(
     return total
 
 
-def _bad_summary(bad: BadRecords) -> dict[str, Any]:
-    return {"count": bad.total, "reasons": dict(sorted(bad.counts.items())), "examples": sum(bad.examples.values(), [])}
-
-
 #: Manifest fields that are results, not part of the key.
 MANIFEST_OUTPUTS = ("dim", "skipped")
 
@@ -549,7 +439,7 @@ def embed(
         if "global" in ecfg.pools:
             write_json(out / "pools" / "global" / MEMBERS, store.members)
     embedded = 0
-    for group in store.groups(tasks, ecfg.pools):
+    for group in groups(store, tasks, ecfg.pools):
         embedded += embed_group(group, out, store, processor, embedder, shapes, ecfg)
     seconds = time.perf_counter() - started
     if jax.process_index() == 0:

@@ -75,6 +75,6 @@ class _Records(MBeirStore):
 def as_store(store: Any) -> Any:
     """``store`` when it renders examples itself (a :class:`~mmret.data.stores.Store`), else a Store over it:
     an object with M-BEIR ``queries``, ``instructions``, ``candidate(did) -> Candidate`` and
-    ``image(path, max_pixels=...)`` (``negatives`` optional), e.g. the evaluation store until it
-    subclasses :class:`MBeirStore`."""
+    ``image(path, max_pixels=...)`` (``negatives`` optional), e.g. a test's namespace. Every store of
+    :mod:`mmret.data.stores` subclasses :class:`MBeirStore` and comes back as it is."""
     return store if hasattr(store, "query_example") and hasattr(store, "candidate_part") else _Records(store)
