@@ -14,15 +14,16 @@ from typing import Any
 import jax
 from flax import nnx
 
+from mmret import models
 from mmret.data.bad_records import BadRecords
 from mmret.data.processor import Processor
 from mmret.data.stores import ArrayRecordStore, RawStore
 from mmret.lora import PathRegex, apply_lora
 from mmret.lora import trainable_filter as lora_trainable_filter
 from mmret.losses import Temperature
-from mmret.models import qwen2_vl
 from mmret.models.encoder import Encoder
 from mmret.models.retriever import Retriever
+from mmret.models.vocab import grow_vocab
 from mmret.recipe import DataConfig, ModelConfig, SourceConfig, TrainerConfig, step_pipeline
 
 #: Paths (dot-joined, from the Retriever) of what a ``freeze`` pattern may also match relative to.
@@ -87,32 +88,27 @@ def open_inputs(cfg: TrainerConfig) -> TrainInputs:
 
 
 def load_backbone(cfg: ModelConfig, max_image_patches: int = 0, vocab_size: int = 0) -> Any:
-    """The backbone ``cfg`` names; ``max_image_patches`` (the processor's per-image cap) lets the vision
-    tower attend within blocks of patches rather than across the whole batch (0: across the batch). A
-    token embedding with fewer than ``vocab_size`` rows (tokens the processor added) is grown to it,
-    new rows drawn from ``cfg.seed``."""
-    from mmret.models.qwen2_vl.hf import grow_vocab
-
+    """The backbone ``cfg`` names (its family from the Hugging Face ``model_type``: :mod:`mmret.models`);
+    ``max_image_patches`` (the processor's per-image cap) lets the vision tower attend within blocks of
+    patches rather than across the whole batch (0: across the batch). A token embedding with fewer than
+    ``vocab_size`` rows (tokens the processor added) is grown to it, new rows drawn from ``cfg.seed``."""
     check_model_source(cfg)
     options = dict(
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
         scan_layers=cfg.scan_layers,
         remat=cfg.remat,
         attention_impl=cfg.attention_impl,
         max_image_patches=max_image_patches,
     )
     if cfg.hf_dir:
-        model = qwen2_vl.from_hf(cfg.hf_dir, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
+        model = models.from_hf(cfg.hf_dir, **options)
     elif cfg.checkpoint:
         from mmret.convert.checkpoint import load_model
 
-        model = load_model(cfg.checkpoint, dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options)
+        model = load_model(cfg.checkpoint, **options)
     else:
-        from mmret.models.qwen2_vl.presets import hf_config
-
-        model_cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(
-            hf_config(cfg.preset), dtype=cfg.dtype, param_dtype=cfg.param_dtype, **options
-        )
-        model = qwen2_vl.create(model_cfg, seed=cfg.seed)
+        model = models.from_preset(cfg.preset, seed=cfg.seed, **options)
     return grow_vocab(model, vocab_size, seed=cfg.seed)
 
 

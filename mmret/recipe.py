@@ -26,7 +26,7 @@ from mmret.data.processor import ProcessorConfig
 from mmret.lora import ALSO_TRAIN, LLM_LINEARS
 from mmret.losses import MAX_TEMPERATURE, MIN_TEMPERATURE
 from mmret.models.encoder import EncoderConfig
-from mmret.models.qwen2_vl.config import AttentionImpl, RematPolicy
+from mmret.models.options import AttentionImpl, RematPolicy
 from mmret.optim import OptimizerConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
