@@ -19,6 +19,11 @@ Dropout (``dropout > 0``) acts on the adapter input while the model is in traini
 :class:`LoRADropoutKey` Variable (not a parameter): call ``set_dropout_key(model, key)`` with a fresh
 key every step (e.g. ``fold_in(seed, step)``) -- the layer stack does not write RNG state back, so an
 ``nnx.Rngs`` counter inside a scanned block would never advance.
+
+Written here rather than taken from flax: ``nnx.LoRA`` / ``nnx.LoRALinear`` (flax 0.12) have neither
+dropout nor a scaling ``alpha``, and nothing folds the adapters back into plain ``nnx.Linear`` modules,
+which export and evaluation need; the adapters here also keep the logical axis names and stack with
+scanned layers.
 """
 
 from __future__ import annotations
