@@ -23,6 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from etils import epath
+
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(_REPO_ROOT))
@@ -72,8 +74,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Convert an M-BEIR root into TFDS ArrayRecord datasets with embedded image bytes (no TensorFlow).",
     )
-    parser.add_argument("--mbeir_root", required=True, type=Path, help="the M-BEIR root directory (read)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--mbeir_root", required=True, type=epath.Path, help="the M-BEIR root directory (read)")
+    parser.add_argument("--out", required=True, type=epath.Path, help="output directory (created)")
     parser.add_argument(
         "--splits",
         default=",".join(SPLITS),
@@ -114,7 +116,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--negatives",
-        type=Path,
+        type=epath.Path,
         default=None,
         help="a hard-negatives file for the train queries, validated against the train pool and copied "
         "to DIR/negatives/train.jsonl (needs the train split)",

@@ -19,18 +19,22 @@ import json
 import sys
 from pathlib import Path
 
+from etils import epath
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embed.py", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", type=Path, help="a training run directory (uses its config.json)")
-    src.add_argument("--hf_dir", type=Path, help="a Hugging Face Qwen2-VL model directory")
-    src.add_argument("--checkpoint", type=Path, help="an mmret model checkpoint (tools/convert_checkpoint.py)")
+    src.add_argument("--workdir", type=epath.Path, help="a training run directory (uses its config.json)")
+    src.add_argument("--hf_dir", type=epath.Path, help="a Hugging Face Qwen2-VL model directory")
+    src.add_argument("--checkpoint", type=epath.Path, help="an mmret model checkpoint (tools/convert_checkpoint.py)")
     p.add_argument("--step", type=int, default=None, help="run checkpoint (default: the latest; 0: before training)")
     p.add_argument("--mbeir_root", help="M-BEIR root (default: the run's eval.root or data.root)")
-    p.add_argument("--out", type=Path, help="embeddings directory (default for a run: RUN/eval/<step>/embeddings)")
+    p.add_argument(
+        "--out", type=epath.Path, help="embeddings directory (default for a run: RUN/eval/<step>/embeddings)"
+    )
     p.add_argument("--pools", default="local,global", help="comma-separated: local, global")
     p.add_argument("--tasks", default=None, help="comma-separated dataset-tasks (default: the 16)")
     p.add_argument("--batch_size", type=int, default=None, help="per host")

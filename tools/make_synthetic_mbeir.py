@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from etils import epath
+
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(_REPO_ROOT))
@@ -25,7 +27,7 @@ from mmret.data.synthetic.writer import SCALES, write_synthetic_mbeir  # noqa: E
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Write a synthetic corpus in the exact M-BEIR layout (offline).")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--out", required=True, type=epath.Path, help="output directory (created)")
     parser.add_argument("--scale", default="tiny", choices=list(SCALES), help="corpus size (default: tiny)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it is a non-empty directory")

@@ -19,15 +19,17 @@ import logging
 import sys
 from pathlib import Path
 
+from etils import epath
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scann_eval.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--embeddings", type=Path, required=True, help="an embeddings directory (tools/embed.py)")
+    p.add_argument("--embeddings", type=epath.Path, required=True, help="an embeddings directory (tools/embed.py)")
     p.add_argument("--mbeir_root", required=True, help="the M-BEIR root (for the qrels)")
     p.add_argument("--pool", choices=("local", "global"), required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=epath.Path, required=True)
     p.add_argument("--tasks", default=None, help="comma-separated dataset-tasks (default: all embedded)")
     p.add_argument("--top", type=int, default=50, help="ranks kept in the TREC files")
     p.add_argument("--check_exact", type=int, default=0, metavar="N", help="queries per task vs exact search")

@@ -19,10 +19,12 @@ import io
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import BinaryIO
 
+from etils import epath
 from PIL import Image
+
+from mmret.atomic_dir import PathLike, as_path, is_local
 
 #: A decode cap for callers without their own: 8192 x 8192 pixels (real M-BEIR images are far smaller).
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -68,11 +70,20 @@ def unsafe_path_reason(rel_path: object) -> str | None:
     return None
 
 
-def resolve_image_path(root: str | Path, rel_path: str) -> Path:
-    """``root / rel_path`` after the safety checks, resolved; raises :class:`BadImageError` when unsafe or missing."""
+def resolve_image_path(root: PathLike, rel_path: str) -> epath.Path:
+    """``root / rel_path`` after the safety checks, resolved; raises :class:`BadImageError` when unsafe or missing.
+
+    A root on an object store (``gs://``, ...) has no symlinks: the string checks confine the path there."""
     reason = unsafe_path_reason(rel_path)
     if reason is not None:
         raise BadImageError(str(rel_path), UNSAFE_PATH, reason)
+    if not is_local(root):
+        path = as_path(root) / rel_path
+        if not path.exists():
+            raise BadImageError(rel_path, MISSING, f"under {root}")
+        if path.is_dir():
+            raise BadImageError(rel_path, NOT_A_FILE)
+        return path
     root_real = os.path.realpath(root)
     real = os.path.realpath(os.path.join(root_real, rel_path))
     if os.path.commonpath([root_real, real]) != root_real:
@@ -81,14 +92,15 @@ def resolve_image_path(root: str | Path, rel_path: str) -> Path:
         raise BadImageError(rel_path, MISSING, f"under {root_real}")
     if not os.path.isfile(real):
         raise BadImageError(rel_path, NOT_A_FILE)
-    return Path(real)
+    return as_path(real)
 
 
-def load_image(root: str | Path, rel_path: str, *, max_pixels: int) -> Image.Image:
+def load_image(root: PathLike, rel_path: str, *, max_pixels: int) -> Image.Image:
     """The RGB image at ``root / rel_path``; :class:`BadImageError` for any bad path or bad image."""
     path = resolve_image_path(root, rel_path)
     try:
-        f = open(path, "rb")  # closed by the ``with`` below
+        # PIL seeks while it decodes: a local file is opened as is, another one is read whole first.
+        f = open(path, "rb") if is_local(path) else io.BytesIO(path.read_bytes())  # closed by the ``with`` below
     except OSError as e:
         raise BadImageError(rel_path, UNREADABLE, f"{type(e).__name__}: {e}") from e
     with f:

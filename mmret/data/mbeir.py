@@ -16,6 +16,8 @@ pipeline workers); a bad record raises :class:`~mmret.data.bad_records.BadRecord
 ``file:line`` and a reason, which the ``on_bad_record`` policy (:class:`~mmret.data.bad_records.BadRecords`)
 turns into a stop or a counted skip. Files are streamed line by line. Record validation never opens an
 image; ``image_root=`` asks the readers to also check that each referenced image file exists (safely).
+A root may be on any file system :mod:`etils.epath` reads (``gs://bucket/mbeir``, ...): the path
+builders return ``epath.Path`` s and the readers open files through them.
 
 These tables and checks hold for M-BEIR records only: the records render into the source-neutral
 examples the pipelines read (:mod:`mmret.data.example`) in :mod:`mmret.data.sources.mbeir`, and the
@@ -29,9 +31,11 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from etils import epath
+
+from mmret.atomic_dir import PathLike, as_path
 from mmret.data.bad_records import (
     BAD_ID,
     BAD_IMAGE,
@@ -231,29 +235,29 @@ def _split(split: str) -> str:
     return split
 
 
-def query_path(root: str | Path, split: str, task: str | DatasetTask) -> Path:
+def query_path(root: PathLike, split: str, task: str | DatasetTask) -> epath.Path:
     """``query/<split>/mbeir_<dataset>_task<N>_<split>.jsonl``."""
     split = _split(split)
-    return Path(root) / "query" / split / f"mbeir_{dataset_task(task).name}_{split}.jsonl"
+    return as_path(root) / "query" / split / f"mbeir_{dataset_task(task).name}_{split}.jsonl"
 
 
-def local_pool_path(root: str | Path, task: str | DatasetTask, split: str = "test") -> Path:
+def local_pool_path(root: PathLike, task: str | DatasetTask, split: str = "test") -> epath.Path:
     """A task's local pool; MSCOCO's test pools are the ``_test_cand_pool`` files."""
     task = dataset_task(task)
     test = "_test" if task.dataset == "mscoco" and _split(split) == "test" else ""
-    return Path(root) / "cand_pool" / "local" / f"mbeir_{task.name}{test}_cand_pool.jsonl"
+    return as_path(root) / "cand_pool" / "local" / f"mbeir_{task.name}{test}_cand_pool.jsonl"
 
 
-def global_pool_path(root: str | Path, split: str = "test") -> Path:
+def global_pool_path(root: PathLike, split: str = "test") -> epath.Path:
     """``cand_pool/global/mbeir_union_<split>_cand_pool.jsonl`` (the union of the local pools)."""
-    return Path(root) / "cand_pool" / "global" / f"mbeir_union_{_split(split)}_cand_pool.jsonl"
+    return as_path(root) / "cand_pool" / "global" / f"mbeir_union_{_split(split)}_cand_pool.jsonl"
 
 
-def qrels_path(root: str | Path, split: str, task: str | DatasetTask) -> Path:
+def qrels_path(root: PathLike, split: str, task: str | DatasetTask) -> epath.Path:
     """``qrels/<split>/mbeir_<dataset>_task<N>_<split>_qrels.txt``: one file per dataset-task, named after
     its query file (MSCOCO included: no ``_test`` infix as in its pool names)."""
     split = _split(split)
-    return Path(root) / "qrels" / split / f"mbeir_{dataset_task(task).name}_{split}_qrels.txt"
+    return as_path(root) / "qrels" / split / f"mbeir_{dataset_task(task).name}_{split}_qrels.txt"
 
 
 #: The union query files (``data.split`` train / val read them when present; test has none).
@@ -266,24 +270,24 @@ UNION_QUERY_FILES: dict[str, dict[str, str]] = {
 }
 
 
-def union_query_path(root: str | Path, split: str, kind: str = "union_up") -> Path:
+def union_query_path(root: PathLike, split: str, kind: str = "union_up") -> epath.Path:
     """A union query file of ``split`` (:data:`UNION_QUERY_FILES`): ``union_up`` (up-sampled, the file every
     published recipe trains from) or ``union`` (each training query once; val has only this one)."""
     files = UNION_QUERY_FILES.get(_split(split), {})
     if kind not in files:
         raise ValueError(f"no {kind!r} union query file for split {split!r} (have: {', '.join(files) or 'none'})")
-    return Path(root) / files[kind]
+    return as_path(root) / files[kind]
 
 
-def instructions_path(root: str | Path) -> Path:
-    return Path(root) / "instructions" / "query_instructions.tsv"
+def instructions_path(root: PathLike) -> epath.Path:
+    return as_path(root) / "instructions" / "query_instructions.tsv"
 
 
 #: ``data.query_file`` choices (:func:`union_file`; the training stores read by it).
 QUERY_FILES = ("auto", "union_up", "union", "per_task")
 
 
-def union_file(root: str | Path, split: str, query_file: str = "auto") -> Path | None:
+def union_file(root: PathLike, split: str, query_file: str = "auto") -> epath.Path | None:
     """The union query file ``split`` reads under ``query_file`` (None: the per-task files).
 
     ``auto``: train reads ``mbeir_union_up_train.jsonl`` and val ``mbeir_union_val.jsonl`` when the root
@@ -303,7 +307,7 @@ def union_file(root: str | Path, split: str, query_file: str = "auto") -> Path |
     return path
 
 
-def pool_tasks(root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[str]:
+def pool_tasks(root: PathLike, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[str]:
     """The tasks whose local pool an evaluation reads: those evaluated (the file must exist), and with the
     global pool every other one whose file exists (the union pool reuses their embeddings)."""
     out = list(tasks)
@@ -312,11 +316,11 @@ def pool_tasks(root: str | Path, split: str, tasks: Sequence[str], pools: Sequen
     return out
 
 
-def input_files(root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[Path]:
+def input_files(root: PathLike, split: str, tasks: Sequence[str], pools: Sequence[str]) -> list[epath.Path]:
     """The record files an evaluation of ``tasks`` on ``pools`` reads (what
     :func:`mmret.eval.embed.embed_key` stamps); raises ``FileNotFoundError`` naming a missing one (the root
     itself first)."""
-    root = Path(root)
+    root = as_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: the M-BEIR root (eval.root, else data.root) is not a directory")
     files = [instructions_path(root)] if instructions_path(root).is_file() else []
@@ -506,7 +510,7 @@ def check_against_pool(query: Query, pool: Mapping[str, object], where: str) -> 
             )
 
 
-def check_images(record: Query | Candidate, image_root: str | Path, where: str) -> None:
+def check_images(record: Query | Candidate, image_root: PathLike, where: str) -> None:
     """Raise when the record's image path escapes ``image_root`` or names no file (no decoding)."""
     if record.image_path is None:
         return
@@ -519,9 +523,9 @@ def check_images(record: Query | Candidate, image_root: str | Path, where: str) 
 # -------------------------------------------------------------------------------------------- reading
 
 
-def iter_jsonl(path: str | Path, bad: BadRecords) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_jsonl(path: PathLike, bad: BadRecords) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, object)`` for each non-blank line of a JSON-lines file; undecodable lines go to ``bad``."""
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = location(path, lineno)
             try:
@@ -543,22 +547,22 @@ def iter_jsonl(path: str | Path, bad: BadRecords) -> Iterator[tuple[str, dict[st
             yield where, obj
 
 
-def _task_of_file(path: str | Path) -> DatasetTask | None:
-    m = _QUERY_FILE.fullmatch(Path(path).name)
+def _task_of_file(path: PathLike) -> DatasetTask | None:
+    m = _QUERY_FILE.fullmatch(as_path(path).name)
     if m is None or m.group(1) not in DATASET_IDS or int(m.group(2)) not in TASK_MODALITIES:
         return None
     return DatasetTask(m.group(1), int(m.group(2)))
 
 
 def iter_queries(
-    path: str | Path,
+    path: PathLike,
     *,
     bad: BadRecords | None = None,
     task: DatasetTask | str | None = None,
     pool: Mapping[str, object] | None = None,
     eval_positives: bool = False,
     keep_src_content: bool = False,
-    image_root: str | Path | None = None,
+    image_root: PathLike | None = None,
     seen: set[str] | None = None,
     copies: dict[str, Query] | None = None,
 ) -> Iterator[Query]:
@@ -604,18 +608,18 @@ def iter_queries(
 
 
 def read_union_queries(
-    path: str | Path,
+    path: PathLike,
     tasks: Iterable[str | DatasetTask] | None = None,
     *,
     bad: BadRecords | None = None,
     pool: Mapping[str, object] | None = None,
     keep_src_content: bool = False,
-    image_root: str | Path | None = None,
+    image_root: PathLike | None = None,
 ) -> list[Query]:
     """The valid queries of a union file (:func:`union_query_path`), in file order, up-sampled copies of
     a qid included (each its own example, numbered by ``copy``); ``tasks`` keeps only those dataset-tasks
     (by each line's qid prefix and ``task_id``). Options as :func:`iter_queries`."""
-    if not Path(path).is_file():
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"{path}: no such union query file")
     keep = None if tasks is None else {dataset_task(t) for t in tasks}
     out: list[Query] = []
@@ -634,7 +638,7 @@ def query_task(query: Query) -> DatasetTask | None:
 
 
 def read_queries(
-    root: str | Path,
+    root: PathLike,
     split: str,
     tasks: str | DatasetTask | Iterable[str | DatasetTask] | None = None,
     *,
@@ -642,7 +646,7 @@ def read_queries(
     pool: Mapping[str, object] | None = None,
     eval_positives: bool = False,
     keep_src_content: bool = False,
-    image_root: str | Path | None = None,
+    image_root: PathLike | None = None,
 ) -> list[Query]:
     """All valid queries of ``split`` for one task, several, or (``None``) the 16 evaluated ones.
 
@@ -676,11 +680,11 @@ def read_queries(
 
 
 def iter_pool(
-    path: str | Path,
+    path: PathLike,
     *,
     bad: BadRecords | None = None,
     keep_src_content: bool = False,
-    image_root: str | Path | None = None,
+    image_root: PathLike | None = None,
     seen: set[str] | None = None,
 ) -> Iterator[Candidate]:
     """Stream the valid candidates of a pool file; ``seen`` (optional) catches duplicate dids."""
@@ -701,11 +705,11 @@ def iter_pool(
 
 
 def read_pool(
-    path: str | Path,
+    path: PathLike,
     *,
     bad: BadRecords | None = None,
     keep_src_content: bool = False,
-    image_root: str | Path | None = None,
+    image_root: PathLike | None = None,
 ) -> dict[str, Candidate]:
     """A pool file as ``did -> Candidate`` (file order); dids must be unique (the first one wins)."""
     bad = BadRecords("error") if bad is None else bad
@@ -725,24 +729,24 @@ def read_pool(
 
 
 def read_local_pool(
-    root: str | Path, task: str | DatasetTask, split: str = "test", **kwargs: Any
+    root: PathLike, task: str | DatasetTask, split: str = "test", **kwargs: Any
 ) -> dict[str, Candidate]:
     """A task's local pool (:func:`local_pool_path`) as ``did -> Candidate``; options as :func:`read_pool`."""
     return read_pool(local_pool_path(root, task, split), **kwargs)
 
 
-def read_global_pool(root: str | Path, split: str = "test", **kwargs: Any) -> dict[str, Candidate]:
+def read_global_pool(root: PathLike, split: str = "test", **kwargs: Any) -> dict[str, Candidate]:
     """The union pool (:func:`global_pool_path`) as ``did -> Candidate``; options as :func:`read_pool`."""
     return read_pool(global_pool_path(root, split), **kwargs)
 
 
-def read_qrels_file(path: str | Path, *, bad: BadRecords | None = None, task_id: int | None = None) -> Qrels:
+def read_qrels_file(path: PathLike, *, bad: BadRecords | None = None, task_id: int | None = None) -> Qrels:
     """Parse ``qid 0 did relevance task_id`` lines; only relevance > 0 counts as a positive. With
     ``task_id`` (a dataset-task's file), a line of another task is a ``bad_task`` record."""
     bad = BadRecords("error") if bad is None else bad
     positives: dict[str, list[str]] = {}
     task_ids: dict[str, int] = {}
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = location(path, lineno)
             try:
@@ -778,7 +782,7 @@ def read_qrels_file(path: str | Path, *, bad: BadRecords | None = None, task_id:
     return Qrels({q: tuple(d) for q, d in positives.items()}, task_ids)
 
 
-def read_qrels(root: str | Path, split: str, task: str | DatasetTask, *, bad: BadRecords | None = None) -> Qrels:
+def read_qrels(root: PathLike, split: str, task: str | DatasetTask, *, bad: BadRecords | None = None) -> Qrels:
     """A dataset-task's qrels for ``split`` (:func:`qrels_path`)."""
     path = qrels_path(root, split, task)
     if not path.is_file():
@@ -827,15 +831,15 @@ def instruction_index(seed: int, qid: str, n: int, *, copy: int = 0, epoch: int 
     return int.from_bytes(digest, "little") % n
 
 
-def read_instructions(path: str | Path, *, bad: BadRecords | None = None) -> Instructions:
+def read_instructions(path: PathLike, *, bad: BadRecords | None = None) -> Instructions:
     """Parse ``query_instructions.tsv`` (a header row; columns: query modality, candidate modality,
     dataset name, dataset id, then instructions; empty ones ignored). Accepts a root or the file."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         path = instructions_path(path)
     bad = BadRecords("error") if bad is None else bad
     table: dict[tuple[int, str, str], tuple[str, ...]] = {}
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = location(path, lineno)
             try:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
+from mmret.atomic_dir import PathLike, as_path
 from mmret.data.bad_records import (
     BAD_TYPE,
     DUPLICATE_ID,
@@ -27,7 +27,7 @@ from mmret.data.mbeir import iter_jsonl
 
 
 def read_negatives(
-    path: str | Path, *, pool: Mapping[str, object] | None = None, bad: BadRecords | None = None
+    path: PathLike, *, pool: Mapping[str, object] | None = None, bad: BadRecords | None = None
 ) -> dict[str, tuple[str, ...]]:
     """``qid -> ranked negative dids``; with ``pool``, every did must be in it."""
     bad = BadRecords("error") if bad is None else bad
@@ -52,8 +52,8 @@ def read_negatives(
     return out
 
 
-def write_negatives(path: str | Path, negatives: Iterable[tuple[str, Iterable[str]]]) -> None:
+def write_negatives(path: PathLike, negatives: Iterable[tuple[str, Iterable[str]]]) -> None:
     """Write ``(qid, ranked dids)`` pairs in the format above."""
-    with open(path, "w", encoding="utf-8") as f:
+    with as_path(path).open("w") as f:  # epath opens text as UTF-8
         for qid, dids in negatives:
             f.write(json.dumps({"qid": qid, "neg_cand_list": list(dids)}) + "\n")

@@ -27,12 +27,13 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol, overload, runtime_checkable
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
+from mmret.atomic_dir import PathLike, as_path, is_local
 from mmret.data.bad_records import POSITIVE_NOT_IN_POOL, BadRecordError, BadRecords
 from mmret.data.example import Example, Part
 from mmret.data.images import MISSING, UNSAFE_PATH, BadImageError, load_image, load_image_bytes, unsafe_path_reason
@@ -99,15 +100,15 @@ class RawStore(MBeirStore):
 
     def __init__(
         self,
-        root: str | Path,
+        root: PathLike,
         split: str = "train",
         tasks: Sequence[str | DatasetTask] | None = None,
         *,
-        negatives_file: str | Path | None = None,
+        negatives_file: PathLike | None = None,
         bad: BadRecords | None = None,
         query_file: str = "auto",
     ):
-        self.root = Path(root)
+        self.root = as_path(root)
         self.bad = BadRecords("error") if bad is None else bad
         self.query_file = union_file(self.root, split, query_file)
         if self.query_file is not None:
@@ -146,7 +147,7 @@ class RawStore(MBeirStore):
 class _Reader:
     """The data sources and lookup tables of one split of a build, opened lazily in each process."""
 
-    def __init__(self, build: Path, split: str, cache_size: int) -> None:
+    def __init__(self, build: epath.Path, split: str, cache_size: int) -> None:
         self.build, self.split, self.cache_size = build, split, cache_size
         self._reset()
 
@@ -182,16 +183,24 @@ class _Reader:
                 if ds is None:
                     import tensorflow_datasets as tfds
 
+                    # A build on gs:// opens here, but its records only once array_record reads gs://
+                    # (google/array_record#120: its reader opens local files).
                     builder = tfds.builder_from_directory(str(dataset_dir(self.build, name)))
                     ds = self._sources[name] = builder.as_data_source(split=self.split)
         return ds
 
     def array(self, name: str) -> np.ndarray:
-        """``index/<split>/<name>.npy``, memory-mapped (shared by every process through the page cache)."""
+        """``index/<split>/<name>.npy``, memory-mapped on a local disk (shared by every process through the
+        page cache), else read into memory."""
         self._check_pid()
         arr = self._arrays.get(name)
         if arr is None:
-            arr = np.load(self.build / "index" / self.split / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            path = self.build / "index" / self.split / f"{name}.npy"
+            if is_local(path):
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:  # memory-mapping needs a local file: read the table whole
+                with path.open("rb") as f:
+                    arr = np.load(f, allow_pickle=False)
             self._arrays[name] = arr
         return arr
 
@@ -326,17 +335,17 @@ class ArrayRecordStore(MBeirStore):
 
     def __init__(
         self,
-        build: str | Path,
+        build: PathLike,
         split: str = "train",
         tasks: Sequence[str | DatasetTask] | None = None,
         *,
-        negatives_file: str | Path | None = None,
+        negatives_file: PathLike | None = None,
         bad: BadRecords | None = None,
         keep_src_content: bool = False,
         image_cache_size: int = 64,
         query_file: str = "auto",
     ) -> None:
-        self.build = Path(build)
+        self.build = as_path(build)
         self.split = split
         self.manifest = read_manifest(self.build)
         info = self.manifest["splits"].get(split)
@@ -423,8 +432,8 @@ class EvalStore(MBeirStore):
     does not use them, and ``negatives`` is None). Query records go to one :class:`BadRecords` per task
     (``query_bad``, with the policy of ``bad``), the others to ``bad``."""
 
-    def __init__(self, root: str | Path, split: str, tasks: Sequence[str], pools: Sequence[str], bad: BadRecords):
-        self.root = Path(root)
+    def __init__(self, root: PathLike, split: str, tasks: Sequence[str], pools: Sequence[str], bad: BadRecords):
+        self.root = as_path(root)
         self.negatives: Mapping[str, tuple[str, ...]] | None = None
         self.bad = bad
         path = instructions_path(self.root)

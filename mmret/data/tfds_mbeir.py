@@ -32,6 +32,10 @@ stops the build (``on_bad_record="error"``, naming ``file:line``) or is skipped 
 (``"skip"``; a query whose positive was skipped is then skipped too). Records keep the reader's order,
 so :class:`~mmret.data.stores.ArrayRecordStore` (the store reading a build) and
 :class:`~mmret.data.stores.RawStore` index the same queries alike.
+
+The root and the build may be on any file system :mod:`etils.epath` reads (``gs://``, ...). ArrayRecord
+opens local files only (google/array_record#120), so off a local disk each shard is written to a local
+staging file and uploaded as it closes; reading such a build back needs an array_record that reads it.
 """
 
 from __future__ import annotations
@@ -43,15 +47,16 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from etils import epath
 
-from mmret.atomic_dir import atomic_output_dir
+from mmret.atomic_dir import PathLike, absolute, as_path, atomic_output_dir, is_local
 from mmret.data.bad_records import BAD_ID, BAD_IMAGE, DUPLICATE_ID, BadRecordError, BadRecords, OnBadRecord
 from mmret.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -102,9 +107,9 @@ class BuildError(Exception):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def dataset_dir(build: str | Path, name: str) -> Path:
+def dataset_dir(build: PathLike, name: str) -> epath.Path:
     """The TFDS builder directory of ``name`` (:data:`QUERIES` or :data:`CANDIDATES`) in a build."""
-    return Path(build) / name / TFDS_VERSION
+    return as_path(build) / name / TFDS_VERSION
 
 
 def path_key(path: str) -> int:
@@ -126,9 +131,9 @@ def _features(name: str) -> Any:
     return tfds.features.FeaturesDict(spec)
 
 
-def read_manifest(build: str | Path) -> dict[str, Any]:
+def read_manifest(build: PathLike) -> dict[str, Any]:
     """The build's manifest; :class:`BuildError` when ``build`` is not an mmret TFDS build."""
-    path = Path(build) / MANIFEST
+    path = as_path(build) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -147,22 +152,33 @@ def read_manifest(build: str | Path) -> dict[str, Any]:
 class _ShardWriter:
     """One split of one TFDS dataset: contiguous ArrayRecord shards, named ``-XXXXX-of-YYYYY`` on close."""
 
-    def __init__(self, directory: Path, name: str, split: str, *, per_shard: int | None, shard_bytes: int) -> None:
+    def __init__(
+        self, directory: epath.Path, name: str, split: str, *, per_shard: int | None, shard_bytes: int
+    ) -> None:
         self.directory, self.name, self.split = directory, name, split
         self.per_shard, self.shard_bytes = per_shard, shard_bytes
         self.shard_lengths: list[int] = []
         self.num_bytes = self.num_records = 0
         self._writer: Any = None
         self._count = self._bytes = 0
+        # ArrayRecord's writer opens local files only: off a local disk each shard is written to a
+        # local staging file, then uploaded under its partial name when it closes.
+        self._staging = None if is_local(directory) else tempfile.TemporaryDirectory(prefix="mmret-array-record-")
 
-    def _partial(self, index: int) -> Path:
+    def _partial(self, index: int) -> epath.Path:
         return self.directory / f".{self.name}-{self.split}.array_record-{index:05d}.partial"
+
+    def _open_file(self) -> str:
+        """Where the open shard is written: its partial file, or the local staging file."""
+        if self._staging is None:
+            return str(self._partial(len(self.shard_lengths)))
+        return os.path.join(self._staging.name, "shard.array_record")
 
     def write(self, data: bytes) -> None:
         if self._writer is None:
             from array_record.python.array_record_module import ArrayRecordWriter
 
-            self._writer = ArrayRecordWriter(str(self._partial(len(self.shard_lengths))), ARRAY_RECORD_OPTIONS)
+            self._writer = ArrayRecordWriter(self._open_file(), ARRAY_RECORD_OPTIONS)
         self._writer.write(data)
         self._count += 1
         self.num_records += 1
@@ -176,6 +192,10 @@ class _ShardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if self._staging is not None:
+                staged = self._open_file()
+                as_path(staged).copy(self._partial(len(self.shard_lengths)), overwrite=True)
+                os.remove(staged)
             self.shard_lengths.append(self._count)
             self._count = self._bytes = 0
 
@@ -184,8 +204,10 @@ class _ShardWriter:
         import tensorflow_datasets as tfds
 
         self._close_shard()
+        if self._staging is not None:
+            self._staging.cleanup()
         n = len(self.shard_lengths)
-        for i in range(n):
+        for i in range(n):  # on an object store each rename is a copy
             self._partial(i).rename(self.directory / f"{self.name}-{self.split}.array_record-{i:05d}-of-{n:05d}")
         return tfds.core.SplitInfo(name=self.split, shard_lengths=list(self.shard_lengths), num_bytes=self.num_bytes)
 
@@ -209,7 +231,7 @@ def _read_image_job(args: tuple[str, str, int, bool]) -> tuple[bytes | None, Bad
 class _ImageReader:
     """Reads the images of records in order, checking each distinct path once (optionally in processes)."""
 
-    def __init__(self, root: Path, max_pixels: int, num_workers: int) -> None:
+    def __init__(self, root: epath.Path, max_pixels: int, num_workers: int) -> None:
         self.root, self.max_pixels = str(root), max_pixels
         self.good: set[int] = set()  # path keys already decoded fine
         self.bad: dict[str, BadImageError] = {}
@@ -285,7 +307,9 @@ class _SplitBuilder:
 
     def _rel(self, where: str) -> str:
         file, _, line = where.rpartition(":")
-        return f"{os.path.relpath(file, self.b.root)}:{line}"
+        root = self.b.root
+        rel = os.path.relpath(file, root) if is_local(root) else str(as_path(file).relative_to(root))
+        return f"{rel}:{line}"
 
     def _flush(
         self, pending: list[_Pending], writer: _ShardWriter, serializer: Any, features: Any, on_written: Callable
@@ -332,7 +356,7 @@ class _SplitBuilder:
 
     # -- candidates
 
-    def _pool_sources(self) -> list[Path]:
+    def _pool_sources(self) -> list[epath.Path]:
         union = global_pool_path(self.b.root, self.split)
         if self.union is not None:  # a union query file reads the union pool, as RawStore
             if not union.is_file():
@@ -346,7 +370,7 @@ class _SplitBuilder:
             raise BuildError(f"{missing[0]}: no {self.split} pool ({union.name} is not there either)")
         return list(dict.fromkeys(paths))
 
-    def _candidates(self, sources: list[Path]) -> Iterator[_Pending]:
+    def _candidates(self, sources: list[epath.Path]) -> Iterator[_Pending]:
         union = len(sources) > 1
         fingerprints: dict[str, tuple[Any, ...]] = {}
         yielded: set[str] = set()
@@ -468,32 +492,38 @@ class _SplitBuilder:
         return query_info, cand_info
 
     def _write_index(self) -> None:
-        d = self.b.tmp / "index" / self.split
+        d = as_path(self.b.tmp) / "index" / self.split
         d.mkdir(parents=True)
         dids = np.array(self.dids, dtype=np.bytes_)
         order = np.argsort(dids, kind="stable")
-        np.save(d / "dids.npy", dids)
-        np.save(d / "did_sorted.npy", dids[order])
-        np.save(d / "did_rows.npy", order.astype(np.int64))
-        np.save(d / "query_tasks.npy", np.frombuffer(self.query_tasks, dtype=np.int16))
-        np.save(d / "query_copies.npy", np.frombuffer(self.query_copies, dtype=np.int32))
+        _save(d / "dids.npy", dids)
+        _save(d / "did_sorted.npy", dids[order])
+        _save(d / "did_rows.npy", order.astype(np.int64))
+        _save(d / "query_tasks.npy", np.frombuffer(self.query_tasks, dtype=np.int16))
+        _save(d / "query_copies.npy", np.frombuffer(self.query_copies, dtype=np.int32))
         keys = np.frombuffer(self.image_keys, dtype=np.uint64)
         rows = np.frombuffer(self.image_rows, dtype=np.int64)
         order = np.argsort(keys, kind="stable")
         keys, rows = keys[order], rows[order]
         first = np.ones(len(keys), dtype=bool)
         first[1:] = keys[1:] != keys[:-1]  # a path used by several records: keep its first record
-        np.save(d / "image_keys.npy", keys[first])
-        np.save(d / "image_rows.npy", rows[first])
+        _save(d / "image_keys.npy", keys[first])
+        _save(d / "image_rows.npy", rows[first])
 
 
-def _count_lines(paths: Iterable[Path]) -> int:
+def _save(path: epath.Path, array: np.ndarray) -> None:
+    """``np.save`` to ``path`` on any file system."""
+    with path.open("wb") as f:
+        np.save(f, array)
+
+
+def _count_lines(paths: Iterable[epath.Path]) -> int:
     """An upper bound on the records of some JSON-lines files (their newline count), for shard sizes."""
     n = 0
     for path in paths:
         if not path.is_file():
             continue
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             while chunk := f.read(1 << 24):
                 n += chunk.count(b"\n")
             n += 1
@@ -524,7 +554,7 @@ class _KeySet(Mapping[str, None]):
 class BuildReport:
     """What a build wrote: per split ``{"queries": n, "candidates": m}``, the skip report, sizes, timing."""
 
-    out: Path
+    out: epath.Path
     counts: dict[str, dict[str, int]]
     bad: BadRecords
     num_bytes: int
@@ -544,8 +574,8 @@ class BuildReport:
 
 @dataclasses.dataclass
 class _Build:
-    root: Path
-    tmp: Path
+    root: epath.Path
+    tmp: Path | epath.Path  # a pathlib.Path on a local disk (mmret.atomic_dir)
     tasks: tuple[DatasetTask, ...] | None
     bad: BadRecords
     images: _ImageReader
@@ -583,8 +613,8 @@ class _LogStream:
 
 
 def build_tfds_mbeir(
-    mbeir_root: str | Path,
-    out: str | Path,
+    mbeir_root: PathLike,
+    out: PathLike,
     *,
     splits: Sequence[str] = SPLITS,
     tasks: Sequence[str | DatasetTask] | None = None,
@@ -593,7 +623,7 @@ def build_tfds_mbeir(
     on_bad_record: OnBadRecord = "error",
     bad: BadRecords | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    negatives_file: str | Path | None = None,
+    negatives_file: PathLike | None = None,
     num_workers: int = 0,
     progress_every: float | None = None,
     log: Callable[[str], None] | None = None,
@@ -620,7 +650,7 @@ def build_tfds_mbeir(
     without ``log`` and ``progress_out`` none is). ``bad`` (a :class:`BadRecords`) replaces ``on_bad_record`` and
     collects the skips. Raises :class:`BadRecordError` (under ``"error"``) or :class:`BuildError`.
     """
-    root = Path(mbeir_root)
+    root = as_path(mbeir_root)
     if not root.is_dir():
         raise BuildError(f"{root}: M-BEIR root is not a directory")
     splits = list(dict.fromkeys(splits))
@@ -671,13 +701,13 @@ def build_tfds_mbeir(
             if instructions.is_file():
                 read_instructions(instructions, bad=bad)  # validate
                 (tmp / "instructions").mkdir()
-                shutil.copyfile(instructions, tmp / "instructions" / instructions.name)
+                instructions.copy(as_path(tmp) / "instructions" / instructions.name)
             _write_tfds_metadata(tmp, infos, b.features)
             num_bytes = sum(i.num_bytes for v in infos.values() for i in v)
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
-                "source_root": str(root.absolute()),
+                "source_root": absolute(root),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "tasks": None if task_list is None else [t.name for t in task_list],
                 "max_pixels": max_pixels,
@@ -694,10 +724,10 @@ def build_tfds_mbeir(
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     finally:
         images.close()
-    return BuildReport(Path(out), counts, bad, num_bytes, images.num_checked, time.perf_counter() - start)
+    return BuildReport(as_path(out), counts, bad, num_bytes, images.num_checked, time.perf_counter() - start)
 
 
-def _write_tfds_metadata(tmp: Path, infos: Mapping[str, list[Any]], features: Mapping[str, Any]) -> None:
+def _write_tfds_metadata(tmp: PathLike, infos: Mapping[str, list[Any]], features: Mapping[str, Any]) -> None:
     import tensorflow_datasets as tfds
 
     for name, split_infos in infos.items():

@@ -17,10 +17,13 @@ Reuse is keyed (:func:`embed_key`, the manifest less ``dim`` and ``skipped``): t
 with the checkpoint directory's mtime; or the model source, with the size and mtime of its top-level
 files), the processor files, the model / LoRA / encoder / processor settings, the embedding settings,
 the tasks and pools, the M-BEIR root and a fingerprint of every record file read (the query files,
-pools and instructions: size and mtime_ns each, :func:`file_stamps`; no content hashing, so a file
-rewritten with its size and mtime restored goes unnoticed, and image files are not stamped). When the
-key of an existing directory differs in anything, the whole directory is recomputed: it is renamed away
-(one atomic step), deleted, and embedded anew, so shards of two keys never mix.
+pools and instructions: size and mtime_ns each, :func:`file_stamps`, whole seconds on an object store;
+no content hashing, so a file rewritten with its size and mtime restored goes unnoticed, and image
+files are not stamped). When the key of an existing directory differs in anything, the whole directory
+is recomputed: it is removed (:func:`replace_stale`) and embedded anew, so shards of two keys never mix.
+
+The root and the output may be on any file system :mod:`etils.epath` reads (``gs://`` included; see
+:mod:`mmret.atomic_dir` for what atomic writes mean there).
 
 Test queries are checked like training queries: each query's own-dataset positives
 (:func:`mmret.data.mbeir.restrict_positives`; OVEN/InfoSeek's copies in the other dataset are only in
@@ -48,15 +51,15 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mmret import sharding
-from mmret.atomic_dir import write_atomic
+from mmret.atomic_dir import PathLike, absolute, as_path, is_local, stamp, write_atomic
 from mmret.build import processor_dir
 from mmret.checkpoints import load_trained, resolve_step, step_dir
 from mmret.data.bad_records import BadRecords
@@ -79,48 +82,45 @@ MEMBERS = "members.json"
 
 
 def load_encoder(
-    cfg: TrainerConfig, *, workdir: str | Path | None = None, step: int = 0, max_image_patches: int = 0
+    cfg: TrainerConfig, *, workdir: PathLike | None = None, step: int = 0, max_image_patches: int = 0
 ) -> Encoder:
     """The embedder of a run of ``cfg`` at ``step`` (0: before training, i.e. the model source), with
     LoRA adapters merged into plain weights; in host memory (:func:`mmret.checkpoints.load_trained`)."""
     return load_trained(cfg, workdir, step, max_image_patches=max_image_patches).encoder
 
 
-def source_of(cfg: TrainerConfig, workdir: str | Path | None, step: int) -> dict[str, Any]:
+def source_of(cfg: TrainerConfig, workdir: PathLike | None, step: int) -> dict[str, Any]:
     """What an embeddings directory was made from (compared on resumption): a run's checkpoint (its
     directory's mtime_ns, which a checkpoint saved anew under the same step changes), or the model
     source with the size and mtime of the files directly in it."""
     m = cfg.model
     if workdir is not None and step:
         ckpt = step_dir(workdir, step)
-        return {"workdir": str(Path(workdir).absolute()), "step": step, "mtime_ns": ckpt.stat().st_mtime_ns}
+        return {"workdir": absolute(workdir), "step": step, "mtime_ns": stamp(ckpt)[1]}
     source: dict[str, Any] = {"hf_dir": m.hf_dir, "checkpoint": m.checkpoint, "preset": m.preset, "seed": m.seed}
     if workdir is not None:
-        source = {"workdir": str(Path(workdir).absolute()), "step": 0, **source}
+        source = {"workdir": absolute(workdir), "step": 0, **source}
     for key in ("hf_dir", "checkpoint"):
         if source[key]:
             source["files"] = dir_stamps(source[key])
     return source
 
 
-def file_stamp(path: Path) -> list[int]:
-    """``[size, mtime_ns]`` of a file: its fingerprint (cheap: no reading)."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+def file_stamps(root: PathLike, paths: Sequence[PathLike]) -> dict[str, list[int]]:
+    """``path relative to root -> [size, mtime_ns]`` of each file (:func:`mmret.atomic_dir.stamp`; all must exist)."""
+    root = as_path(root)
+    out = {}
+    for p in map(as_path, paths):
+        out[p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)] = stamp(p)
+    return out
 
 
-def file_stamps(root: str | Path, paths: Sequence[Path]) -> dict[str, list[int]]:
-    """``path relative to root -> [size, mtime_ns]`` of each file (all must exist)."""
-    root = Path(root)
-    return {p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p): file_stamp(p) for p in paths}
-
-
-def dir_stamps(directory: str | Path) -> dict[str, list[int]]:
-    """:func:`file_stamp` of each file directly in ``directory`` (subdirectories: their mtime only)."""
-    d = Path(directory)
+def dir_stamps(directory: PathLike) -> dict[str, list[int]]:
+    """:func:`mmret.atomic_dir.stamp` of each file directly in ``directory`` (subdirectories: their mtime only)."""
+    d = as_path(directory)
     if not d.is_dir():
         return {}
-    return {p.name: file_stamp(p) if p.is_file() else [0, p.stat().st_mtime_ns] for p in sorted(d.iterdir())}
+    return {p.name: stamp(p) if p.is_file() else [0, stamp(p)[1]] for p in sorted(d.iterdir())}
 
 
 # ============================================================================================= the work
@@ -152,7 +152,7 @@ def groups(store: EvalStore, tasks: Sequence[str], pools: Sequence[str]) -> list
 # ============================================================================================ embedding
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: PathLike, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
@@ -169,12 +169,12 @@ def _primary_view(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _done_shards(directory: Path, n: int) -> np.ndarray:
+def _done_shards(directory: epath.Path, n: int) -> np.ndarray:
     """Which of ``n`` shards exist, as the primary process sees them."""
     return _primary_view(np.array([(directory / shard_name(i)).is_file() for i in range(n)], dtype=bool))
 
 
-def _finished(out: Path, key: dict[str, Any]) -> bool:
+def _finished(out: epath.Path, key: dict[str, Any]) -> bool:
     """Whether ``out`` holds every group of ``key`` complete under that very key (then nothing is read
     or loaded), as the primary process sees it."""
     names = [f"queries/{t}" for t in key["tasks"]]
@@ -245,7 +245,7 @@ def _host_slots(items: Sequence[Any], batch: int) -> tuple[list[Any], list[int]]
 
 def embed_group(
     group: Group,
-    out: Path,
+    out: epath.Path,
     store: EvalStore,
     processor: Processor,
     embedder: Embedder,
@@ -319,7 +319,7 @@ def eval_root(cfg: TrainerConfig, ecfg: EvalConfig) -> str:
 
 
 def embed_key(
-    cfg: TrainerConfig, ecfg: EvalConfig, *, workdir: str | Path | None = None, step: int = 0
+    cfg: TrainerConfig, ecfg: EvalConfig, *, workdir: PathLike | None = None, step: int = 0
 ) -> dict[str, Any]:
     """Everything an embeddings directory depends on (see the module docstring); JSON-ready, cheap (file
     stats only). Raises ``FileNotFoundError`` for a missing root or record file."""
@@ -330,7 +330,7 @@ def embed_key(
     key = {
         "version": 2,
         "source": source_of(cfg, workdir, step),
-        "mbeir_root": str(Path(root).absolute()),
+        "mbeir_root": absolute(root),
         "split": ecfg.split,
         "tasks": tasks,
         "pools": list(ecfg.pools),
@@ -355,10 +355,10 @@ def key_of(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in manifest.items() if k not in MANIFEST_OUTPUTS}
 
 
-def stale_reason(directory: str | Path, key: dict[str, Any]) -> str | None:
+def stale_reason(directory: PathLike, key: dict[str, Any]) -> str | None:
     """Why the embeddings in ``directory`` cannot be reused for ``key`` (the differing fields, e.g.
     ``data_files (cand_pool/local/x.jsonl)``), or None when they can (or there is nothing there)."""
-    path = Path(directory) / MANIFEST
+    path = as_path(directory) / MANIFEST
     if not path.is_file():
         return None
     old = key_of(json.loads(path.read_text()))
@@ -378,10 +378,12 @@ def stale_reason(directory: str | Path, key: dict[str, Any]) -> str | None:
 _EMBEDDINGS_ENTRIES = {MANIFEST, "queries", "pools"}
 
 
-def replace_stale(directory: str | Path, reason: str) -> None:
-    """Remove an embeddings directory made for another key: renamed away in one atomic step, then
-    deleted. Refuses a directory holding anything an embedding run does not write."""
-    directory = Path(directory)
+def replace_stale(directory: PathLike, reason: str) -> None:
+    """Remove an embeddings directory made for another key: on a local disk renamed away in one atomic
+    step, then deleted; on an object store (where a rename is a copy) deleted in place, the manifest
+    last, so that an interrupted removal still reads as stale. Refuses a directory holding anything an
+    embedding run does not write."""
+    directory = as_path(directory)
     foreign = sorted(p.name for p in directory.iterdir() if p.name not in _EMBEDDINGS_ENTRIES and p.name[0] != ".")
     if foreign:
         raise ValueError(
@@ -389,6 +391,12 @@ def replace_stale(directory: str | Path, reason: str) -> None:
             f"{', '.join(foreign[:3])}: not deleting it; remove it or write to a new directory"
         )
     print(f"embeddings in {directory} are stale ({reason} changed): recomputing them", flush=True)
+    if not is_local(directory):
+        for p in directory.iterdir():
+            if p.name in _EMBEDDINGS_ENTRIES - {MANIFEST}:
+                p.rmtree()
+        (directory / MANIFEST).unlink(missing_ok=True)
+        return
     trash = directory.with_name(f".{directory.name}.stale-{os.getpid()}-{time.time_ns()}")
     directory.rename(trash)
     shutil.rmtree(trash)
@@ -396,18 +404,18 @@ def replace_stale(directory: str | Path, reason: str) -> None:
 
 def embed(
     cfg: TrainerConfig,
-    out: str | Path,
+    out: PathLike,
     ecfg: EvalConfig | None = None,
     *,
-    workdir: str | Path | None = None,
+    workdir: PathLike | None = None,
     step: int | None = None,
     encoder: Encoder | None = None,
-) -> Path:
+) -> epath.Path:
     """Embed the test queries and pools of ``ecfg`` into ``out``; resumable. With ``workdir`` the model
     is that run's checkpoint ``step`` (None: the latest; 0: the model before training); else the
     model source of ``cfg.model``. ``encoder`` skips loading (it must be what those arguments name)."""
     ecfg = cfg.eval if ecfg is None else ecfg
-    out = Path(out)
+    out = as_path(out)
     root = eval_root(cfg, ecfg)
     if workdir is not None:
         step = resolve_step(workdir, step)
@@ -453,8 +461,8 @@ def embed(
 class Embeddings:
     """Read an embeddings directory: per task queries, local pools, the global pool."""
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    def __init__(self, directory: PathLike):
+        self.directory = as_path(directory)
         path = self.directory / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not an embeddings directory (run tools/embed.py first)")
@@ -480,7 +488,7 @@ class Embeddings:
         ids: list[str] = []
         vectors = []
         for i in range(info["shards"]):
-            with np.load(directory / shard_name(i), allow_pickle=False) as z:
+            with (directory / shard_name(i)).open("rb") as f, np.load(f, allow_pickle=False) as z:
                 ids += z["ids"].tolist()
                 vectors.append(z["embeddings"])
         dim = int(self.manifest["dim"])

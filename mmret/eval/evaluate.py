@@ -22,11 +22,11 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmret.atomic_dir import PathLike, absolute, as_path
 from mmret.data.mbeir import dataset_task, qrels_path, read_qrels
 from mmret.eval.embed import Embeddings, file_stamps, key_of
 from mmret.eval.index import ExactIndex, ScannIndex, build_index, exact_search, recall_against_exact
@@ -40,7 +40,7 @@ log = logging.getLogger("mmret.eval")
 MIN_DEPTH = 10
 
 
-def positives_for(root: str | Path, split: str, tasks: Sequence[str]) -> dict[str, tuple[str, ...]]:
+def positives_for(root: PathLike, split: str, tasks: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """qid -> positive dids from the qrels files of the tasks (one file per dataset-task)."""
     out: dict[str, tuple[str, ...]] = {}
     for task in tasks:
@@ -82,7 +82,7 @@ def jsonable(obj: Any) -> Any:
 
 def report_key(
     embeddings_key: Mapping[str, Any],
-    mbeir_root: str | Path,
+    mbeir_root: PathLike,
     pool: str,
     tasks: Sequence[str],
     *,
@@ -96,7 +96,7 @@ def report_key(
     return jsonable(
         {
             "embeddings": embeddings_key,
-            "mbeir_root": str(Path(mbeir_root).absolute()),
+            "mbeir_root": absolute(mbeir_root),
             "qrels_files": file_stamps(mbeir_root, [qrels_path(mbeir_root, split, t) for t in tasks]),
             "pool": pool,
             "tasks": list(tasks),
@@ -150,10 +150,10 @@ def search_info(index: ExactIndex | ScannIndex) -> dict[str, Any]:
 
 
 def evaluate(
-    embeddings: str | Path,
-    mbeir_root: str | Path,
+    embeddings: PathLike,
+    mbeir_root: PathLike,
     pool: str,
-    out: str | Path,
+    out: PathLike,
     *,
     search: SearchConfig | None = None,
     top: int = 50,
@@ -170,7 +170,7 @@ def evaluate(
     missing = [t for t in tasks if t not in emb.tasks]
     if missing:
         raise ValueError(f"{embeddings}: task {missing[0]} was not embedded (have: {', '.join(emb.tasks)})")
-    out = Path(out)
+    out = as_path(out)
     out.mkdir(parents=True, exist_ok=True)
     positives = positives_for(mbeir_root, emb.manifest["split"], tasks)
     fingerprint = report_key(
@@ -219,7 +219,7 @@ def evaluate(
         **({"other_records": skipped["other_records"]} if "other_records" in skipped else {}),
     }
     extra: dict[str, Any] = {
-        "embeddings": str(Path(embeddings).absolute()),
+        "embeddings": absolute(embeddings),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return write_report(

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from mmret.atomic_dir import atomic_output_dir
+from mmret.atomic_dir import PathLike, as_path, atomic_output_dir, is_local
 from mmret.recipe import SearchConfig
 
 log = logging.getLogger("mmret.eval")
@@ -119,12 +120,12 @@ def exact_search(
 # --- indexes --------------------------------------------------------------------------------------------------
 
 
-def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
-    (directory / "index.json").write_text(json.dumps({"format": INDEX_FORMAT, **meta}, indent=2) + "\n")
+def _write_meta(directory: PathLike, meta: dict[str, Any]) -> None:
+    (as_path(directory) / "index.json").write_text(json.dumps({"format": INDEX_FORMAT, **meta}, indent=2) + "\n")
 
 
-def _read_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / "index.json"
+def _read_meta(directory: PathLike) -> dict[str, Any]:
+    path = as_path(directory) / "index.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index.json (not a saved index)")
     meta = json.loads(path.read_text())
@@ -157,19 +158,25 @@ class ExactIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return exact_search(queries, self.vectors, k, chunk=self.chunk)
 
-    def save(self, directory: str | Path, *, force: bool = False) -> None:
+    def save(self, directory: PathLike, *, force: bool = False) -> None:
         """Write ``vectors.npy`` and ``index.json`` (atomically: the directory appears whole or not at all)."""
-        with atomic_output_dir(directory, force=force) as tmp:
-            np.save(tmp / "vectors.npy", self.vectors)
+        with atomic_output_dir(directory, force=force) as tmp, (tmp / "vectors.npy").open("wb") as f:
+            np.save(f, self.vectors)
             _write_meta(tmp, {"kind": self.kind, "size": self.size, "dim": self.dim, "chunk": self.chunk})
 
     @classmethod
-    def load(cls, directory: str | Path, *, mmap: bool = False) -> ExactIndex:
-        """Load a saved index; ``mmap=True`` maps the vectors instead of reading them into memory."""
+    def load(cls, directory: PathLike, *, mmap: bool = False) -> ExactIndex:
+        """Load a saved index; ``mmap=True`` maps the vectors instead of reading them into memory (on a
+        local disk: memory-mapping needs a local file)."""
         meta = _read_meta(directory)
         if meta.get("kind") != cls.kind:
             raise ValueError(f"{directory}: index kind is {meta.get('kind')!r}, not {cls.kind!r}")
-        vectors = np.load(Path(directory) / "vectors.npy", mmap_mode="r" if mmap else None)
+        path = as_path(directory) / "vectors.npy"
+        if is_local(path):
+            vectors = np.load(path, mmap_mode="r" if mmap else None)
+        else:
+            with path.open("rb") as f:
+                vectors = np.load(f)
         return cls(vectors, chunk=int(meta["chunk"]))
 
 
@@ -254,19 +261,38 @@ class ScannIndex:
             scores[q0 : q0 + len(q)] = np.take_along_axis(s, order, axis=1)
         return ids, scores
 
-    def save(self, directory: str | Path, *, force: bool = False) -> None:
+    def save(self, directory: PathLike, *, force: bool = False) -> None:
         """Serialise the searcher (paths relative to the directory) and write ``index.json``, atomically."""
         with atomic_output_dir(directory, force=force) as tmp:
-            self.searcher.serialize(str(tmp), relative_path=True)
+            if is_local(tmp):
+                self.searcher.serialize(str(tmp), relative_path=True)
+            else:  # ScaNN writes local files only: serialise to a local directory, then copy it up
+                with tempfile.TemporaryDirectory(prefix="mmret-scann-") as local:
+                    self.searcher.serialize(local, relative_path=True)
+                    _copy_files(as_path(local), as_path(tmp))
             _write_meta(tmp, {"kind": self.kind, "size": self.size, "dim": self.dim, "params": self.params})
 
     @classmethod
-    def load(cls, directory: str | Path) -> ScannIndex:
+    def load(cls, directory: PathLike) -> ScannIndex:
         meta = _read_meta(directory)
         if meta.get("kind") != cls.kind:
             raise ValueError(f"{directory}: index kind is {meta.get('kind')!r}, not {cls.kind!r}")
-        searcher = _scann().scann_ops_pybind.load_searcher(str(directory))
+        if is_local(directory):
+            searcher = _scann().scann_ops_pybind.load_searcher(str(directory))
+        else:  # ScaNN reads local files only: copy the index down first
+            with tempfile.TemporaryDirectory(prefix="mmret-scann-") as local:
+                _copy_files(as_path(directory), as_path(local))
+                searcher = _scann().scann_ops_pybind.load_searcher(local)
         return cls(searcher, size=int(meta["size"]), dim=int(meta["dim"]), params=meta["params"])
+
+
+def _copy_files(src: epath.Path, dst: epath.Path) -> None:
+    """Copy every file under ``src`` to the same relative path under ``dst`` (across file systems)."""
+    for directory, _, files in src.walk():
+        target = dst / directory.relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            (directory / name).copy(target / name, overwrite=True)
 
 
 def _cpu_count() -> int:
@@ -311,7 +337,7 @@ def build_index(vectors: np.ndarray, cfg: SearchConfig = _DEFAULT, *, k: int = 5
     return ScannIndex.build(vectors, cfg, k=k)
 
 
-def load_index(directory: str | Path) -> ExactIndex | ScannIndex:
+def load_index(directory: PathLike) -> ExactIndex | ScannIndex:
     """Load an index saved by ``ExactIndex.save`` or ``ScannIndex.save`` (its ``index.json`` names the kind)."""
     kind = _read_meta(directory).get("kind")
     if kind == ExactIndex.kind:

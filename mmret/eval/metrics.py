@@ -15,11 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from mmret.atomic_dir import write_atomic  # noqa: F401 (re-exported: report.py and tests use it from here)
+from mmret.atomic_dir import (
+    PathLike,
+    as_path,
+    write_atomic,  # noqa: F401 (re-exported: report.py and tests use it from here)
+)
 from mmret.data.mbeir import DatasetTask, dataset_task
 
 #: The k of the Recall@k computed for every task (the headline k, 5 or 10, is among them).
@@ -143,7 +146,7 @@ def _format_score(score: float | np.floating) -> str:
 
 
 def write_trec(
-    path: str | Path,
+    path: PathLike,
     qids: Sequence[str],
     ranked_dids: Sequence[Sequence[str]],
     scores: Sequence[Sequence[float]],
@@ -174,10 +177,10 @@ def write_trec(
     write_atomic(path, "".join(lines).encode())
 
 
-def read_trec(path: str | Path) -> dict[str, list[tuple[str, float]]]:
+def read_trec(path: PathLike) -> dict[str, list[tuple[str, float]]]:
     """Read a TREC run file into ``qid -> [(did, score), ...]`` ordered by the rank column."""
     runs: dict[str, list[tuple[int, str, float]]] = {}
-    with open(path, encoding="utf-8") as f:
+    with as_path(path).open("r") as f:  # epath reads text as UTF-8
         for lineno, line in enumerate(f, 1):
             fields = line.split()
             if not fields:

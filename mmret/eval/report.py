@@ -13,9 +13,9 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
+from mmret.atomic_dir import PathLike, as_path
 from mmret.data.mbeir import EVAL_TASKS, dataset_task
 from mmret.eval import published
 from mmret.eval.metrics import KS, TaskResult, average, write_atomic
@@ -209,7 +209,7 @@ def _png(report: dict[str, Any]) -> bytes:
 
 
 def write_report(
-    out_dir: str | Path,
+    out_dir: PathLike,
     *,
     results: Mapping[str, TaskResult],
     mbeir_root: str,
@@ -279,17 +279,17 @@ def write_report(
     if extra is not None:
         report["extra"] = dict(extra)
     text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"  # fails before any write
-    out = Path(out_dir)
+    out = as_path(out_dir)
     write_atomic(out / REPORT_PNG, _png(report))
     write_atomic(out / REPORT_MD, _markdown(report).encode())
     write_atomic(out / REPORT_JSON, text.encode())
     return json.loads(text)
 
 
-def read_report(out_dir: str | Path) -> dict:
+def read_report(out_dir: PathLike) -> dict:
     """The dict in ``out_dir/report.json``."""
-    path = Path(out_dir) / REPORT_JSON
-    with open(path, encoding="utf-8") as f:
+    path = as_path(out_dir) / REPORT_JSON
+    with path.open("r") as f:  # epath reads text as UTF-8
         report = json.load(f)
     if not isinstance(report, dict) or not isinstance(report.get("tasks"), dict):
         raise ValueError(f"{path}: not an M-BEIR report")

@@ -13,11 +13,12 @@ where it stopped. A missing root or record file is an error before anything is r
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
+from mmret.atomic_dir import PathLike, as_path
 from mmret.checkpoints import resolve_step
 from mmret.eval.embed import embed, embed_key, eval_root
 from mmret.eval.evaluate import evaluate, report_key
@@ -27,11 +28,12 @@ from mmret.recipe import TrainerConfig
 REPORT = "report.json"
 
 
-def eval_dir(workdir: str | Path, step: int) -> Path:
-    return Path(workdir) / "eval" / str(step)
+def eval_dir(workdir: PathLike, step: int) -> epath.Path:
+    """``<workdir>/eval/<step>``: the embeddings and reports of a run's checkpoint ``step``."""
+    return as_path(workdir) / "eval" / str(step)
 
 
-def evaluate_run(cfg: TrainerConfig, workdir: str | Path, step: int | None = None) -> dict[str, dict[str, Any]]:
+def evaluate_run(cfg: TrainerConfig, workdir: PathLike, step: int | None = None) -> dict[str, dict[str, Any]]:
     """Reports (pool -> report dict) of the run's checkpoint ``step`` (None: the latest; 0: before
     training) on ``cfg.eval.pools``. Embedding runs on every process; search on the primary one."""
     ecfg = cfg.eval
@@ -75,14 +77,14 @@ def report_key_for(key: dict[str, Any], root: str, pool: str, ecfg: Any) -> dict
     )
 
 
-def _reusable(pool_dir: Path, fingerprint: dict[str, Any]) -> bool:
+def _reusable(pool_dir: epath.Path, fingerprint: dict[str, Any]) -> bool:
     """Whether the report in ``pool_dir`` was made from exactly what ``fingerprint`` names."""
     if not (pool_dir / REPORT).is_file():
         return False
     return read_report(pool_dir).get("fingerprint") == fingerprint
 
 
-def before_after(workdir: str | Path, before: int, after: int, pools: tuple[str, ...]) -> str:
+def before_after(workdir: PathLike, before: int, after: int, pools: tuple[str, ...]) -> str:
     """Markdown before/after tables (one per pool) from the written reports."""
     parts = []
     for pool in pools:

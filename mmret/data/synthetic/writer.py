@@ -35,7 +35,9 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmret.atomic_dir import atomic_output_dir
+from etils import epath
+
+from mmret.atomic_dir import PathLike, absolute, as_path, atomic_output_dir
 from mmret.data.synthetic.scenes import render
 from mmret.data.synthetic.tasks import DATASETS, TASKS, Cand, Context, Picture, Query, SplitData, TaskSpec, make_kb
 
@@ -239,7 +241,7 @@ class TaskSummary:
 class Summary:
     """What was written: per-task counts, images, the global test pool size and the wall time."""
 
-    out: Path
+    out: epath.Path
     scale: str
     seed: int
     tasks: list[TaskSummary] = field(default_factory=list)
@@ -281,7 +283,7 @@ _Content = tuple[str | None, Picture | None]
 class _Writer:
     """Id counters, image registry and the lines of every file, for one corpus."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path | epath.Path) -> None:
         self.root = root
         self.qids: dict[str, int] = {}
         self.dids: dict[str, int] = {}
@@ -400,11 +402,9 @@ class _Writer:
         _write_lines(self.root / UNION_VAL_RELPATH, val)
 
 
-def _write_lines(path: Path, lines: Sequence[str]) -> None:
+def _write_lines(path: Path | epath.Path, lines: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
+    path.write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def _instruction_rows() -> list[str]:
@@ -417,7 +417,7 @@ def _instruction_rows() -> list[str]:
     return rows
 
 
-def write_corpus(root: Path, scale: str = "tiny", seed: int = 0) -> Summary:
+def write_corpus(root: Path | epath.Path, scale: str = "tiny", seed: int = 0) -> Summary:
     """Write the whole corpus into the existing, empty directory ``root``."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {list(SCALES)}")
@@ -468,18 +468,19 @@ def write_corpus(root: Path, scale: str = "tiny", seed: int = 0) -> Summary:
     for dataset, registry in writer.images.items():
         (root / "mbeir_images" / dataset).mkdir(parents=True, exist_ok=True)
         for picture, relpath in registry.items():
-            render(picture.scene, picture.jitter).save(root / relpath, format="PNG")
+            with (root / relpath).open("wb") as f:
+                render(picture.scene, picture.jitter).save(f, format="PNG")
         summary.images += len(registry)
     return summary
 
 
-def write_synthetic_mbeir(out: str | Path, scale: str = "tiny", seed: int = 0, force: bool = False) -> Summary:
+def write_synthetic_mbeir(out: PathLike, scale: str = "tiny", seed: int = 0, force: bool = False) -> Summary:
     """Write the corpus at ``out`` atomically (beside it, then renamed); ``force`` replaces an existing ``out``."""
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {list(SCALES)}")
-    out = Path(out).absolute()
+    out = as_path(absolute(out))
     start = time.perf_counter()
     with atomic_output_dir(out, force=force) as tmp:
         summary = write_corpus(tmp, scale, seed)
