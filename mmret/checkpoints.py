@@ -23,14 +23,15 @@ import re
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from mmret.atomic_dir import PathLike, absolute, as_path, is_local
 from mmret.build import build_retriever, trainable_filter
 from mmret.lora import merge_lora
 from mmret.models.retriever import Retriever
@@ -41,11 +42,12 @@ log = logging.getLogger("mmret.checkpoints")
 CHECKPOINTS = "checkpoints"
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
-    return Path(workdir) / CHECKPOINTS
+def checkpoint_dir(workdir: PathLike) -> epath.Path:
+    """A run's checkpoint directory (local, or gs:// and other file systems through etils.epath)."""
+    return as_path(absolute(workdir)) / CHECKPOINTS
 
 
-def step_dir(workdir: str | Path, step: int) -> Path:
+def step_dir(workdir: PathLike, step: int) -> epath.Path:
     """Where checkpoint ``step`` of the run in ``workdir`` lives."""
     return checkpoint_dir(workdir) / str(step)
 
@@ -53,7 +55,7 @@ def step_dir(workdir: str | Path, step: int) -> Path:
 _READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
 
 
-def steps(workdir: str | Path) -> list[int]:
+def steps(workdir: PathLike) -> list[int]:
     """The finished checkpoints of the run in ``workdir``, oldest first (the CheckpointManager's listing)."""
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
@@ -62,7 +64,7 @@ def steps(workdir: str | Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
-def resolve_step(workdir: str | Path, step: int | None) -> int:
+def resolve_step(workdir: PathLike, step: int | None) -> int:
     """``step`` (0: the model the run started from), or the run's latest checkpoint when None."""
     have = steps(workdir)
     if step is None:
@@ -77,7 +79,7 @@ def resolve_step(workdir: str | Path, step: int | None) -> int:
 # ============================================================================================ reading
 
 
-def restore_params(model: nnx.Module, wrt: Any, item_dir: Path) -> None:
+def restore_params(model: nnx.Module, wrt: Any, item_dir: PathLike) -> None:
     """Read the variables of ``model`` selected by ``wrt`` from an orbax item of a run checkpoint
     (``{"params": ...}``; the optimiser state beside them is not read)."""
     _, state, _ = nnx.split(model, wrt, ...)
@@ -94,7 +96,7 @@ def restore_params(model: nnx.Module, wrt: Any, item_dir: Path) -> None:
 
 
 def load_trained(
-    cfg: TrainerConfig, workdir: str | Path | None = None, step: int = 0, *, max_image_patches: int = 0
+    cfg: TrainerConfig, workdir: PathLike | None = None, step: int = 0, *, max_image_patches: int = 0
 ) -> Retriever:
     """The retriever of a run of ``cfg`` at ``step`` (0: before training, i.e. the model source), LoRA
     adapters merged into plain weights; in host memory. ``max_image_patches``: the processor's per-image
@@ -152,13 +154,13 @@ class _RestoreNoise(logging.Filter):
         self.paths: list[str] = []
         self._hook: Any = None
 
-    def watch(self, path: Path) -> None:
+    def watch(self, path: PathLike) -> None:
         self.paths.append(f"{path}/")
         if sys.unraisablehook != self._unraisable:  # (again, if something replaced it since)
             self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         logging.getLogger("asyncio").addFilter(self)  # (once: a logger holds a filter once)
 
-    def unwatch(self, path: Path) -> None:
+    def unwatch(self, path: PathLike) -> None:
         self.paths.remove(f"{path}/")
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -180,7 +182,7 @@ class Checkpoints:
     """The run checkpoints of ``workdir``: orbax ``CheckpointManager`` with async saves, keep N, and a
     restore that falls back past unreadable checkpoints (moved aside with one warning line)."""
 
-    def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
+    def __init__(self, workdir: PathLike, cfg: CheckpointConfig):
         self.cfg = cfg
         self.directory = checkpoint_dir(workdir)
         self.unreadable = self.directory.parent / f"{self.directory.name}_unreadable"
@@ -239,12 +241,21 @@ class Checkpoints:
         True on every process at the same step once a preemption notice arrived."""
         return self.manager.reached_preemption(step)
 
-    def _move_aside(self, step: int) -> Path:
-        """Move checkpoint ``step`` to ``checkpoints_unreadable/<step>.<time>`` (process 0 moves it)."""
+    def _move_aside(self, step: int) -> epath.Path:
+        """Move checkpoint ``step`` to ``checkpoints_unreadable/<step>.<time>`` (process 0 moves it; on an
+        object store the move is a copy of its objects, then a delete)."""
         target = self.unreadable / f"{step}.{int(time.time())}"
         if jax.process_index() == 0:
             self.unreadable.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(target))
+            source = self.directory / str(step)
+            if is_local(source):
+                shutil.move(source, target)
+            else:
+                for item in source.rglob("*"):
+                    if item.is_file():
+                        (target / item.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                        item.copy(target / item.relative_to(source))
+                source.rmtree()
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mmret.atomic_dir import PathLike, as_path
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 _COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> None:
         if evaluated:
             eval_run.evaluate_run(trainer_cfg, workdir, after)
     if jax.process_index() == 0:
-        print("\n".join(summary_table(Path(workdir) / "metrics.jsonl")))
+        print("\n".join(summary_table(as_path(workdir) / "metrics.jsonl")))
         if evaluated and ecfg.at_start:
             print(eval_run.before_after(workdir, 0, after, ecfg.pools))
 
@@ -174,12 +176,12 @@ def check_paths(cfg: Any) -> None:
         **{f"data.mix[{i}].root": source.root for i, source in enumerate(cfg.data.mix)},
     }
     for key, path in dirs.items():
-        if path and not Path(path).is_dir():
-            if Path(path).exists():
+        if path and not as_path(path).is_dir():  # local, or gs:// and other file systems
+            if as_path(path).exists():
                 raise NotADirectoryError(f"{key}: {path}: not a directory")
             raise FileNotFoundError(f"{key}: {path}: no such directory")
     negatives = cfg.data.negatives_file
-    if negatives and not Path(negatives).is_file():
+    if negatives and not as_path(negatives).is_file():
         raise FileNotFoundError(f"data.negatives_file: {negatives}: no such file")
     if cfg.model.hf_dir:
         try:
@@ -188,11 +190,12 @@ def check_paths(cfg: Any) -> None:
             raise ValueError(f"model.hf_dir: {e}") from e
 
 
-def summary_table(metrics_file: Path, rows: int = 6) -> list[str]:
+def summary_table(metrics_file: PathLike, rows: int = 6) -> list[str]:
     """A short table of the run's logged metrics: the first and the last log points."""
     import json
 
     records = []
+    metrics_file = as_path(metrics_file)
     for line in metrics_file.read_text().splitlines() if metrics_file.is_file() else ():
         with contextlib.suppress(ValueError):  # a torn last line
             records.append(json.loads(line))

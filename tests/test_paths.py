@@ -3,6 +3,7 @@ local paths here), and a ``gs://`` path passes through unchanged (no network nee
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -351,3 +352,42 @@ def test_atomic_writer_on_an_object_store(bucket: Path) -> None:
 
 def _stop() -> None:
     raise RuntimeError("stop")
+
+
+# ------------------------------------------------------------------------------ a run's workdir
+
+
+def test_metric_files_of_a_run_on_an_object_store(bucket: Path) -> None:
+    """metrics.jsonl and the TensorBoard event file land in ``gs://`` whole after each log point (an object
+    store has no append), and a resumed writer keeps the earlier records up to its step."""
+    from helpers import read_scalars
+
+    from mmret.train.metrics import MetricWriters
+
+    w = MetricWriters("gs://bucket/run", total_steps=4, out=io.StringIO())
+    w.write(1, {"loss": 2.0})
+    lines = (bucket / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 2.0}]
+    assert read_scalars(bucket / "run" / "tb") == {"loss": [(1, 2.0)]}  # on the store before close
+    w.write(2, {"loss": 1.0})
+    w.close()
+    w = MetricWriters("gs://bucket/run", total_steps=4, resume_step=1, out=io.StringIO())
+    w.write(2, {"loss": 1.5})
+    w.close()
+    records = [json.loads(line) for line in (bucket / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert len(os.listdir(bucket / "run" / "tb")) == 2
+
+
+def test_a_run_trains_into_an_epath_workdir(tmp_path: Path, capsys) -> None:
+    from test_tasks import LeastSquares, config
+
+    from mmret.checkpoints import steps
+    from mmret.train.trainer import train
+
+    workdir = epath.Path(tmp_path) / "run"
+    summary = train(config(4), workdir, task=LeastSquares())
+    assert summary["final_step"] == 4 and steps(workdir) == [4] and steps(str(workdir)) == [4]
+    assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert train(config(6), str(workdir), task=LeastSquares())["final_step"] == 6  # resumes from a string
+    assert "resuming from step 4" in capsys.readouterr().out

@@ -5,6 +5,10 @@ synchronous ``EventsWriter`` rather than its ``SummaryWriter``: a ``SummaryWrite
 background thread, so ``flush()`` after a log point can run before that point reaches the file and a killed
 run loses it; here each log point is on disk (flushed and fsynced) before :meth:`MetricWriters.write`
 returns.
+
+A workdir on an object store (``gs://...``, through etils.epath) gets the same files: the event file is
+written in a local staging directory and copied up whole after each log point, and ``metrics.jsonl`` is
+rewritten whole at each log point (object stores have no append).
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from etils import epath
+
+from mmret.atomic_dir import PathLike, as_path, is_local
+
 if TYPE_CHECKING:
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto.event_pb2 import Event
 
 
-def _event_file(logdir: Path, restart_step: int | None) -> EventsWriter:
+def _event_file(logdir: Path | epath.Path, restart_step: int | None) -> EventsWriter:
     """A new event file in ``logdir``; ``restart_step``: a ``SessionLog.START`` there, so TensorBoard drops
     earlier-written points at steps >= it (those of a run killed after its last checkpoint, then resumed)."""
     # Imported here: tensorboardX imports torch when it is installed (a second), which readers of
@@ -118,19 +126,22 @@ class MetricWriters:
 
     def __init__(
         self,
-        workdir: str | Path,
+        workdir: PathLike,
         *,
         total_steps: int,
         resume_step: int = 0,
         primary: bool = True,
         out: TextIO | None = None,
     ):
-        self.workdir = Path(workdir)
+        self.workdir = as_path(workdir)
         self.total_steps = total_steps
         self.out = sys.stdout if out is None else out
         self.primary = primary
         self._events: EventsWriter | None = None
         self._jsonl: TextIO | None = None
+        self._remote = not is_local(workdir)
+        self._lines: list[str] = []  # metrics.jsonl's lines, for a workdir on an object store
+        self._staging: Path | None = None  # where the event file is written before it is copied up
         if primary:
             self.workdir.mkdir(parents=True, exist_ok=True)
             path = self.workdir / "metrics.jsonl"
@@ -140,11 +151,26 @@ class MetricWriters:
                     for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
                     if _step_of(line) <= resume_step
                 ]
-                path.write_text(
-                    "".join(line if line.endswith("\n") else line + "\n" for line in keep), encoding="utf-8"
-                )
-            self._events = _event_file(self.workdir / "tb", restart_step=resume_step + 1 if resume_step else None)
-            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+                self._lines = [line if line.endswith("\n") else line + "\n" for line in keep]
+                path.write_text("".join(self._lines), encoding="utf-8")
+            restart = resume_step + 1 if resume_step else None
+            if self._remote:
+                import tempfile
+
+                self._staging = Path(tempfile.mkdtemp(prefix="mmret_tb_"))
+                self._events = _event_file(self._staging, restart_step=restart)
+                self._upload_events()
+            else:
+                self._events = _event_file(self.workdir / "tb", restart_step=restart)
+                self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _upload_events(self) -> None:
+        """Copy the staged event file up to ``workdir/tb`` whole (a workdir on an object store)."""
+        assert self._staging is not None and self._events is not None
+        local = Path(self._events._file_name)  # (tensorboardX names the file only in this attribute)
+        target = self.workdir / "tb" / local.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(local.read_bytes())
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One log point: a progress line, a jsonl record and TensorBoard scalars (numbers only, not
@@ -157,14 +183,20 @@ class MetricWriters:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
         }
-        assert self._jsonl is not None and self._events is not None
+        assert self._events is not None
         record = {"step": int(step), **{k: (v if math.isfinite(v) else str(v)) for k, v in numbers.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        else:  # an object store: the whole file again
+            self._lines.append(json.dumps(record) + "\n")
+            (self.workdir / "metrics.jsonl").write_text("".join(self._lines), encoding="utf-8")
         scalars = {k: v for k, v in numbers.items() if k != "eta_s"}
         if scalars:
             self._events.write_event(_scalar_event(step, scalars))
             self._events.flush()
+            if self._remote:
+                self._upload_events()
 
     def print(self, *lines: str, every_process: bool = False) -> None:
         """Print on the primary process (or on every process: what differs between them)."""
@@ -178,4 +210,11 @@ class MetricWriters:
             self._jsonl.close()
         if self._events is not None:
             self._events.close()
+            if self._remote:
+                self._upload_events()
             self._events = None
+        if self._staging is not None:
+            import shutil
+
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None

@@ -32,7 +32,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,6 +41,7 @@ import optax
 from flax import nnx
 
 from mmret import sharding, tasks
+from mmret.atomic_dir import PathLike, absolute, as_path
 from mmret.checkpoints import Checkpoints
 from mmret.lora import set_dropout_key
 from mmret.optim import lr_schedule, make_optimizer
@@ -71,7 +71,7 @@ def _update_count(opt_state: Any, fallback: jax.Array) -> jax.Array:
 
 def train(
     config: TrainerConfig | Mapping[str, Any] | Any,
-    workdir: str | Path,
+    workdir: PathLike,
     *,
     task: Task | None = None,
     inputs: Any = None,
@@ -83,7 +83,7 @@ def train(
     cfg = as_trainer_config(config)
     task = tasks.get(cfg.task) if task is None else task
     task.check(cfg)
-    workdir = Path(workdir).absolute()
+    workdir = as_path(absolute(workdir))  # local, or gs:// and other file systems (etils.epath)
     is_primary = jax.process_index() == 0
 
     # ---------------------------------------------------------------------------------------- mesh
@@ -288,8 +288,8 @@ def _guarded_step(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train from a JSON config (see mmret.recipe.TrainerConfig).")
-    p.add_argument("--config", type=Path, required=True, help="a JSON file with the TrainerConfig fields")
-    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--config", type=as_path, required=True, help="a JSON file with the TrainerConfig fields")
+    p.add_argument("--workdir", type=str, required=True, help="the run's directory (local, gs://, ...)")
     args = p.parse_args(argv)
     summary = train(json.loads(args.config.read_text()), args.workdir)
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, int | float | str | bool)}), flush=True)
