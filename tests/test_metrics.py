@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from helpers import read_scalars
 
-from mmret.train.metrics import MetricWriters, format_duration, progress_line
+from mmret.progress import format_duration
+from mmret.train.metrics import MetricWriters, progress_line
 
 
 def f32(x: float) -> float:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from etils import epath
 
 from mmret.atomic_dir import PathLike, as_path, is_local
+from mmret.progress import format_duration
 
 if TYPE_CHECKING:
     from tensorboardX.event_file_writer import EventsWriter
@@ -68,16 +69,6 @@ def _step_of(line: str) -> float:
         return float(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf  # a torn last line: drop it
-
-
-def format_duration(seconds: float) -> str:
-    """``5s``, ``1m05s``, ``2h03m``; ``?`` for a negative or non-finite time."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def progress_line(step: int, total: int, metrics: Mapping[str, Any], width: int = 20) -> str:
