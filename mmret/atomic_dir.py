@@ -17,6 +17,10 @@ file written there still appears whole (an object becomes visible only once its 
 the copy is of a complete object; no ``fsync``: closing the upload commits it), but a directory does
 not: while its objects are copied a reader can see part of it, and a failure in the middle can leave a
 partial copy at the destination.
+
+Kept by hand: orbax writes its own checkpoints atomically but offers nothing for other outputs (embedding
+shards, search indexes, reports, converted model directories), and no maintained library does the
+rename-into-place for directories on both local disks and epath's file systems.
 """
 
 from __future__ import annotations

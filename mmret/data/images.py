@@ -11,6 +11,10 @@ Truncation is caught only while PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES``
 The warning filter is process-global (``warnings.catch_warnings``): exact in worker processes; with threads
 a race can at worst let PIL's warning print instead of raise, and our own cap, checked on every image,
 still holds.
+
+Kept by hand rather than left to PIL: PIL's guard (``Image.MAX_IMAGE_PIXELS``) is one process-global number
+that only warns between one and two times its value, and it judges an image only as it decodes; this cap is
+per call, always an error, and read from the header before any pixel is decoded.
 """
 
 from __future__ import annotations
