@@ -13,8 +13,8 @@ a race can at worst let PIL's warning print instead of raise, and our own cap, c
 still holds.
 
 Kept by hand rather than left to PIL: PIL's guard (``Image.MAX_IMAGE_PIXELS``) is one process-global number
-that only warns between one and two times its value, and it judges an image only as it decodes; this cap is
-per call, always an error, and read from the header before any pixel is decoded.
+that only warns between one and two times its value; this cap is per call (the processor's own limit) and
+always an error.
 """
 
 from __future__ import annotations
