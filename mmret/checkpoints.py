@@ -11,7 +11,7 @@ Layout under a run's ``workdir``::
     checkpoints_unreadable/       checkpoints that failed to restore, moved aside
 
 orbax writes a step beside its directory and renames it into place when complete, so a listed step is a
-finished one (:func:`steps`, through the ``CheckpointManager``'s own listing). :func:`load_trained`
+finished one (:func:`steps`, through orbax's own listing). :func:`load_trained`
 rebuilds a run's model from its recipe and restores a step's parameters into it, LoRA merged.
 """
 
@@ -52,16 +52,11 @@ def step_dir(workdir: PathLike, step: int) -> epath.Path:
     return checkpoint_dir(workdir) / str(step)
 
 
-_READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-
-
 def steps(workdir: PathLike) -> list[int]:
-    """The finished checkpoints of the run in ``workdir``, oldest first (the CheckpointManager's listing)."""
+    """The finished checkpoints of the run in ``workdir``, oldest first: orbax's own listing of finalized
+    steps (what the ``CheckpointManager`` restores from; a save in flight or torn is not one)."""
     directory = checkpoint_dir(workdir)
-    if not directory.is_dir():
-        return []
-    with ocp.CheckpointManager(directory, options=_READ_ONLY) as manager:
-        return sorted(manager.all_steps())
+    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
 
 
 def resolve_step(workdir: PathLike, step: int | None) -> int:
