@@ -60,3 +60,18 @@ def test_the_checker_sees_imports_and_cycles(tmp_path):
     found = sorted(graph.imports("mmret.m", src))
     assert found == [("mmret.eval.run", True), ("mmret.lora", False), ("mmret.losses", False), ("mmret.recipe", True)]
     assert graph.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_model_and_step_code_import_without_the_data_stack():
+    """An accelerator image without grain, scann, ml_collections or tensorflow-datasets can build the model
+    and the bi-encoder's step (benchmarks/, the GPU suite)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nimport mmret.models, mmret.tasks.bi_encoder.step, mmret.models.retriever, mmret.sharding\n"
+        "heavy = ('grain', 'scann', 'ml_collections', 'tensorflow_datasets', 'array_record', 'tensorflow')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
