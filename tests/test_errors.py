@@ -345,12 +345,8 @@ def test_preempted_run_shows_its_metrics_and_the_resumed_first_point_says_what_i
         "checkpoint": {"every": 100, "keep": 2, "async_save": False},
     }
     workdir = tmp_path / "run"
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),  # the resumed run reuses the compiled step
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    # The session's compilation cache (tests/conftest.py) comes with os.environ: the resumed run reuses the step.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     r = subprocess.run(
         [sys.executable, "-c", PREEMPT_THEN_RESUME, json.dumps(cfg), str(workdir)],
         capture_output=True,

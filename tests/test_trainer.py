@@ -2,8 +2,9 @@
 an uninterrupted run, fallback from an unreadable checkpoint, the non-finite guard, metric files.
 
 Every run is a subprocess (``python -m mmret.train.trainer``) on 2 simulated CPU devices, training the
-tiny Qwen2-VL (random weights, loaded from an mmret checkpoint) on the tiny synthetic M-BEIR corpus; a
-shared persistent compilation cache keeps the later runs from compiling the step again.
+tiny Qwen2-VL (random weights, loaded from an mmret checkpoint) on the tiny synthetic M-BEIR corpus; the
+session's persistent compilation cache (tests/conftest.py, inherited through the environment) keeps the
+later runs from compiling the step again.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ def env(tmp_path_factory) -> dict:
     proc_env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
         PYTHONPATH=str(REPO) + os.pathsep + proc_env.get("PYTHONPATH", ""),
         PYTHONUNBUFFERED="1",
     )
