@@ -1,18 +1,17 @@
 """One process of the multi-host embedding test (run by tests/test_multihost.py, not collected by pytest).
 
-    python tests/_multihost_embed_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES BASE OUT
+    python tests/_multihost_embed_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES MBEIR PROCESSOR_DIR OUT
 
-Embeds the test queries and local pools of two tasks of the synthetic corpus in BASE/mbeir with the
-tiny random model (processor files in BASE/proc) into OUT, in shards of 40 and batches of 8 per host.
+Embeds the test queries and local pools of two tasks of the synthetic corpus in MBEIR with the tiny
+random model (processor files in PROCESSOR_DIR) into OUT, in shards of 40 and batches of 8 per host.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 pid, nproc, port, local_devices = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-base, out = sys.argv[5], sys.argv[6]
+mbeir, processor_dir, out = sys.argv[5], sys.argv[6], sys.argv[7]
 from helpers import eval_trainer_config, start_worker  # noqa: E402  (tests/ is this script's directory)
 
 start_worker(pid, nproc, port, local_devices)
@@ -25,7 +24,7 @@ TASKS = ["cirr_task7", "webqa_task1"]  # (image, text) -> image and text -> text
 
 
 def main() -> None:
-    cfg = eval_trainer_config(os.path.join(base, "mbeir"), os.path.join(base, "proc"), TASKS)
+    cfg = eval_trainer_config(mbeir, processor_dir, TASKS)
     embed(cfg, out)
     print(f"process {pid}/{nproc}: devices {jax.device_count()} embedded into {out}", flush=True)
 

@@ -1,6 +1,6 @@
 """One process of the multi-host test (run by tests/test_multihost.py, not collected by pytest).
 
-    python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES WORKDIR
+    python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES PROCESSOR_DIR WORKDIR
 
 Trains 3 SGD steps of the tiny retriever on a fixed global batch of 4 queries + 4 candidates, built
 as hosts build it: each host collates its own block of 2 and the blocks are concatenated. With one
@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
-pid, nproc, port, local_devices, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+pid, nproc, port, local_devices = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+processor_dir, workdir = sys.argv[5], sys.argv[6]
 from helpers import random_pairs, start_worker  # noqa: E402  (tests/ is this script's directory)
 
 start_worker(pid, nproc, port, local_devices)
@@ -40,7 +41,7 @@ def block(proc: Processor, exs: list) -> dict:
 
 
 def main() -> None:
-    proc = Processor(workdir, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
+    proc = Processor(processor_dir, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
     queries, cands = random_pairs(proc, 2 * BLOCK)
     mine = range(2 * BLOCK) if nproc == 1 else range(pid * BLOCK, (pid + 1) * BLOCK)
     blocks = [range(b * BLOCK, (b + 1) * BLOCK) for b in range(2)] if nproc == 1 else [mine]

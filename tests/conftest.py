@@ -1,5 +1,5 @@
-"""Test-wide settings: 8 simulated CPU devices for sharding tests, no network for Hugging Face, and one
-persistent JAX compilation cache for the whole session.
+"""Test-wide settings: 8 simulated CPU devices for sharding tests, no network for Hugging Face, one
+persistent JAX compilation cache for the whole session, and the session's shared inputs (fixtures below).
 
 The cache: the tiny model's programs (its initialisers, the steps, orbax's per-array slices when it saves)
 are compiled again by every process that builds it, and most of the suite's subprocess tests (the
@@ -15,6 +15,9 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -27,3 +30,39 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+# ------------------------------------------------------------------ inputs shared by the whole session
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _shared(root: Path):
+    """Yield ``root``, then fail the session if a test changed, added or removed anything under it."""
+    before = _snapshot(root)
+    yield root
+    assert _snapshot(root) == before, f"{root}: a test changed a shared session input (copy it to change it)"
+
+
+@pytest.fixture(scope="session")
+def processor_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The Qwen2-VL processor files (``write_processor_files``: tokenizer, chat template, preprocessor
+    config), written once per session. Shared: read it, or ``shutil.copytree`` it to add files."""
+    from mmret.models.qwen2_vl.processor_files import write_processor_files
+
+    root = tmp_path_factory.mktemp("shared_processor")
+    write_processor_files(root)
+    yield from _shared(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_mbeir(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny synthetic M-BEIR corpus (``write_synthetic_mbeir(scale="tiny", seed=0)``), written once per
+    session. Shared: read it, or copy it to break it."""
+    from mmret.data.synthetic import write_synthetic_mbeir
+
+    root = tmp_path_factory.mktemp("shared_mbeir") / "mbeir"
+    write_synthetic_mbeir(root, scale="tiny", seed=0)
+    yield from _shared(root)

@@ -32,20 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    """The tiny synthetic corpus and a model directory: config, processor files, an empty model.safetensors."""
-    from mmret.data.synthetic import write_synthetic_mbeir
+def inputs(tmp_path_factory, processor_dir, tiny_mbeir) -> dict[str, Path]:
+    """The tiny synthetic corpus (the session's, read only: tests break copies) and a model directory:
+    config, processor files, an empty model.safetensors."""
     from mmret.models.qwen2_vl.presets import hf_config
-    from mmret.models.qwen2_vl.processor_files import write_processor_files
 
     base = tmp_path_factory.mktemp("errors")
-    write_synthetic_mbeir(base / "mbeir", scale="tiny", seed=0)
     model = base / "model"
-    write_processor_files(model)
+    shutil.copytree(processor_dir, model)
     (model / "config.json").write_text(json.dumps(hf_config("tiny")))
     header = b'{"__metadata__":{}}'
     (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
-    return {"base": base, "mbeir": base / "mbeir", "model": model}
+    return {"base": base, "mbeir": tiny_mbeir, "model": model}
 
 
 def corpus_copy(inputs: dict[str, Path], name: str) -> Path:

@@ -15,16 +15,13 @@ from mmret.losses import info_nce
 from mmret.models import qwen2_vl
 from mmret.models.encoder import Encoder, EncoderConfig
 from mmret.models.qwen2_vl.presets import hf_config
-from mmret.models.qwen2_vl.processor_files import write_processor_files
 
 CHUNK, N_CHUNKS, LENGTH, PATCHES = 2, 3, 64, 2 * 64
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("proc")
-    write_processor_files(d)
-    proc = Processor(d, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
+def setup(processor_dir):
+    proc = Processor(processor_dir, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
     queries, cands = random_pairs(proc, CHUNK * N_CHUNKS)
     cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(hf_config("tiny"))
     encoder = Encoder(qwen2_vl.create(cfg, seed=1), EncoderConfig())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 
@@ -67,47 +68,43 @@ def test_unknown_key_and_bad_value_are_rejected_before_anything_runs(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_demo_preset_trains_through_the_entry_point(tmp_path):
-    from mmret.data.synthetic import write_synthetic_mbeir
+STEPS = 4  # enough for the loss to fall and the weights to move; every step costs a batch of 64
 
-    write_synthetic_mbeir(tmp_path / "mbeir", scale="tiny")
-    subprocess.run([sys.executable, "tools/make_tiny_model.py", "--out", str(tmp_path / "model")], check=True, cwd=ROOT)
+
+def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
+    """The demo preset as `make demo` runs it (the tiny model from tools/make_tiny_model.py, the tiny corpus),
+    trained for STEPS steps: the start and end evaluations, the checkpoint, the closing tables, --mode=eval."""
+    assert helpers.load_tool("make_tiny_model").main(["--out", str(tmp_path / "model")]) == 0
+    data = (f"--config.model.hf_dir={tmp_path / 'model'}", f"--config.data.root={tiny_mbeir}")
     r = launch(
         "--config=umarvel.py:demo",
         f"--workdir={tmp_path / 'run'}",
-        f"--config.model.hf_dir={tmp_path / 'model'}",
-        f"--config.data.root={tmp_path / 'mbeir'}",
-        "--config.optimizer.total_steps=8",
+        *data,
+        f"--config.optimizer.total_steps={STEPS}",
         "--config.log_every=1",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [rec["step"] for rec in records] == list(range(1, 9))
+    assert [rec["step"] for rec in records] == list(range(1, STEPS + 1))
     losses = [rec["loss"] for rec in records]
     assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses  # the demo trains: its loss falls
-    assert (tmp_path / "run" / "checkpoints" / "8").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / str(STEPS)).is_dir()
     assert "| step | loss |" in r.stdout  # the closing result table
     # Evaluated before and after training on both pools; the before/after table closes the run.
+    end = str(STEPS)
     reports = {
         (step, pool): json.loads((tmp_path / "run" / "eval" / step / pool / "report.json").read_text())
-        for step in ("0", "8")
+        for step in ("0", end)
         for pool in ("local", "global")
     }
     assert all(rep["complete"] and rep["pool"] == pool for (_, pool), rep in reports.items())
-    assert reports[("8", "local")]["checkpoint"].endswith("checkpoints/8")
-    assert "local pool, step 0 -> step 8:" in r.stdout and "global pool, step 0 -> step 8:" in r.stdout
+    assert reports[(end, "local")]["checkpoint"].endswith(f"checkpoints/{end}")
+    assert f"local pool, step 0 -> step {end}:" in r.stdout and f"global pool, step 0 -> step {end}:" in r.stdout
     # The two steps' embeddings differ (the trained checkpoint was loaded, not the start model).
     shard = Path("embeddings/queries/cirr_task7/shard-00000.npz")
-    before, after = (np.load(tmp_path / "run" / "eval" / step / shard)["embeddings"] for step in ("0", "8"))
+    before, after = (np.load(tmp_path / "run" / "eval" / step / shard)["embeddings"] for step in ("0", end))
     assert before.shape == after.shape == (24, 64) and np.abs(before - after).max() > 1e-2
     # --mode=eval of an evaluated step reuses its reports.
-    r = launch(
-        "--config=umarvel.py:demo",
-        f"--workdir={tmp_path / 'run'}",
-        f"--config.model.hf_dir={tmp_path / 'model'}",
-        f"--config.data.root={tmp_path / 'mbeir'}",
-        "--mode=eval",
-        "--step=8",
-    )
+    r = launch("--config=umarvel.py:demo", f"--workdir={tmp_path / 'run'}", *data, "--mode=eval", f"--step={end}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "eval step 8, local pool: average" in r.stdout and "embed " not in r.stdout
+    assert f"eval step {end}, local pool: average" in r.stdout and "embed " not in r.stdout

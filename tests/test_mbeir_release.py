@@ -21,7 +21,6 @@ from mmret.data.processor import Processor, ProcessorConfig
 from mmret.data.stores import RawStore
 from mmret.eval.evaluate import positives_for
 from mmret.eval.metrics import evaluate_task
-from mmret.models.qwen2_vl.processor_files import write_processor_files
 
 
 def _q(qid, txt, img, modality, pos, task, neg=()):
@@ -105,10 +104,8 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def processor(tmp_path_factory) -> Processor:
-    d = tmp_path_factory.mktemp("proc")
-    write_processor_files(d)
-    return Processor(d, ProcessorConfig(template="plain", max_pixels=16 * 28 * 28))
+def processor(processor_dir) -> Processor:
+    return Processor(processor_dir, ProcessorConfig(template="plain", max_pixels=16 * 28 * 28))
 
 
 def test_training_reads_the_up_sampled_union_file(root, processor):
@@ -155,7 +152,7 @@ def test_a_training_batch_holds_each_copy_and_the_pipeline_texts(root, processor
             assert rendered == uniir_format_string(f"{instruction} {query.text}")
 
 
-def test_the_trainer_trains_on_the_union_file(root, tmp_path):
+def test_the_trainer_trains_on_the_union_file(root, processor_dir, tmp_path):
     import dataclasses
 
     from helpers import eval_trainer_config
@@ -164,10 +161,8 @@ def test_the_trainer_trains_on_the_union_file(root, tmp_path):
     from mmret.recipe import CheckpointConfig
     from mmret.train.trainer import train
 
-    proc_dir = tmp_path / "proc"
-    write_processor_files(proc_dir)
     cfg = dataclasses.replace(
-        eval_trainer_config(root, proc_dir, tasks=["mscoco_task0"]),
+        eval_trainer_config(root, processor_dir, tasks=["mscoco_task0"]),
         epochs=4.0,  # 4 epochs of the 4-line union file at a global batch of 8: 2 steps, derived from the file
         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0),
         log_every=1,

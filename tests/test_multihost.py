@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mmret.data.mbeir import read_local_pool, read_queries
-from mmret.data.synthetic import write_synthetic_mbeir
 from mmret.eval.embed import Embeddings
-from mmret.models.qwen2_vl.processor_files import write_processor_files
 
 WORKER = Path(__file__).with_name("_multihost_worker.py")
 EMBED_WORKER = Path(__file__).with_name("_multihost_embed_worker.py")
@@ -43,11 +41,10 @@ def run_workers(worker: Path, nproc: int, devices_per_process: int, *args: str) 
     return outs
 
 
-def test_two_processes_agree_with_one(tmp_path):
-    write_processor_files(tmp_path)
-    outs = run_workers(WORKER, 2, 2, str(tmp_path))
+def test_two_processes_agree_with_one(processor_dir, tmp_path):
+    outs = run_workers(WORKER, 2, 2, str(processor_dir), str(tmp_path))
     assert "devices 4" in outs[0]
-    run_workers(WORKER, 1, 4, str(tmp_path))
+    run_workers(WORKER, 1, 4, str(processor_dir), str(tmp_path))
     two, one = np.load(tmp_path / "result_2.npz"), np.load(tmp_path / "result_1.npz")
     assert one["losses"][0] > 0.1 and one["losses"][2] < one["losses"][0]  # it really trains
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
@@ -57,21 +54,20 @@ def test_two_processes_agree_with_one(tmp_path):
         np.testing.assert_allclose(two[k], one[k], atol=1e-5, err_msg=k)
 
 
-def test_two_process_embedding_export_equals_one_process(tmp_path):
+def test_two_process_embedding_export_equals_one_process(processor_dir, tiny_mbeir, tmp_path):
     """Each host embeds its contiguous part of every shard; the primary writes the reassembled shards."""
-    write_processor_files(tmp_path / "proc")
-    write_synthetic_mbeir(tmp_path / "mbeir", scale="tiny", seed=0)
-    outs = run_workers(EMBED_WORKER, 2, 2, str(tmp_path), str(tmp_path / "two"))
+    inputs = (str(tiny_mbeir), str(processor_dir))  # the session's (tests/conftest.py)
+    outs = run_workers(EMBED_WORKER, 2, 2, *inputs, str(tmp_path / "two"))
     assert all("devices 4" in out for out in outs)
-    run_workers(EMBED_WORKER, 1, 4, str(tmp_path), str(tmp_path / "one"))
+    run_workers(EMBED_WORKER, 1, 4, *inputs, str(tmp_path / "one"))
     two, one = Embeddings(tmp_path / "two"), Embeddings(tmp_path / "one")
     for task in ("cirr_task7", "webqa_task1"):
         qids, q2 = two.queries(task)
-        assert qids == [q.qid for q in read_queries(tmp_path / "mbeir", "test", task)]
+        assert qids == [q.qid for q in read_queries(tiny_mbeir, "test", task)]
         assert qids == one.queries(task)[0]
         np.testing.assert_allclose(q2.astype(np.float32), one.queries(task)[1].astype(np.float32), atol=1e-3)
         dids, c2 = two.local_pool(task)
-        assert dids == list(read_local_pool(tmp_path / "mbeir", task)) and len(dids) > 80  # several shards
+        assert dids == list(read_local_pool(tiny_mbeir, task)) and len(dids) > 80  # several shards
         assert dids == one.local_pool(task)[0]
         np.testing.assert_allclose(c2.astype(np.float32), one.local_pool(task)[1].astype(np.float32), atol=1e-3)
         assert np.abs(np.linalg.norm(c2.astype(np.float32), axis=1) - 1).max() < 1e-2  # real rows, not padding

@@ -22,8 +22,6 @@ from mmret.data.pipeline import (
 )
 from mmret.data.processor import Processor, ProcessorConfig
 from mmret.data.stores import RawStore
-from mmret.data.synthetic import write_synthetic_mbeir
-from mmret.models.qwen2_vl.processor_files import write_processor_files
 
 CFG = PipelineConfig(
     batch_size=4,
@@ -35,17 +33,13 @@ CFG = PipelineConfig(
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("syn") / "mbeir"
-    write_synthetic_mbeir(out, scale="tiny", seed=0)
-    return out
+def root(tiny_mbeir) -> Path:
+    return tiny_mbeir  # the session's tiny corpus (tests/conftest.py): read only, copied where a test breaks it
 
 
 @pytest.fixture(scope="module")
-def processor(tmp_path_factory) -> Processor:
-    d = tmp_path_factory.mktemp("proc")
-    write_processor_files(d)
-    return Processor(d, ProcessorConfig(max_pixels=64 * 28 * 28))
+def processor(processor_dir) -> Processor:
+    return Processor(processor_dir, ProcessorConfig(max_pixels=64 * 28 * 28))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from mmret.data.negatives import read_negatives, write_negatives
 from mmret.data.pipeline import PipelineConfig, query_dataset, train_dataset
 from mmret.data.processor import Processor, ProcessorConfig
 from mmret.data.stores import ArrayRecordStore, RawStore
-from mmret.data.synthetic import write_synthetic_mbeir
 from mmret.data.tfds_mbeir import (
     CANDIDATES,
     QUERIES,
@@ -32,7 +31,6 @@ from mmret.data.tfds_mbeir import (
     build_tfds_mbeir,
     dataset_dir,
 )
-from mmret.models.qwen2_vl.processor_files import write_processor_files
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = PipelineConfig(
@@ -51,10 +49,8 @@ def tool() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("syn") / "mbeir"
-    write_synthetic_mbeir(out, scale="tiny", seed=0)
-    return out
+def root(tiny_mbeir: Path) -> Path:
+    return tiny_mbeir  # the session's tiny corpus (tests/conftest.py): read only, copied where a test breaks it
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +76,8 @@ def build(tool: ModuleType, root: Path, negatives: Path, tmp_path_factory: pytes
 
 
 @pytest.fixture(scope="module")
-def processor(tmp_path_factory: pytest.TempPathFactory) -> Processor:
-    d = tmp_path_factory.mktemp("proc")
-    write_processor_files(d)
-    return Processor(d, ProcessorConfig(max_pixels=64 * 28 * 28))
+def processor(processor_dir: Path) -> Processor:
+    return Processor(processor_dir, ProcessorConfig(max_pixels=64 * 28 * 28))
 
 
 def _take(it, n):

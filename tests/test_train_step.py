@@ -24,12 +24,8 @@ B, LENGTH, PATCHES = 4, 64, 4 * 64
 
 
 @pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    from mmret.models.qwen2_vl.processor_files import write_processor_files
-
-    d = tmp_path_factory.mktemp("proc")
-    write_processor_files(d)
-    proc = Processor(d, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
+def examples(processor_dir):
+    proc = Processor(processor_dir, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
     return (proc, *random_pairs(proc, B))
 
 

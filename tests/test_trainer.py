@@ -31,20 +31,17 @@ METRIC_KEYS = {"loss", "accuracy", "temperature", "grad_norm", "learning_rate", 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
+def env(tmp_path_factory, processor_dir, tiny_mbeir) -> dict:
     base = tmp_path_factory.mktemp("trainer")
     from mmret.convert.checkpoint import save_model
-    from mmret.data.synthetic import write_synthetic_mbeir
     from mmret.models import qwen2_vl
     from mmret.models.qwen2_vl.presets import hf_config
-    from mmret.models.qwen2_vl.processor_files import write_processor_files
 
     hf_files = base / "hf_files"  # config + tokenizer / processor files; the weights go to an mmret checkpoint
-    write_processor_files(hf_files)
+    shutil.copytree(processor_dir, hf_files)
     (hf_files / "config.json").write_text(json.dumps(hf_config("tiny")))
     model = qwen2_vl.create(qwen2_vl.Qwen2VLConfig.from_hf_dict(hf_config("tiny")), seed=0)
     save_model(base / "tiny", model, hf_files_from=hf_files)
-    write_synthetic_mbeir(base / "mbeir", scale="tiny", seed=0)
     proc_env = dict(os.environ)
     proc_env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -52,7 +49,7 @@ def env(tmp_path_factory) -> dict:
         PYTHONPATH=str(REPO) + os.pathsep + proc_env.get("PYTHONPATH", ""),
         PYTHONUNBUFFERED="1",
     )
-    return {"base": base, "env": proc_env}
+    return {"base": base, "mbeir": tiny_mbeir, "env": proc_env}  # the session's corpus (tests/conftest.py)
 
 
 def config(env: dict, **overrides) -> dict:
@@ -60,7 +57,7 @@ def config(env: dict, **overrides) -> dict:
         "model": {"checkpoint": str(env["base"] / "tiny"), "scan_layers": True},
         "freeze": [r"language_model\.embed_tokens\..*"],  # keeps checkpoints small
         "data": {
-            "root": str(env["base"] / "mbeir"),
+            "root": str(env["mbeir"]),
             "processor": {"max_pixels": 16 * 28 * 28},
             "pipeline": {
                 "batch_size": 4,

@@ -11,6 +11,7 @@ template; nothing in it comes from mmret.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +28,6 @@ from mmret.data.mbeir import TASK_MODALITIES, Instructions, Query, query_text_pa
 from mmret.data.processor import Processor, ProcessorConfig  # noqa: E402
 from mmret.data.smart_resize import UMARVEL_MAX_PIXELS  # noqa: E402
 from mmret.data.templates import TemplateSpec  # noqa: E402
-from mmret.models.qwen2_vl.processor_files import write_processor_files  # noqa: E402
 
 ADDED = ["<emb>", "<instruction_start>", "<instruction_end>"]  # U-MARVEL's add_embed_token calls, in order
 PROMPT1 = [
@@ -90,10 +90,8 @@ def instruction_mask(ids: np.ndarray, start: int, end: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("umarvel_exact_files")
-    write_processor_files(out)
-    return out
+def model_dir(processor_dir: Path) -> Path:
+    return processor_dir  # the session's processor files (tests/conftest.py): read only
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +235,7 @@ def test_processor_adds_missing_tokens_in_umarvel_order(model_dir: Path, hf: Sim
     assert p("say <emb> here").input_ids.tolist().count(BASE_VOCAB) == 2
     # A tokenizer that has them already (a saved U-MARVEL tokenizer) gets nothing added.
     saved = tmp_path / "saved"
-    write_processor_files(saved)
+    shutil.copytree(model_dir, saved)
     hf.tokenizer.save_pretrained(saved)
     again = Processor(saved, EXACT)
     assert again.added_tokens == () and again.vocab_size == BASE_VOCAB + 3
@@ -272,7 +270,7 @@ def test_pipelines_embed_in_the_evaluation_form(proc: Processor) -> None:
 
 
 @pytest.fixture(scope="module")
-def short_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def short_vocab_dir(tmp_path_factory: pytest.TempPathFactory, processor_dir: Path) -> Path:
     """A tiny untied Qwen2-VL whose embedding ends at the tokenizer's size (no padded rows), via torch."""
     torch = pytest.importorskip("torch")
     from mmret.models.qwen2_vl.presets import hf_config
@@ -283,7 +281,7 @@ def short_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**json.loads(json.dumps(config))))
     model.save_pretrained(out, safe_serialization=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_processor_files(out)
+    shutil.copytree(processor_dir, out, dirs_exist_ok=True)  # the processor files beside the weights
     return out
 
 
