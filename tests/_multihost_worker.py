@@ -9,6 +9,7 @@ process the same blocks are collated locally and concatenated; the results must 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -66,7 +67,11 @@ def main() -> None:
     tx = optax.sgd(0.5)
     graphdef, params, rest = split_model(model)
     state = init_state(params, rest, tx)
-    step = jax.jit(make_train_step(graphdef, tx))
+    # As the trainer jits its step: the state keeps its shardings (the counter replicated), so the first
+    # step's output is a valid input and the step compiles once, not again at the second call.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = dataclasses.replace(state, step=jax.device_put(state.step, replicated))
+    step = jax.jit(make_train_step(graphdef, tx), out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     batch = sharding.put_batch(local, mesh)
     losses = []
     for _ in range(3):
