@@ -17,34 +17,42 @@ WORKER = Path(__file__).with_name("_multihost_worker.py")
 EMBED_WORKER = Path(__file__).with_name("_multihost_embed_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open until all are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("localhost", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
-def run_workers(worker: Path, nproc: int, devices_per_process: int, *args: str) -> list[str]:
-    """Run ``worker`` as ``nproc`` processes of one jax.distributed job; their outputs (each must exit 0)."""
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(pid), str(nproc), port, str(devices_per_process), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in range(nproc)
+def run_jobs(*jobs: tuple) -> list[list[str]]:
+    """Run each job ``(worker, nproc, devices_per_process, *args)`` as ``nproc`` processes of one
+    jax.distributed job (on its own port), all jobs at the same time: the jobs are independent, and the
+    processes spend most of their time importing and compiling, one core each. Each job's outputs (every
+    process must exit 0)."""
+
+    def start(worker: Path, pid: int, nproc: int, port: int, devices_per_process: int, *args) -> subprocess.Popen:
+        cmd = [sys.executable, str(worker), str(pid), str(nproc), str(port), str(devices_per_process), *map(str, args)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    started = [
+        [start(worker, pid, nproc, port, *rest) for pid in range(nproc)]
+        for (worker, nproc, *rest), port in zip(jobs, free_ports(len(jobs)), strict=True)
     ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    outs = [[p.communicate(timeout=600)[0] for p in procs] for procs in started]
+    for procs, job_outs in zip(started, outs, strict=True):
+        for p, out in zip(procs, job_outs, strict=True):
+            assert p.returncode == 0, out[-3000:]
     return outs
 
 
 def test_two_processes_agree_with_one(processor_dir, tmp_path):
-    outs = run_workers(WORKER, 2, 2, str(processor_dir), str(tmp_path))
-    assert "devices 4" in outs[0]
-    run_workers(WORKER, 1, 4, str(processor_dir), str(tmp_path))
+    two_outs, one_outs = run_jobs((WORKER, 2, 2, processor_dir, tmp_path), (WORKER, 1, 4, processor_dir, tmp_path))
+    assert all("devices 4" in out for out in two_outs + one_outs)
     two, one = np.load(tmp_path / "result_2.npz"), np.load(tmp_path / "result_1.npz")
     assert one["losses"][0] > 0.1 and one["losses"][2] < one["losses"][0]  # it really trains
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
@@ -57,9 +65,10 @@ def test_two_processes_agree_with_one(processor_dir, tmp_path):
 def test_two_process_embedding_export_equals_one_process(processor_dir, tiny_mbeir, tmp_path):
     """Each host embeds its contiguous part of every shard; the primary writes the reassembled shards."""
     inputs = (str(tiny_mbeir), str(processor_dir))  # the session's (tests/conftest.py)
-    outs = run_workers(EMBED_WORKER, 2, 2, *inputs, str(tmp_path / "two"))
-    assert all("devices 4" in out for out in outs)
-    run_workers(EMBED_WORKER, 1, 4, *inputs, str(tmp_path / "one"))
+    two_outs, one_outs = run_jobs(
+        (EMBED_WORKER, 2, 2, *inputs, tmp_path / "two"), (EMBED_WORKER, 1, 4, *inputs, tmp_path / "one")
+    )
+    assert all("devices 4" in out for out in two_outs + one_outs)
     two, one = Embeddings(tmp_path / "two"), Embeddings(tmp_path / "one")
     for task in ("cirr_task7", "webqa_task1"):
         qids, q2 = two.queries(task)
