@@ -96,3 +96,18 @@ def read_scalars(logdir: Path | str) -> dict[str, list[tuple[int, float]]]:
     acc = ea.EventAccumulator(str(logdir), size_guidance={ea.SCALARS: 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()[ea.SCALARS]}
+
+
+def run_at_once(*commands: Sequence[str], timeout: float = 600, **popen: Any) -> list[Any]:
+    """Run independent commands at the same time (each process mostly imports, on one core); their
+    ``subprocess.CompletedProcess`` results (text stdout and stderr captured), in order."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen(list(c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen) for c in commands
+    ]
+    results = []
+    for c, p in zip(commands, procs, strict=True):
+        out, err = p.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(list(c), p.returncode, out, err))
+    return results

@@ -57,14 +57,18 @@ def test_default_config_is_the_papers_stage_3_recipe():
 
 
 def test_unknown_key_and_bad_value_are_rejected_before_anything_runs(tmp_path):
-    r = launch("--config=umarvel.py:demo", f"--workdir={tmp_path}", "--config.optimizer.total_stepz=3")
-    assert r.returncode != 0 and "unknown config key: total_stepz" in r.stderr
-    r = launch("--config=umarvel.py:demo", f"--workdir={tmp_path}", "--config.optimizer.total_steps=abc")
-    assert r.returncode != 0 and "total_steps=abc" in r.stderr
-    r = launch("--config=umarvel.py", f"--workdir={tmp_path}")
-    assert r.returncode != 0 and "bad config" in r.stderr and "hf_dir" in r.stderr
-    r = launch("--config=umarvel.py:nope", f"--workdir={tmp_path}")
-    assert r.returncode != 0 and "unknown preset 'nope'" in r.stderr
+    entry = [sys.executable, "-m", "mmret.launch", f"--workdir={tmp_path}"]
+    key, value, missing, preset = helpers.run_at_once(  # four independent launches
+        [*entry, "--config=umarvel.py:demo", "--config.optimizer.total_stepz=3"],
+        [*entry, "--config=umarvel.py:demo", "--config.optimizer.total_steps=abc"],
+        [*entry, "--config=umarvel.py"],
+        [*entry, "--config=umarvel.py:nope"],
+        cwd=ROOT,
+    )
+    assert key.returncode != 0 and "unknown config key: total_stepz" in key.stderr
+    assert value.returncode != 0 and "total_steps=abc" in value.stderr
+    assert missing.returncode != 0 and "bad config" in missing.stderr and "hf_dir" in missing.stderr
+    assert preset.returncode != 0 and "unknown preset 'nope'" in preset.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
