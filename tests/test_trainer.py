@@ -141,11 +141,34 @@ def steps_saved(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def nonfinite_config(env: dict) -> dict:
+    """Steps 2, 4 and 5 poisoned, at most 2 in a row allowed: the run stops at step 5."""
+    return config(
+        env,
+        inject_nonfinite_steps=[2, 4, 5],
+        max_nonfinite_steps=2,
+        **{"checkpoint.every": 1, "checkpoint.keep": 10, "optimizer.total_steps": 6},
+    )
+
+
 @pytest.fixture(scope="module")
-def reference(env) -> Path:
+def first_runs(env) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The two runs that need no other: the reference and the non-finite one, at the same time (each
+    process mostly imports and compiles, one core each; their steps differ, so neither waits on the
+    other's cache entries)."""
+    runs = {"reference": config(env), "nonfinite": nonfinite_config(env)}
+    started = {name: start(env, cfg, env["base"] / name) for name, cfg in runs.items()}
+    done = {}
+    for name, p in started.items():
+        out, err = p.communicate(timeout=300)
+        done[name] = (env["base"] / name, subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(first_runs) -> Path:
     """An uninterrupted run of STEPS steps."""
-    wd = env["base"] / "reference"
-    result = run(env, config(env), wd)
+    wd, result = first_runs["reference"]
     assert result.returncode == 0, result.stderr[-3000:]
     return wd
 
@@ -205,15 +228,8 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(env, reference)
     assert_bitwise_equal(leaves(stored_state(wd, STEPS)), leaves(stored_state(reference, STEPS)))
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(env):
-    wd = env["base"] / "nonfinite"
-    cfg = config(
-        env,
-        inject_nonfinite_steps=[2, 4, 5],
-        max_nonfinite_steps=2,
-        **{"checkpoint.every": 1, "checkpoint.keep": 10, "optimizer.total_steps": 6},
-    )
-    result = run(env, cfg, wd)
+def test_nonfinite_steps_are_skipped_then_stop_the_run(first_runs):
+    wd, result = first_runs["nonfinite"]
     assert result.returncode != 0
     assert "NonFiniteError" in result.stderr and "2 steps in a row" in result.stderr
     assert "step 2: non-finite loss or gradient, step skipped" in result.stdout
