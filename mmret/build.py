@@ -17,6 +17,7 @@ from flax import nnx
 from mmret import models
 from mmret.data.bad_records import BadRecords
 from mmret.data.processor import Processor
+from mmret.data.sources import open_source
 from mmret.data.stores import ArrayRecordStore, RawStore
 from mmret.lora import PathRegex, apply_lora
 from mmret.lora import trainable_filter as lora_trainable_filter
@@ -40,7 +41,11 @@ def check_model_source(cfg: ModelConfig) -> None:
 def open_store(cfg: DataConfig | SourceConfig, bad: BadRecords, key: str = "data") -> Any:
     """The record store of ``cfg`` (raw M-BEIR root or ArrayRecord build); ``key`` names it in errors."""
     if not cfg.root:
-        raise ValueError(f"{key}.root: no M-BEIR root given")
+        raise ValueError(f"{key}.root: no data root given")
+    if cfg.layout != "mbeir":  # text pairs, caption pairs, text retrieval: mmret.data.sources
+        if cfg.format != "raw":
+            raise ValueError(f"{key}.format: {cfg.format!r} is for M-BEIR roots only ({key}.layout={cfg.layout!r})")
+        return open_source(cfg.layout, cfg.root, split=cfg.split, bad=bad, negatives_file=cfg.negatives_file)
     if cfg.format == "raw":
         return RawStore(
             cfg.root, cfg.split, cfg.tasks, negatives_file=cfg.negatives_file, bad=bad, query_file=cfg.query_file

@@ -38,6 +38,12 @@ QueryFile = Literal["auto", "union_up", "union", "per_task"]
 SymmetricReduction = Literal["mean", "sum"]
 SearchMethod = Literal["auto", "scann", "exact"]
 POOLS = ("local", "global")
+# What a data root holds (:mod:`mmret.data.sources`): an M-BEIR root; SimCSE's NLI csv (``nli_for_simcse.csv``:
+# sent0 -> sent1); LLaVA's CC3M-595K caption pairs (``chat.json`` + ``images/``); a BEIR text-retrieval dataset
+# (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``).
+Layout = Literal["mbeir", "nli", "caption", "beir"]
+MiningRule = Literal["umarvel", "mmembed"]
+Pool = Literal["local", "global"]
 
 # ================================================================================================ model
 
@@ -52,6 +58,11 @@ class ModelConfig:
     checkpoint: str | None = None
     preset: str | None = None
     seed: int = 0
+    # Start from another run's weights (a chained stage): its directory (its config.json rebuilds its model)
+    # and step (None: its latest checkpoint), LoRA merged. The model source above still gives the processor
+    # files and the architecture; the weights are the run's.
+    init_from: str | None = None
+    init_step: int | None = None
     dtype: Dtype = "float32"  # compute
     param_dtype: Dtype = "float32"  # master weights
     scan_layers: bool = True
@@ -67,6 +78,8 @@ class ModelConfig:
 class TemperatureConfig:
     init: float = 0.05
     learnable: bool = True
+    # With model.init_from: start from that run's temperature (True) or from ``init`` (False).
+    carry: bool = True
     min: float = MIN_TEMPERATURE
     max: float = MAX_TEMPERATURE
 
@@ -93,6 +106,7 @@ class SourceConfig:
 
     root: str
     weight: float = 1.0
+    layout: Layout = "mbeir"
     format: DataFormat = "raw"
     split: str = "train"
     tasks: tuple[str, ...] | None = None
@@ -112,6 +126,7 @@ class DataConfig:
     (:func:`mmret.data.pipeline.mixed_epoch_length`)."""
 
     root: str | None = None
+    layout: Layout = "mbeir"  # what the root holds (see Layout)
     format: DataFormat = "raw"
     split: str = "train"
     tasks: tuple[str, ...] | None = None  # dataset-tasks to keep (of the union file or the per-task files)
@@ -132,6 +147,7 @@ class DataConfig:
         own = SourceConfig(
             root=self.root or "",
             weight=self.weight,
+            layout=self.layout,
             format=self.format,
             split=self.split,
             tasks=self.tasks,
@@ -280,6 +296,68 @@ class EvalConfig:
             raise ValueError(f"eval.pools must be a non-empty subset of {POOLS}, got {self.pools}")
 
 
+# =============================================================================================== mining
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningConfig:
+    """Hard-negative mining (:mod:`mmret.mining`): a run's checkpoint embeds the ``split`` queries of the M-BEIR
+    root (``root``, default ``data.root``) and a pool, searches the top ``top_k`` (``eval.search``), then a rule
+    picks ``negatives`` per query (``false_negative_filter``: drop candidates whose normalised text or decoded
+    pixels equal a positive's).
+
+    ``umarvel``: the first ``negatives`` ranks of the top ``top_k`` that are not positives; a query with too few
+    gets random pool candidates (seeded by ``seed`` and the qid). ``mmembed``: kind a, candidates of a modality
+    other than the task's target within the top ``modality_top``; kind b, target-modality candidates ranked
+    beyond ``rank_cut``; ``modality_share`` of the negatives are kind a (as many as there are), the rest kind b.
+    ``pool``: ``global`` (the split's union pool, U-MARVEL's and MM-Embed's choice) or ``local`` (each task's
+    own pool; the reranker's training lists). ``tasks``: None, every task with a query file of the split.
+    """
+
+    rule: MiningRule = "umarvel"
+    negatives: int = 5
+    top_k: int = 100
+    pool: Pool = "global"
+    split: str = "train"
+    root: str | None = None
+    tasks: tuple[str, ...] | None = None
+    seed: int = 0
+    modality_top: int = 50
+    rank_cut: int = 45
+    modality_share: float = 0.5
+    false_negative_filter: bool = True
+    on_bad_record: OnBadRecord = "error"
+
+    def __post_init__(self) -> None:
+        for name in ("negatives", "top_k", "modality_top"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"mining.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.rank_cut < self.top_k:
+            raise ValueError(f"mining.rank_cut must be in [0, mining.top_k={self.top_k}), got {self.rank_cut}")
+        if self.modality_top > self.top_k:
+            raise ValueError(f"mining.modality_top ({self.modality_top}) must not exceed mining.top_k ({self.top_k})")
+        if not 0.0 <= self.modality_share <= 1.0:
+            raise ValueError(f"mining.modality_share must be in [0, 1], got {self.modality_share}")
+
+
+# =============================================================================================== stages
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One stage of a chained recipe (:mod:`mmret.chain`): the run config is the recipe's own with
+    ``overrides`` merged in (nested mappings, key by key; any other value replaces), trained in
+    ``<workdir>/<name>``. ``init_from``: an earlier stage whose final weights (LoRA merged) this one starts
+    from (None: the model source). ``mine_from``: an earlier stage whose final model mines hard negatives
+    (``mining`` of the merged config) before this stage trains; the mined file becomes its
+    ``data.negatives_file``."""
+
+    name: str
+    init_from: str | None = None
+    mine_from: str | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
 # ================================================================================================== run
 
 
@@ -315,6 +393,8 @@ class TrainerConfig:
     max_nonfinite_steps: int = 10
     inject_nonfinite_steps: tuple[int, ...] = ()  # testing hook: these steps (1-based, as logged) see NaN parameters
     eval: EvalConfig = EvalConfig()  # embedding, search and report (mmret.eval)
+    mining: MiningConfig = MiningConfig()  # --mode=mine, and stages with ``mine_from``
+    stages: tuple[StageConfig, ...] = ()  # a chained recipe (mmret.chain); empty: one run
 
     def __post_init__(self) -> None:
         if self.rules is not None:  # nested lists (JSON, ml_collections) as the tuples the rules table holds
