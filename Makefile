@@ -18,7 +18,7 @@ demo: setup
 	$(PY) tools/make_tiny_model.py --out $(WORKDIR)/tiny_model --preset tiny --seed 0 --force
 	$(PY) tools/make_synthetic_mbeir.py --out $(WORKDIR)/mbeir --scale demo --seed 0 --force
 	rm -rf $(WORKDIR)/run
-	$(PY) -m mmret.launch --config=configs/umarvel.py:demo --workdir=$(WORKDIR)/run \
+	$(PY) -m mmret.launch --config=configs/umarvel.py:mbeir_demo --workdir=$(WORKDIR)/run \
 		--config.model.hf_dir=$(WORKDIR)/tiny_model --config.data.root=$(WORKDIR)/mbeir
 
 test: setup

@@ -1,20 +1,29 @@
-"""U-MARVEL, stage 3 (M-BEIR with instructions) on Qwen2-VL-7B-Instruct: ../shared/RECIPES.md s.3.
+"""U-MARVEL's progressive transition on Qwen2-VL-7B-Instruct: ../shared/RECIPES.md s.3.
 
     python -m mmret.launch --config=configs/umarvel.py --workdir=DIR \
-        --config.model.hf_dir=/path/to/Qwen2-VL-7B-Instruct --config.data.root=/path/to/M-BEIR
-    python -m mmret.launch --config=configs/umarvel.py:demo --workdir=DIR     # tiny model, synthetic corpus
+        --config.model.hf_dir=/path/to/Qwen2-VL-7B-Instruct --config.data.root=/path/to/M-BEIR \
+        --config.stages.text.overrides.data.root=/path/to/nli     # holds nli_for_simcse.csv
+        --config.stages.caption.overrides.data.root=/path/to/cc3m # chat.json + images/ (LLaVA CC3M-595K)
+    python -m mmret.launch --config=configs/umarvel.py:demo --workdir=DIR     # the chain, tiny model, synthetic data
 
-Presets (the ``:arg`` suffix): none = the paper's stage-3 recipe; ``demo`` = the same code on the tiny
-random model and the synthetic M-BEIR corpus (written by tools/make_tiny_model.py and
-tools/make_synthetic_mbeir.py), about 12 minutes on 2 CPU cores (about 600 steps at 60-70 examples/s).
+Presets (the ``:arg`` suffix):
 
-Both train from the split's union file, ``query/union_train/mbeir_union_up_train.jsonl`` against
-``cand_pool/global/mbeir_union_train_cand_pool.jsonl`` (``data.query_file="auto"``). The paper config states
-epochs (the trainer derives the steps from the number of lines it read); the demo a fixed 600 steps. The
-loss is U-MARVEL's (no false-negative masking; a symmetric loss would be the sum of both directions):
-``mask_false_negatives=True`` switches mmret's masking of a query's other labelled positives in the batch
-back on. The reported numbers come from exact search (the reference's); ScaNN
-(``eval.search.method="auto"`` or ``"scann"``) is for large pools.
+- none: the chain of stages 1-4, each in ``DIR/<stage>``: ``text`` (NLI pairs) -> ``caption`` (caption ->
+  image, symmetric) -> ``mbeir`` (M-BEIR with instructions, learnable temperature) -> ``hardneg`` (5 negatives
+  per query mined by the ``mbeir`` model: U-MARVEL's rule on the union training pool). Each stage starts
+  from the one before, LoRA merged. Stage 5 (distillation) arrives with the reranker.
+- ``mbeir``: stage 3 alone (one run in ``DIR``), from the model source.
+- ``demo``: the same chain on the tiny random model and synthetic data (tools/make_tiny_model.py,
+  tools/make_synthetic_mbeir.py, tools/make_synthetic_pairs.py), evaluated after every stage: what the
+  README's first command runs.
+- ``mbeir_demo``: stage 3 alone on the tiny model (600 steps; benchmarks/RESULTS.md's demo table).
+
+The top-level fields are stage 3's (and every stage's defaults); a stage's ``overrides`` change what
+differs in it (the table of RECIPES.md s.3: data, LoRA rank, per-device batch, learning rate, epochs,
+temperature, loss). Batches are per host: the paper's per-device batch times 8 devices per host (set
+``data.pipeline.batch_size`` and ``grad_cache_chunk`` for other hosts). Every stage trains from its data's
+size (``epochs``). The loss is U-MARVEL's (no false-negative masking; symmetric = the sum of both ways);
+the reported numbers come from exact search (the reference's).
 """
 
 from __future__ import annotations
@@ -25,12 +34,78 @@ import ml_collections
 
 from mmret.recipe import SearchConfig
 
-# Paper: 60 sequences per device on 64 devices (~3840 global). data.pipeline.batch_size is per host:
-# 8 devices per host -> 480 per host (set it to 60 * local devices on other hosts).
-PAPER_BATCH_PER_HOST = 480
+DEVICES_PER_HOST = 8
+# Paper: 60 sequences per device on 64 devices (~3840 global), per host: 480.
+PAPER_BATCH_PER_HOST = 60 * DEVICES_PER_HOST
+
+
+def _pipeline(
+    batch: int, negatives: int = 0, length: int = 800, query_patches: int = 1200, patches: int = 1200
+) -> dict:
+    """A paper pipeline of ``batch`` queries per host, each with one positive and ``negatives`` negatives;
+    ``query_patches`` / ``patches``: the patch budget per query / candidate (1200 = 300 visual tokens)."""
+    return dict(
+        batch_size=batch,
+        num_negatives=negatives,
+        max_query_length=length,
+        max_candidate_length=length,
+        max_query_patches=batch * query_patches,
+        max_candidate_patches=batch * (1 + negatives) * patches,
+    )
+
+
+def _stages() -> ml_collections.ConfigDict:
+    """The paper's stages 1, 2 and 4 as overrides of stage 3 (the top level)."""
+    per_host = DEVICES_PER_HOST
+
+    def root() -> ml_collections.FieldReference:  # the stage's own data root, set on the command line
+        return ml_collections.FieldReference(None, field_type=str)
+
+    text = dict(
+        overrides=dict(
+            data=dict(
+                layout="nli", root=root(), pipeline=_pipeline(72 * per_host, length=256, query_patches=4, patches=4)
+            ),
+            lora=dict(rank=64, alpha=128.0),
+            temperature=dict(learnable=False),
+            optimizer=dict(learning_rate=2e-4),
+            epochs=2.0,
+            grad_cache_chunk=72,
+        )
+    )
+    caption = dict(
+        init_from="text",
+        overrides=dict(
+            data=dict(layout="caption", root=root(), pipeline=_pipeline(60 * per_host, length=400, query_patches=4)),
+            temperature=dict(learnable=False),
+            symmetric=True,  # caption -> image and image -> caption, summed (symmetric_reduction="sum")
+            optimizer=dict(learning_rate=1e-4),
+            epochs=1.0,
+        ),
+    )
+    mbeir = dict(init_from="caption", overrides=dict())  # the top level: stage 3
+    hardneg = dict(
+        init_from="mbeir",
+        mine_from="mbeir",  # U-MARVEL: the stage-3 model, exact top 100 of the union training pool, 5 negatives
+        overrides=dict(
+            mining=dict(rule="umarvel", negatives=5, top_k=100, pool="global"),
+            # 17 queries per device, each with its positive and 5 mined negatives: 7 sequences per query
+            data=dict(pipeline=_pipeline(17 * per_host, negatives=5)),
+            grad_cache_chunk=17,
+            optimizer=dict(learning_rate=1.5e-5),
+            epochs=1.0,
+        ),
+    )
+    return ml_collections.ConfigDict(dict(text=text, caption=caption, mbeir=mbeir, hardneg=hardneg), sort_keys=False)
+
+
+#: The ``:arg`` presets (None: the paper's).
+PRESETS = (None, "mbeir", "demo", "mbeir_demo")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"configs/umarvel.py: unknown preset {arg!r} (known: mbeir, demo, mbeir_demo)")
     c = ml_collections.ConfigDict()
     c.model = dict(
         hf_dir=ml_collections.FieldReference(None, field_type=str),
@@ -45,29 +120,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # Bidirectional attention, mean pooling with the instruction (and its markers) left out, L2 norm.
     c.encoder = dict(pooling="mean", attention="bidirectional", fusion="joint", normalize=True)
-    c.temperature = dict(init=0.05, learnable=True, min=0.01, max=1.0)
+    c.temperature = dict(init=0.05, learnable=True, min=0.01, max=1.0, carry=True)
     c.lora = dict(rank=128, alpha=256.0, dropout=0.05, lora_only=True)
     # U-MARVEL's loss: every other in-batch candidate is a negative; a symmetric loss is the sum of both ways.
     c.mask_false_negatives = False
     c.symmetric_reduction = "sum"
     c.freeze = (r"(.*\.)?visual\..*",)  # vision tower and merger frozen
     c.data = dict(
-        root=ml_collections.FieldReference(None, field_type=str),
+        root=ml_collections.FieldReference(None, field_type=str),  # the M-BEIR root
         format="raw",
         split="train",
         query_file="auto",  # the union file: query/union_train/mbeir_union_up_train.jsonl (1.33M lines)
         negatives_file=ml_collections.FieldReference(None, field_type=str),
         processor=dict(template="umarvel", max_pixels=300 * 28 * 28, max_text_tokens=480),
-        pipeline=dict(
-            batch_size=PAPER_BATCH_PER_HOST,
-            num_negatives=0,
-            max_query_length=800,
-            max_candidate_length=800,
-            max_query_patches=PAPER_BATCH_PER_HOST * 1200,
-            max_candidate_patches=PAPER_BATCH_PER_HOST * 1200,
-            num_workers=8,
-            on_bad_record="skip",
-        ),
+        pipeline=dict(**_pipeline(PAPER_BATCH_PER_HOST), num_workers=8, on_bad_record="skip"),
     )
     # One epoch: steps = lines of the union file // global batch (1.33M / 3840 = 346 on 8 hosts of 8 devices).
     c.epochs = ml_collections.FieldReference(1.0, field_type=float)
@@ -78,7 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = dict(every=500, keep=3)
     # M-BEIR test evaluation (--mode=eval, or eval.at_end): the 16 tasks, local and global pools.
     c.eval = dict(
-        root=ml_collections.FieldReference(None, field_type=str),  # default: data.root
+        root=c.data.get_ref("root"),  # the M-BEIR root, for every stage (the text and caption stages' data is not)
         pools=("local", "global"),
         batch_size=0,  # 0: data.pipeline.batch_size
         shard_size=65536,
@@ -96,41 +162,80 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         },
     )
     c.eval.search.method = "exact"
-
-    if arg == "demo":
-        c.model.hf_dir = "/tmp/mmret_demo/tiny_model"
-        c.model.dtype = "float32"
-        c.model.remat = "none"
-        c.model.attention_impl = "xla"
-        # The tiny model is random: there is nothing for adapters to adapt, so the demo trains every
-        # weight, the vision tower included (LoRA, freezing and merging are covered by the tests).
-        c.lora.rank = 0
-        c.freeze = ()
-        c.data.root = "/tmp/mmret_demo/mbeir"
-        c.data.processor.max_pixels = 64 * 28 * 28
-        c.data.processor.max_text_tokens = 64
-        # 64 queries per step: in-batch negatives from 63 others. On the `demo` corpus scale (128 training
-        # queries per task) 400 steps of 64 lifted the 16-task averages from 27.9 (local) / 16.0 (global) at
-        # 600 steps of 32 to 41.7 / 27.1 (benchmarks/RESULTS.md); 200 steps of 128 gave 25.5 / 15.5. With the
-        # board tasks' doubled training split (2,560 queries), 600 steps: 53.0 / 34.6; 400 steps: 37.1 / 21.2.
-        c.data.pipeline.update(
-            batch_size=64,
-            max_query_length=96,  # the synthetic corpus's longest input is 83 tokens
-            max_candidate_length=96,
-            max_query_patches=64 * 64,  # its images are at most 64 patches (16 image tokens)
-            max_candidate_patches=64 * 64,
-            num_workers=0,
-            on_bad_record="error",
-        )
-        c.optimizer.learning_rate = 1e-3
-        c.epochs = None  # a fixed length: 600 steps of 64 are ~11.5 epochs of the demo corpus's 3,328-line union file
-        c.optimizer.total_steps = 600
-        c.grad_cache_chunk = 32
-        c.mesh = dict(data=-1, fsdp=1, tensor=1)
-        c.log_every = 25
-        c.checkpoint = dict(every=200, keep=2)
-        c.eval.update(shard_size=4096, num_workers=0, at_start=True, at_end=True, check_exact=0)
-    elif arg:
-        raise ValueError(f"configs/umarvel.py: unknown preset {arg!r} (known: demo)")
+    if arg in (None, "demo"):
+        c.stages = _stages()
+    if arg in ("demo", "mbeir_demo"):
+        _demo(c, chain=arg == "demo")
     c.lock()
     return c
+
+
+def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
+    """The tiny random model and the synthetic data under /tmp/mmret_demo (see the Makefile's ``demo``)."""
+    c.model.hf_dir = "/tmp/mmret_demo/tiny_model"
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.model.attention_impl = "xla"
+    # The tiny model is random: there is nothing for adapters to adapt, so the demo trains every
+    # weight, the vision tower included (LoRA, freezing and merging are covered by the tests).
+    c.lora.rank = 0
+    c.freeze = ()
+    c.data.root = "/tmp/mmret_demo/mbeir"
+    c.data.processor.max_pixels = 64 * 28 * 28
+    c.data.processor.max_text_tokens = 64
+    # 64 queries per step: in-batch negatives from 63 others. On the `demo` corpus scale (128 training
+    # queries per task) 400 steps of 64 lifted the 16-task averages from 27.9 (local) / 16.0 (global) at
+    # 600 steps of 32 to 41.7 / 27.1 (benchmarks/RESULTS.md); 200 steps of 128 gave 25.5 / 15.5. With the
+    # board tasks' doubled training split (2,560 queries), 600 steps: 53.0 / 34.6; 400 steps: 37.1 / 21.2.
+    c.data.pipeline.update(
+        batch_size=64,
+        max_query_length=96,  # the synthetic corpus's longest input is 83 tokens
+        max_candidate_length=96,
+        max_query_patches=64 * 64,  # its images are at most 64 patches (16 image tokens)
+        max_candidate_patches=64 * 64,
+        num_workers=0,
+        on_bad_record="error",
+    )
+    c.optimizer.learning_rate = 1e-3
+    c.epochs = None  # fixed lengths: 600 steps of 64 are ~11.5 epochs of the demo corpus's 3,328-line union file
+    c.optimizer.total_steps = 600
+    c.grad_cache_chunk = 32
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.log_every = 25
+    c.checkpoint = dict(every=200, keep=2)
+    c.eval.update(shard_size=4096, num_workers=0, at_start=True, at_end=True, check_exact=0)
+    if not chain:
+        return
+    # The chain in about a quarter of an hour on 2 CPU cores: short text and caption stages, a shorter M-BEIR
+    # stage than the single-stage demo, mining with its model, a short hard-negative stage.
+    c.optimizer.total_steps = DEMO_STEPS["mbeir"]
+    c.eval.at_start = False
+    s = c.stages
+    s.text.overrides.data.root = "/tmp/mmret_demo/pairs/nli"
+    s.text.overrides.data.pipeline = dict(
+        batch_size=64, max_query_length=48, max_candidate_length=48, max_query_patches=64, max_candidate_patches=64
+    )
+    for name in ("text", "caption", "hardneg"):  # every weight trains (as above), a fixed length
+        s[name].overrides.lora = dict(rank=0)
+        s[name].overrides.epochs = None
+        s[name].overrides.optimizer = dict(learning_rate=DEMO_LR[name], total_steps=DEMO_STEPS[name])
+    s.text.overrides.grad_cache_chunk = 32
+    s.text.overrides.eval = dict(at_start=True)  # the model before the chain, for the table's first row
+    s.caption.overrides.data.root = "/tmp/mmret_demo/pairs/caption"
+    s.caption.overrides.data.pipeline = dict(
+        batch_size=64, max_query_length=48, max_candidate_length=48, max_query_patches=64, max_candidate_patches=64 * 64
+    )
+    s.hardneg.overrides.data.pipeline = dict(
+        batch_size=16,
+        num_negatives=5,
+        max_query_length=96,
+        max_candidate_length=96,
+        max_query_patches=16 * 64,
+        max_candidate_patches=16 * 6 * 64,
+    )
+    s.hardneg.overrides.grad_cache_chunk = 16
+
+
+#: Steps and learning rates of the demo chain's stages (the M-BEIR stage's rate is the top level's, 1e-3).
+DEMO_STEPS = {"text": 40, "caption": 40, "mbeir": 300, "hardneg": 60}
+DEMO_LR = {"text": 1e-3, "caption": 1e-3, "hardneg": 2e-4}

@@ -124,11 +124,17 @@ def backbone_vocab_size(cfg: TrainerConfig) -> int:
     return Processor(processor_dir(cfg), cfg.data.processor).vocab_size
 
 
-def build_retriever(cfg: TrainerConfig, max_image_patches: int = 0) -> Retriever:
+def build_retriever(
+    cfg: TrainerConfig, max_image_patches: int = 0, *, start: Retriever | None = None
+) -> Retriever:
     """The model a run of ``cfg`` starts from (backbone, LoRA adapters, temperature), in host memory;
-    ``max_image_patches``: see :func:`load_backbone`."""
+    ``max_image_patches``: see :func:`load_backbone`. ``start``: a trained retriever (LoRA merged) whose
+    weights replace the model source's before the adapters are added, and whose temperature is kept
+    with ``temperature.carry`` (a chained stage: :func:`mmret.checkpoints.initial_model`)."""
     with host_memory():
         backbone = load_backbone(cfg.model, max_image_patches, backbone_vocab_size(cfg))
+        if start is not None:
+            _take_weights(backbone, start.encoder.backbone, cfg.model.init_from)
         if cfg.lora.rank > 0:
             apply_lora(
                 backbone,
@@ -139,10 +145,24 @@ def build_retriever(cfg: TrainerConfig, max_image_patches: int = 0) -> Retriever
                 rngs=cfg.seed,
             )
         t = cfg.temperature
-        return Retriever(
-            Encoder(backbone, cfg.encoder),
-            Temperature(t.init, learnable=t.learnable, min_temperature=t.min, max_temperature=t.max),
+        temperature = Temperature(t.init, learnable=t.learnable, min_temperature=t.min, max_temperature=t.max)
+        if start is not None and t.carry:
+            temperature.log_tau.set_value(start.temperature.log_tau[...])
+        return Retriever(Encoder(backbone, cfg.encoder), temperature)
+
+
+def _take_weights(backbone: nnx.Module, trained: nnx.Module, where: str | None) -> None:
+    """Copy ``trained``'s parameters into ``backbone`` (same architecture and layout)."""
+    mine, theirs = nnx.state(backbone, nnx.Param), nnx.state(trained, nnx.Param)
+    a = {p: (v.shape, v.dtype) for p, v in nnx.to_flat_state(mine)}
+    b = {p: (v.shape, v.dtype) for p, v in nnx.to_flat_state(theirs)}
+    if a.keys() != b.keys() or any(a[p][0] != b[p][0] for p in a):
+        diff = sorted(set(a) ^ set(b)) or [p for p in a if a[p][0] != b[p][0]]
+        raise ValueError(
+            f"model.init_from={where}: that run's model differs from this one's (first: "
+            f"{'.'.join(map(str, diff[0]))}); same backbone, scan_layers and vocabulary needed"
         )
+    nnx.update(backbone, jax.tree.map(lambda m, t: t.astype(m.dtype), mine, theirs))
 
 
 def host_memory() -> contextlib.AbstractContextManager[Any]:

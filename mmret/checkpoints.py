@@ -35,11 +35,12 @@ from mmret.atomic_dir import PathLike, absolute, as_path, is_local
 from mmret.build import build_retriever, trainable_filter
 from mmret.lora import merge_lora
 from mmret.models.retriever import Retriever
-from mmret.recipe import CheckpointConfig, TrainerConfig
+from mmret.recipe import CheckpointConfig, TrainerConfig, as_trainer_config
 
 log = logging.getLogger("mmret.checkpoints")
 
 CHECKPOINTS = "checkpoints"
+CONFIG = "config.json"  # the resolved config a run was trained with (written by the trainer)
 
 
 def checkpoint_dir(workdir: PathLike) -> epath.Path:
@@ -90,13 +91,35 @@ def restore_params(model: nnx.Module, wrt: Any, item_dir: PathLike) -> None:
     nnx.update(model, out["params"])  # a State shaped like the template
 
 
+def run_config(workdir: PathLike) -> TrainerConfig:
+    """The config a run was trained with (its ``config.json``)."""
+    path = as_path(workdir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (not a training run's directory?)")
+    return as_trainer_config(json.loads(path.read_text()))
+
+
+def initial_model(cfg: TrainerConfig, max_image_patches: int = 0) -> Retriever:
+    """The model a run of ``cfg`` starts from: :func:`mmret.build.build_retriever`, with the weights of
+    ``model.init_from`` (that run's checkpoint ``model.init_step``, default its latest, LoRA merged; its
+    own ``init_from`` followed in turn) when given."""
+    if not cfg.model.init_from:
+        return build_retriever(cfg, max_image_patches)
+    source = cfg.model.init_from
+    step = resolve_step(source, cfg.model.init_step)
+    if step == 0:
+        raise FileNotFoundError(f"model.init_from={source}: step 0 is that run's own start, not a trained step")
+    start = load_trained(run_config(source), source, step, max_image_patches=max_image_patches)
+    return build_retriever(cfg, max_image_patches, start=start)
+
+
 def load_trained(
     cfg: TrainerConfig, workdir: PathLike | None = None, step: int = 0, *, max_image_patches: int = 0
 ) -> Retriever:
-    """The retriever of a run of ``cfg`` at ``step`` (0: before training, i.e. the model source), LoRA
-    adapters merged into plain weights; in host memory. ``max_image_patches``: the processor's per-image
-    cap (:func:`mmret.build.load_backbone`)."""
-    model = build_retriever(cfg, max_image_patches)
+    """The retriever of a run of ``cfg`` at ``step`` (0: before training, i.e. the model it started from:
+    :func:`initial_model`), LoRA adapters merged into plain weights; in host memory.
+    ``max_image_patches``: the processor's per-image cap (:func:`mmret.build.load_backbone`)."""
+    model = initial_model(cfg, max_image_patches)
     if step:
         if workdir is None:
             raise ValueError("a checkpoint step needs the run's workdir")

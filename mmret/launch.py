@@ -1,7 +1,7 @@
 """The one entry point for jobs.
 
     python -m mmret.launch --config=configs/umarvel.py[:preset] --workdir=DIR [--config.a.b=value ...]
-        [--mode=train|embed|eval] [--step=N]
+        [--mode=train|embed|eval|mine] [--step=N] [--stage=NAME]
 
 ``--config`` takes a Python config file exposing ``get_config(arg)`` (a bare name such as
 ``umarvel.py`` resolves to ``configs/umarvel.py``); ``--config.a.b=value`` overrides one field, and
@@ -12,7 +12,13 @@ distributed runtime is initialised first.
 Modes: ``train`` (default) trains, evaluating the model before (``eval.at_start``) and after
 (``eval.at_end``) training and printing the before/after table; ``embed`` writes the embeddings of
 checkpoint ``--step`` (default: the latest; 0: before training) under ``DIR/eval/<step>/embeddings``;
-``eval`` embeds, searches and reports it under ``DIR/eval/<step>/<pool>/`` (see :mod:`mmret.eval`).
+``eval`` embeds, searches and reports it under ``DIR/eval/<step>/<pool>/`` (see :mod:`mmret.eval`);
+``mine`` mines hard negatives with it (``mining.*``) into ``DIR/mined/<step>/`` (see :mod:`mmret.mining`).
+
+A config with ``stages`` is a chain (:mod:`mmret.chain`): ``train`` runs its stages in order, each in
+``DIR/<stage>/`` (mining where a stage says ``mine_from``), skipping finished ones, and closes with a
+table of every stage's evaluation; ``--stage=NAME`` trains only that stage, or names the stage whose run
+``embed`` / ``eval`` / ``mine`` read (default: the last).
 
 Errors in what the job was given are checked before anything is written to ``DIR`` (config values,
 the paths the config names, the model directory's weights, every record of the training data) and
@@ -82,16 +88,47 @@ def main(argv: list[str]) -> None:
     workdir = flags.FLAGS.workdir
     mode = flags.FLAGS.mode
     step = None if flags.FLAGS.step < 0 else flags.FLAGS.step
+    only = flags.FLAGS.stage
     with one_line_errors(ValueError, TypeError, prefix="bad config: "):
         trainer_cfg = as_trainer_config(cfg)  # unknown keys, wrong types, values outside a Literal
-        task = tasks.get(trainer_cfg.task)
-        task.check(trainer_cfg)
+        if trainer_cfg.stages:
+            from mmret import chain
+
+            chain.check_stages(trainer_cfg)
+            names = [s.name for s in trainer_cfg.stages]
+            if only is not None:
+                chain.stage(trainer_cfg, only)  # names the stages when there is no such one
+            configs = {n: chain.stage_config(trainer_cfg, n, workdir) for n in names}
+        elif only is not None:
+            raise ValueError(f"--stage={only}: the config has no stages")
+        else:
+            configs = {"": trainer_cfg}
+        for c in configs.values():
+            tasks.get(c.task).check(c)
+    chained = bool(trainer_cfg.stages)
     with one_line_errors(ValueError, OSError):  # nothing is written before these pass
-        check_paths(trainer_cfg)
-        inputs = task.open_inputs(trainer_cfg) if mode == "train" else None  # reads (and checks) every record
+        for name, c in configs.items():
+            mined = chained and chain.stage(trainer_cfg, name).mine_from is not None
+            try:
+                check_paths(c, negatives=not mined, train=mode == "train")  # a mined file: the chain writes it
+            except (ValueError, OSError) as e:
+                if not chained:
+                    raise
+                raise type(e)(f"stage {name}: {e}") from e
+        inputs = None
+        if mode == "train" and not chained:
+            inputs = tasks.get(trainer_cfg.task).open_inputs(trainer_cfg)  # reads (and checks) every record
     from mmret.eval import run as eval_run
 
     with one_line_errors(*input_errors()):
+        if chained and mode == "train":
+            records = chain.run_chain(trainer_cfg, workdir, only=only)
+            if jax.process_index() == 0:
+                print("\n" + chain.chain_table(records, trainer_cfg.eval.pools))
+            return
+        if chained:  # embed / eval / mine one stage's run: --stage, default the last
+            name = only or names[-1]
+            trainer_cfg, workdir = configs[name], str(chain.stage_dir(workdir, name))
         if mode == "embed":
             from mmret.checkpoints import resolve_step
             from mmret.eval.embed import embed
@@ -102,10 +139,17 @@ def main(argv: list[str]) -> None:
         if mode == "eval":
             eval_run.evaluate_run(trainer_cfg, workdir, step)
             return
+        if mode == "mine":
+            from mmret.checkpoints import resolve_step
+            from mmret.mining.mine import mine
+
+            step = resolve_step(workdir, step)
+            mine(trainer_cfg, as_path(workdir) / "mined" / str(step), workdir=workdir, step=step)
+            return
         ecfg = trainer_cfg.eval
         if ecfg.at_start:
             eval_run.evaluate_run(trainer_cfg, workdir, 0)
-        summary = train(trainer_cfg, workdir, task=task, inputs=inputs)
+        summary = train(trainer_cfg, workdir, task=tasks.get(trainer_cfg.task), inputs=inputs)
         after = summary["final_step"]
         evaluated = ecfg.at_end and not summary["preempted"]
         if evaluated:
@@ -162,10 +206,14 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         node = node.__cause__ or node.__context__
 
 
-def check_paths(cfg: Any) -> None:
-    """The paths the config names exist (directories; ``data.negatives_file`` a file), and a
-    ``model.hf_dir`` holds safetensors weights; the error names the config key and the path."""
+def check_paths(cfg: Any, *, negatives: bool = True, train: bool = True) -> None:
+    """The paths the config names exist (directories; ``data.negatives_file`` a file; with ``train``, a
+    ``data.root`` is given), and a ``model.hf_dir`` holds safetensors weights; the error names the config key
+    and the path."""
     from mmret.convert.hf import SafetensorsCheckpoint
+
+    if train and not cfg.data.root:
+        raise ValueError("data.root: no data root given")
 
     dirs = {
         "model.hf_dir": cfg.model.hf_dir,
@@ -180,9 +228,11 @@ def check_paths(cfg: Any) -> None:
             if as_path(path).exists():
                 raise NotADirectoryError(f"{key}: {path}: not a directory")
             raise FileNotFoundError(f"{key}: {path}: no such directory")
-    negatives = cfg.data.negatives_file
-    if negatives and not as_path(negatives).is_file():
-        raise FileNotFoundError(f"data.negatives_file: {negatives}: no such file")
+    files = {"data.negatives_file": cfg.data.negatives_file if negatives else None}
+    files |= {f"data.mix[{i}].negatives_file": s.negatives_file for i, s in enumerate(cfg.data.mix)}
+    for key, path in files.items():
+        if path and not as_path(path).is_file():
+            raise FileNotFoundError(f"{key}: {path}: no such file")
     if cfg.model.hf_dir:
         try:
             SafetensorsCheckpoint(cfg.model.hf_dir)  # reads the headers only
@@ -217,8 +267,11 @@ def run() -> None:
 
     config_flags.DEFINE_config_file("config", None, "Python config file (get_config(arg)); path[:preset].")
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
-    flags.DEFINE_enum("mode", "train", ["train", "embed", "eval"], "Train (and evaluate per eval.at_*), or embed/eval.")
-    flags.DEFINE_integer("step", -1, "Checkpoint to embed/evaluate: -1 the latest, 0 the model before training.")
+    flags.DEFINE_enum(
+        "mode", "train", ["train", "embed", "eval", "mine"], "Train (and evaluate per eval.at_*), or embed/eval/mine."
+    )
+    flags.DEFINE_string("stage", None, "A chained config's stage: run only it (train), or embed/eval/mine its run.")
+    flags.DEFINE_integer("step", -1, "Checkpoint to embed/evaluate/mine: -1 the latest, 0 the model before training.")
     flags.DEFINE_bool("verbose", False, "Show the traceback of input errors (else one line on stderr).")
     flags.mark_flags_as_required(["config", "workdir"])
     sys.argv = resolve_config_arg(sys.argv)

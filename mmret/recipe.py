@@ -133,7 +133,7 @@ class DataConfig:
     query_file: QueryFile = "auto"
     negatives_file: str | None = None
     weight: float = 1.0  # of this source in a mix (only read with ``mix``)
-    mix: tuple[SourceConfig, ...] = ()
+    mix: tuple[SourceConfig, ...] = ()  # or a mapping {label: source}, in order (a ConfigDict with sort_keys=False)
     processor_dir: str | None = None  # tokenizer + preprocessor files; default: the model's directory
     processor: ProcessorConfig = ProcessorConfig()
     pipeline: PipelineConfig = PipelineConfig()
@@ -394,7 +394,9 @@ class TrainerConfig:
     inject_nonfinite_steps: tuple[int, ...] = ()  # testing hook: these steps (1-based, as logged) see NaN parameters
     eval: EvalConfig = EvalConfig()  # embedding, search and report (mmret.eval)
     mining: MiningConfig = MiningConfig()  # --mode=mine, and stages with ``mine_from``
-    stages: tuple[StageConfig, ...] = ()  # a chained recipe (mmret.chain); empty: one run
+    # A chained recipe (mmret.chain), in order; empty: one run. A config file may give a mapping
+    # {name: stage fields} instead (then ``--config.stages.<name>.overrides.a.b=...`` overrides one stage).
+    stages: tuple[StageConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rules is not None:  # nested lists (JSON, ml_collections) as the tuples the rules table holds
@@ -460,7 +462,15 @@ def _int_as_float(value: Any) -> Any:
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-_DACITE = dacite.Config(strict=True, cast=[tuple], type_hooks={float: _int_as_float})
+def _sources(value: Any) -> Any:
+    """``data.mix`` given as a mapping {label: source} (a ConfigDict whose entries the command line reaches,
+    ``--config.data.mix.<label>.root=...``): its sources in order."""
+    return list(value.values()) if isinstance(value, Mapping) else value
+
+
+_DACITE = dacite.Config(
+    strict=True, cast=[tuple], type_hooks={float: _int_as_float, tuple[SourceConfig, ...]: _sources}
+)
 
 
 def _unknown_key(cls: type, values: Mapping[str, Any], where: str = "") -> tuple[str, type] | None:
@@ -486,11 +496,16 @@ def _is_union(hint: Any) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` with ``ml_collections.ConfigDict`` nodes turned into dicts."""
+    """``value`` with ``ml_collections.ConfigDict`` nodes turned into dicts and the ``FieldReference`` s
+    that ``to_dict`` leaves inside tuples and lists (e.g. a ``data.mix`` entry's root) resolved."""
+    if type(value).__name__ == "FieldReference" and hasattr(value, "get"):
+        value = value.get()
     if hasattr(value, "to_dict"):
         value = value.to_dict()
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
     return value
 
 
@@ -528,7 +543,18 @@ def as_trainer_config(config: TrainerConfig | Mapping[str, Any] | Any) -> Traine
     """A :class:`TrainerConfig` from itself, a nested dict or an ``ml_collections.ConfigDict``."""
     if isinstance(config, TrainerConfig):
         return config
-    return parse(TrainerConfig, config)
+    values = _plain(config)
+    if isinstance(values.get("stages"), Mapping):  # {name: stage} (a ConfigDict's stages, in order)
+        values["stages"] = [_named_stage(name, stage) for name, stage in values["stages"].items()]
+    return parse(TrainerConfig, values)
+
+
+def _named_stage(name: str, stage: Any) -> Any:
+    if not isinstance(stage, Mapping):
+        raise ValueError(f"stages.{name}: expected a mapping of the stage's fields, got {stage!r}")
+    if stage.get("name", name) != name:
+        raise ValueError(f"stages.{name}.name: {stage['name']!r} differs from its key {name!r}")
+    return {**stage, "name": name}
 
 
 def config_to_json(cfg: Any) -> Any:

@@ -14,7 +14,8 @@ LAYERS = [
     {"mmret.sharding", "mmret.convert", "mmret.data"},
     {"mmret.recipe", "mmret.build", "mmret.checkpoints"},  # the shared floor
     {"mmret.tasks", "mmret.eval"},
-    {"mmret.train"},
+    {"mmret.train", "mmret.mining"},
+    {"mmret.chain"},
     {"mmret.launch"},
 ]
 #: Upward imports that run only when called: (importer, imported, why).
@@ -43,6 +44,7 @@ def test_eval_and_train_are_independent():
     every = graph.edges(lazy=True)
     assert "mmret.train" not in every["mmret.eval"] and "mmret.eval" not in every["mmret.train"]
     assert not {"mmret.train", "mmret.eval"} & every["mmret.tasks"]
+    assert "mmret.train" not in every.get("mmret.mining", set())  # mining reads a run; it never trains
 
 
 def test_no_cycles_between_parts():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmret import chain
 from mmret.losses import info_nce
 from mmret.recipe import as_trainer_config, with_epochs
 
@@ -20,8 +21,10 @@ def umarvel(arg: str | None = None):
     spec.loader.exec_module(module)
     c = module.get_config(arg)
     c.unlock()
-    if arg is None:
+    if arg in (None, "mbeir"):
         c.model.hf_dir, c.data.root = "/models/Qwen2-VL-7B-Instruct", "/data/M-BEIR"
+    if arg is None:
+        c.stages.text.overrides.data.root, c.stages.caption.overrides.data.root = "/data/nli", "/data/cc3m"
     return as_trainer_config(c)
 
 
@@ -34,8 +37,43 @@ def test_paper_config_has_umarvels_loss_lora_and_exact_search():
     assert cfg.epochs == 1.0
     # 1.33M lines of mbeir_union_up_train.jsonl over 8 hosts of 480: 346 steps, derived, not a constant.
     assert with_epochs(cfg, 1_330_000, 8 * 480).optimizer.total_steps == 1_330_000 // 3840
-    demo = umarvel("demo")
+    demo = umarvel("mbeir_demo")
     assert demo.epochs is None and with_epochs(demo, 3328, 64).steps == 600  # a fixed length
+    assert umarvel("mbeir").stages == () and umarvel("mbeir").lora == cfg.lora  # stage 3 alone
+
+
+def test_paper_chain_follows_the_stage_table():
+    """RECIPES.md s.3's table: data, LoRA, per-device batch (x 8 devices per host), LR, epochs, temperature."""
+    cfg = umarvel()
+    assert [s.name for s in cfg.stages] == ["text", "caption", "mbeir", "hardneg"]
+    stages = {s.name: chain.stage_config(cfg, s.name, "/run") for s in cfg.stages}
+    table = {
+        "text": ("nli", 64, 128.0, 72, 2e-4, 2.0),
+        "caption": ("caption", 128, 256.0, 60, 1e-4, 1.0),
+        "mbeir": ("mbeir", 128, 256.0, 60, 4e-4, 1.0),
+        "hardneg": ("mbeir", 128, 256.0, 17, 1.5e-5, 1.0),
+    }
+    for name, (layout, rank, alpha, per_device, lr, epochs) in table.items():
+        s = stages[name]
+        assert (s.data.layout, s.lora.rank, s.lora.alpha) == (layout, rank, alpha), name
+        assert s.data.pipeline.batch_size == 8 * per_device and s.grad_cache_chunk == per_device, name
+        assert (s.optimizer.learning_rate, s.epochs, s.optimizer.warmup_ratio) == (lr, epochs, 0.03), name
+        assert s.lora.dropout == 0.05 and s.optimizer.weight_decay == 0.0 and s.model.dtype == "bfloat16", name
+    assert [stages[n].temperature.learnable for n in table] == [False, False, True, True]
+    assert stages["caption"].symmetric and not stages["mbeir"].symmetric and cfg.symmetric_reduction == "sum"
+    assert [stages[n].model.init_from for n in table] == [None, "/run/text", "/run/caption", "/run/mbeir"]
+    hardneg = stages["hardneg"]
+    assert (
+        hardneg.data.pipeline.num_negatives == 5 and hardneg.data.negatives_file == "/run/hardneg/mined/negatives.jsonl"
+    )
+    assert (hardneg.mining.rule, hardneg.mining.negatives, hardneg.mining.top_k, hardneg.mining.pool) == (
+        "umarvel",
+        5,
+        100,
+        "global",
+    )
+    assert cfg.stages[3].mine_from == "mbeir"
+    assert all(s.eval.root == "/data/M-BEIR" for s in stages.values())  # evaluated on M-BEIR whatever they train on
 
 
 def test_with_epochs_derives_the_schedule_and_leaves_explicit_steps_alone():
@@ -86,3 +124,57 @@ def test_unmasked_loss_and_symmetric_sum_are_umarvels():
     mask[0, 3] = True
     masked, _ = info_nce(q, c, positive_index=index, positive_mask=mask, temperature=0.05)
     assert float(masked) < q2c
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_shipped_config_and_preset_parses_with_its_stages():
+    files = sorted((REPO / "configs").glob("*.py"))
+    assert [f.stem for f in files] == ["jfe", "mmembed", "umarvel"]
+    for path in files:
+        module = _load(path)
+        for preset in module.PRESETS:
+            c = module.get_config(preset)
+            if preset in (None, "mbeir"):  # the paper presets name no paths: give them
+                c = _with_paths(c)
+            cfg = as_trainer_config(c)
+            chain.check_stages(cfg)  # names, order, and every stage's merged config parses
+            for stage in cfg.stages:
+                s = chain.stage_config(cfg, stage.name, "/run")
+                assert s.data.root and s.eval.root == "/data/M-BEIR" or preset == "demo", (path.name, stage.name)
+        with pytest.raises(ValueError, match="unknown preset"):
+            module.get_config("nope")
+
+
+def test_mmembed_and_jfe_follow_their_papers_schedules():
+    mm = as_trainer_config(_with_paths(_load(REPO / "configs" / "mmembed.py").get_config(None)))
+    assert [s.name for s in mm.stages] == ["inbatch", "hardneg", "continual"]
+    hardneg = chain.stage_config(mm, "hardneg", "/run")
+    assert hardneg.model.init_from is None and mm.stages[1].mine_from == "inbatch"  # retrained from the base
+    m = hardneg.mining
+    assert (m.rule, m.top_k, m.modality_top, m.rank_cut) == ("mmembed", 50, 50, 45)
+    continual = chain.stage_config(mm, "continual", "/run")
+    assert continual.model.init_from == "/run/hardneg" and continual.optimizer.learning_rate == 2e-5
+    assert continual.data.layout == "beir" and [s.layout for s in continual.data.mix] == ["mbeir"]
+    jfe = as_trainer_config(_with_paths(_load(REPO / "configs" / "jfe.py").get_config(None)))
+    adapt, instruct = (chain.stage_config(jfe, n, "/run") for n in ("adapt", "instruct"))
+    assert adapt.data.layout == "caption" and [s.layout for s in adapt.data.mix] == ["nli"] and adapt.symmetric
+    assert instruct.model.init_from == "/run/adapt" and instruct.data.layout == "mbeir"
+    assert adapt.encoder.fusion == instruct.encoder.fusion == "joint"
+
+
+def _with_paths(c):
+    c.unlock()
+    c.model.hf_dir, c.data.root = "/models/Qwen2-VL-7B-Instruct", "/data/M-BEIR"
+    for stage in c.get("stages", {}).values():
+        data = stage.overrides.get("data", {})
+        if "root" in data:
+            data.root = "/data/pairs"
+        for source in data.get("mix", {}).values():
+            source.root = source.root or "/data/pairs"
+    return c

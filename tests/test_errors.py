@@ -65,7 +65,7 @@ def break_training_queries(root: Path, lineno: int, edit) -> list[Path]:
     return files
 
 
-DEMO = [sys.executable, "-m", "mmret.launch", "--config=umarvel.py:demo"]
+DEMO = [sys.executable, "-m", "mmret.launch", "--config=umarvel.py:mbeir_demo"]
 
 
 def launch_demo(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:

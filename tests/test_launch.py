@@ -76,12 +76,13 @@ STEPS = 4  # enough for the loss to fall and the weights to move; every step cos
 
 
 def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
-    """The demo preset as `make demo` runs it (the tiny model from tools/make_tiny_model.py, the tiny corpus),
-    trained for STEPS steps: the start and end evaluations, the checkpoint, the closing tables, --mode=eval."""
+    """The single-stage demo preset (U-MARVEL's M-BEIR stage on the tiny model from tools/make_tiny_model.py,
+    the tiny corpus) trained for STEPS steps: the start and end evaluations, the checkpoint, the closing
+    tables, --mode=eval."""
     assert helpers.load_tool("make_tiny_model").main(["--out", str(tmp_path / "model")]) == 0
     data = (f"--config.model.hf_dir={tmp_path / 'model'}", f"--config.data.root={tiny_mbeir}")
     r = launch(
-        "--config=umarvel.py:demo",
+        "--config=umarvel.py:mbeir_demo",
         f"--workdir={tmp_path / 'run'}",
         *data,
         f"--config.optimizer.total_steps={STEPS}",
@@ -109,6 +110,6 @@ def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
     before, after = (np.load(tmp_path / "run" / "eval" / step / shard)["embeddings"] for step in ("0", end))
     assert before.shape == after.shape == (24, 64) and np.abs(before - after).max() > 1e-2
     # --mode=eval of an evaluated step reuses its reports.
-    r = launch("--config=umarvel.py:demo", f"--workdir={tmp_path / 'run'}", *data, "--mode=eval", f"--step={end}")
+    r = launch("--config=umarvel.py:mbeir_demo", f"--workdir={tmp_path / 'run'}", *data, "--mode=eval", f"--step={end}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"eval step {end}, local pool: average" in r.stdout and "embed " not in r.stdout

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mmret import sharding, tasks
+from mmret import checkpoints, sharding, tasks
 from mmret.atomic_dir import PathLike, absolute, as_path
 from mmret.checkpoints import Checkpoints
 from mmret.lora import set_dropout_key
@@ -128,7 +128,7 @@ def train(
     # ---------------------------------------------------------------------------------- checkpoint
     if is_primary:  # the first write: the inputs and the model are read
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_to_json(cfg), indent=1) + "\n")
+        (workdir / checkpoints.CONFIG).write_text(json.dumps(config_to_json(cfg), indent=1) + "\n")
     ckpt = Checkpoints(workdir, cfg.checkpoint)
 
     def checkpoint_items(st: TrainState) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mmret import build, sharding
+from mmret import build, checkpoints, sharding
 from mmret.data.bad_records import BadRecords
 from mmret.data.pipeline import mixed_epoch_length, mixed_train_dataset, train_dataset
 from mmret.models.retriever import Retriever
@@ -112,7 +112,7 @@ class BiEncoder:
         return BiEncoderData(cfg, inputs)
 
     def model(self, cfg: TrainerConfig, inputs: build.TrainInputs) -> Retriever:
-        return build.build_retriever(cfg, max_image_patches=inputs.processor.patcher.max_patches)
+        return checkpoints.initial_model(cfg, max_image_patches=inputs.processor.patcher.max_patches)
 
     def trainable(self, cfg: TrainerConfig) -> Any:
         return build.trainable_filter(cfg)
