@@ -32,6 +32,8 @@ DUPLICATE_ID = "duplicate_id"
 BAD_IMAGE_PATH = "bad_image_path"
 BAD_IMAGE = "bad_image"
 BAD_LINE = "bad_line"
+UNKNOWN_QUERY = "unknown_query"  # a judgement (qrels line) naming a query the source does not have
+UNKNOWN_DOCUMENT = "unknown_document"  # a judgement naming a document the source does not have
 
 #: How many locations a report lists per reason.
 EXAMPLES_PER_REASON = 3
