@@ -2,7 +2,10 @@
 
 ``local``: every task's queries against its own pool (one index per task). ``global``: every task's
 queries against the union pool (one index). Positives come from each task's qrels file, all of them
-counted (:func:`mmret.eval.metrics.evaluate_task`).
+counted (:func:`mmret.eval.metrics.evaluate_task`). On the global pool each task also gets its
+modality bias (:func:`mmret.eval.metrics.wrong_modality_share` at the headline k: the percent of the top
+k whose modality is not the task's target modality), the candidates' modalities read from the union pool
+file (only the retrieved ones are kept; nothing is embedded again).
 
 The report names the search of each index (``report["search"]``: exact, or ScaNN with its resolved
 parameters) and, for ScaNN with ``check_exact_queries`` > 0, its agreement with exact search on the
@@ -21,16 +24,17 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from mmret.atomic_dir import PathLike, absolute, as_path
-from mmret.data.mbeir import dataset_task, qrels_path, read_qrels
+from mmret.data.bad_records import BadRecords
+from mmret.data.mbeir import dataset_task, global_pool_path, iter_jsonl, qrels_path, read_qrels
 from mmret.eval.embed import Embeddings, file_stamps, key_of
 from mmret.eval.index import ExactIndex, ScannIndex, build_index, exact_search, recall_against_exact
-from mmret.eval.metrics import TaskResult, evaluate_task, hits_at_k, write_trec
+from mmret.eval.metrics import TaskResult, evaluate_task, hits_at_k, write_trec, wrong_modality_share
 from mmret.eval.report import write_report
 from mmret.recipe import POOLS, SearchConfig
 
@@ -45,6 +49,32 @@ def positives_for(root: PathLike, split: str, tasks: Sequence[str]) -> dict[str,
     out: dict[str, tuple[str, ...]] = {}
     for task in tasks:
         out.update(read_qrels(root, split, task).positives)
+    return out
+
+
+def candidate_modalities(path: PathLike, dids: Collection[str]) -> dict[str, str]:
+    """``did -> modality`` of the candidates ``dids`` in a pool file (the first line of a did wins, as in
+    :func:`mmret.data.mbeir.read_pool`). Lines that do not decode are passed over: the embedding already
+    checked the file, and what it dropped was never embedded, so never retrieved."""
+    out: dict[str, str] = {}
+    for _, obj in iter_jsonl(path, BadRecords("skip")):
+        did = obj.get("did")
+        if isinstance(did, str) and did in dids and did not in out:
+            out[did] = obj.get("modality")
+    return out
+
+
+def with_modality_bias(
+    results: dict[str, TaskResult], tops: Mapping[str, list[list[str]]], pool_file: PathLike
+) -> dict[str, TaskResult]:
+    """``results`` with each task's wrong-modality share at its headline k (``tops``: task -> each
+    query's first k retrieved dids), the modalities read from ``pool_file``."""
+    modality = candidate_modalities(pool_file, {d for top in tops.values() for row in top for d in row})
+    out = dict(results)
+    for task, top in tops.items():
+        t = dataset_task(task)
+        share = wrong_modality_share(top, t.cand_modality, modality, t.recall_k)
+        out[task] = dataclasses.replace(results[task], wrong_modality=share)
     return out
 
 
@@ -180,6 +210,7 @@ def evaluate(
     started = time.perf_counter()
     results: dict[str, TaskResult] = {}
     searches: dict[str, dict[str, Any]] = {}
+    tops: dict[str, list[list[str]]] = {}  # the global pool's top k per query, for the modality bias
 
     def run(name: str, index: Any, vectors: np.ndarray, ids: list[str], task_list: list[str]) -> None:
         info = searches[name] = search_info(index)
@@ -193,6 +224,8 @@ def evaluate(
             cut = [s[: len(r)] for s, r in zip(scores, ranked, strict=True)]
             write_trec(out / f"{task}.trec", qids, ranked, cut, tag=tag, top=top)
             results[task] = evaluate_task(task, qids, ranked, positives)
+            if pool == "global":
+                tops[task] = [r[: dataset_task(task).recall_k] for r in ranked]
             if info.get("agreement") is not None:
                 a = info["agreement"][task] = agreement(
                     task, qids, q, ranked, neighbours, vectors, ids, positives, check_exact_queries
@@ -213,6 +246,7 @@ def evaluate(
         ids, vectors = emb.global_pool()
         vectors = vectors.astype(np.float32)
         run("global", build_index(vectors, search, k=depth), vectors, ids, tasks)
+        results = with_modality_bias(results, tops, global_pool_path(mbeir_root, emb.manifest["split"]))
     skipped = emb.manifest.get("skipped") or {}
     skipped = {
         **({"queries": q} if (q := {t: v for t, v in skipped.get("queries", {}).items() if t in tasks}) else {}),

@@ -8,6 +8,11 @@ takes up its slot in the ranking. Recall@k of a dataset-task is the mean over it
 in percent like the papers. Every qrels positive counts (OVEN's and InfoSeek's include the other
 dataset's copy of the entity, so on the global pool retrieving either copy is a hit); a query of a task
 with no positives is an error in :func:`evaluate_task`, as UniIR asserts.
+
+Modality bias (MM-Embed; RECIPES.md s.4): on the union pool a retriever may return candidates of another
+modality than the task's target (a text passage for a text -> image task). :func:`wrong_modality_share`
+measures it: the percent of each query's first k retrieved candidates whose modality string is not the
+target's, averaged over the queries.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from mmret.atomic_dir import (
     as_path,
     write_atomic,  # noqa: F401 (re-exported: report.py and tests use it from here)
 )
-from mmret.data.mbeir import DatasetTask, dataset_task
+from mmret.data.mbeir import MODALITIES, DatasetTask, dataset_task
 
 #: The k of the Recall@k computed for every task (the headline k, 5 or 10, is among them).
 KS: tuple[int, ...] = (1, 5, 10)
@@ -61,13 +66,54 @@ def recall_at_k(ranked: Sequence[Sequence[str]], positives: Sequence[Collection[
     return float(100.0 * hits_at_k(ranked, positives, k).mean())
 
 
+def wrong_modality_fractions(
+    ranked: Sequence[Sequence[str]], target_modality: str, modality_of: Mapping[str, str], k: int
+) -> np.ndarray:
+    """Per query the fraction (0-1, float64) of its first ``k`` ranked dids whose modality
+    (``modality_of[did]``) is not ``target_modality``; exact string match, so ``"image,text"`` is a
+    modality of its own. A ranking shorter than ``k`` counts only what it holds (2 of 4 retrieved wrong:
+    0.5); an empty ranking gives NaN. Every slot counts, a repeated did included. ``KeyError`` names a did
+    with no modality."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if target_modality not in MODALITIES:
+        raise ValueError(f"target modality must be one of {MODALITIES}, got {target_modality!r}")
+    out = np.full(len(ranked), np.nan, dtype=np.float64)
+    for i, dids in enumerate(ranked):
+        _not_a_string(dids, "a ranking")
+        top = dids[:k]
+        if not top:
+            continue
+        try:
+            wrong = sum(modality_of[d] != target_modality for d in top)
+        except KeyError as e:
+            raise KeyError(f"retrieved candidate {e.args[0]!r} has no known modality") from None
+        out[i] = wrong / len(top)
+    return out
+
+
+def wrong_modality_share(
+    ranked: Sequence[Sequence[str]], target_modality: str, modality_of: Mapping[str, str], k: int
+) -> float:
+    """The wrong-modality share at ``k`` in percent (0-100): the mean of :func:`wrong_modality_fractions`
+    over the queries that retrieved anything (an empty ranking has no share and is left out). Raises
+    ``ValueError`` when no query retrieved anything."""
+    fractions = wrong_modality_fractions(ranked, target_modality, modality_of, k)
+    retrieved = fractions[~np.isnan(fractions)]
+    if retrieved.size == 0:
+        raise ValueError("the wrong-modality share of no retrieved candidates is undefined")
+    return float(100.0 * retrieved.mean())
+
+
 @dataclass(frozen=True)
 class TaskResult:
-    """Recall@k (percent) of one dataset-task, keyed by k (:data:`KS`)."""
+    """Recall@k (percent) of one dataset-task, keyed by k (:data:`KS`); ``wrong_modality``: the
+    :func:`wrong_modality_share` at the headline k (percent; computed on the global pool, else None)."""
 
     task: str
     num_queries: int
     recall: dict[int, float]
+    wrong_modality: float | None = None
 
     @property
     def headline_k(self) -> int:
@@ -126,6 +172,18 @@ def average(results: Mapping[str, TaskResult]) -> float:
     if not results:
         raise ValueError("the average of no task results is undefined")
     return float(np.mean([r.headline for r in results.values()]))
+
+
+def wrong_modality_average(results: Mapping[str, TaskResult]) -> float | None:
+    """The plain mean of the tasks' wrong-modality shares (percent); None when none has one. Raises
+    ``ValueError`` when only some have one."""
+    values = [r.wrong_modality for r in results.values()]
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        missing = next(n for n, r in results.items() if r.wrong_modality is None)
+        raise ValueError(f"{missing}: no wrong-modality share while other tasks have one")
+    return float(np.mean(values))
 
 
 # ---------------------------------------------------------------------------------------------- files

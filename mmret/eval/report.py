@@ -6,6 +6,12 @@ Every file is replaced atomically, ``report.json`` last, so a report that has a 
 A report names its search per index (``search``: exact, or ScaNN with its parameters and its measured
 agreement with exact search, or a note that it was not measured), lists the test records the embedding
 skipped (``skipped``), and is ``complete`` only with all 16 tasks and nothing skipped.
+
+With wrong-modality shares in its results (the global pool, :func:`mmret.eval.metrics.wrong_modality_share`)
+each task holds ``wrong_modality@<headline k>`` (percent of the top k whose modality is not the task's
+target; lower is better) and the report ``wrong_modality_average``; report.md shows a column for it.
+Reports without them (local pools, or written before the field existed) read the same, "n/a" where a
+table asks for it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 from mmret.atomic_dir import PathLike, as_path
 from mmret.data.mbeir import EVAL_TASKS, dataset_task
 from mmret.eval import published
-from mmret.eval.metrics import KS, TaskResult, average, write_atomic
+from mmret.eval.metrics import KS, TaskResult, average, write_atomic, wrong_modality_average
 from mmret.recipe import POOLS
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
@@ -27,6 +33,9 @@ BASELINES: tuple[published.PublishedSystem, ...] = (published.UNIIR_CLIP_SF, pub
 
 _EVAL_NAMES = tuple(t.name for t in EVAL_TASKS)
 _DASH = "\u2013"
+_NA = "n/a"
+#: The report.md / comparison column of the wrong-modality share.
+WRONG_MODALITY_HEAD = "wrong modality % (top k, lower is better)"
 
 
 def _ordered(names: Iterable[str]) -> list[str]:
@@ -37,6 +46,11 @@ def _ordered(names: Iterable[str]) -> list[str]:
 
 def _fmt(value: float | None) -> str:
     return _DASH if value is None else f"{value:.1f}"
+
+
+def _fmt_na(value: float | None) -> str:
+    """A value a report may lack (one written before the field existed): "n/a" then."""
+    return _NA if value is None else f"{value:.1f}"
 
 
 def _published_task(system: published.PublishedSystem, task: str, pool: str) -> float | None:
@@ -50,6 +64,22 @@ def _published_average(system: published.PublishedSystem, tasks: list[str], pool
         return system.average(pool)
     values = [_published_task(system, t, pool) for t in tasks]
     return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def wrong_modality_key(k: int) -> str:
+    """The per-task report.json key of the wrong-modality share at ``k``: ``wrong_modality@<k>``."""
+    return f"wrong_modality@{k}"
+
+
+def task_wrong_modality(task: Mapping[str, Any]) -> float | None:
+    """A report task's wrong-modality share at its headline k (percent), or None when it has none."""
+    value = task.get(wrong_modality_key(task["headline_k"]))
+    return None if value is None else float(value)
+
+
+def has_wrong_modality(report: Mapping[str, Any]) -> bool:
+    """Whether any task of ``report`` has a wrong-modality share."""
+    return any(task_wrong_modality(t) is not None for t in report["tasks"].values())
 
 
 def skipped_queries(report: Mapping[str, Any]) -> dict[str, int]:
@@ -146,13 +176,21 @@ def _markdown(report: dict[str, Any]) -> str:
         "- units: Recall@k in percent; headline = R@5 (R@10 for Fashion200K and FashionIQ)",
         f"- tasks: {n_eval} of {len(_EVAL_NAMES)} evaluated dataset-tasks" + _incomplete_note(report),
     ]
+    bias = has_wrong_modality(report)
+    if bias:
+        lines.append(
+            "- wrong modality: percent of each query's top k (the headline k) whose candidate modality is "
+            "not the task's target modality, averaged over the queries (modality bias); lower is better"
+        )
     lines += [f"- {key}: {value}" for key, value in report.get("extra", {}).items()]
     head = ["task", "queries", "R@1", "R@5", "R@10", "headline"] + [s.name for s in BASELINES]
+    head += [WRONG_MODALITY_HEAD] if bias else []
     lines += ["", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, t in report["tasks"].items():
         row = [name, str(t["num_queries"])] + [_fmt(t[f"recall@{k}"]) for k in KS]
         row += [f"{_fmt(t['headline'])} (R@{t['headline_k']})"]
         row += [_fmt(_published_task(s, name, pool)) for s in BASELINES]
+        row += [_fmt_na(task_wrong_modality(t))] if bias else []
         lines.append("| " + " | ".join(row) + " |")
     skipped = sum(skipped_queries(report).values())
     label = "average" if report["complete"] else f"average ({len(tasks)} tasks)"
@@ -161,6 +199,7 @@ def _markdown(report: dict[str, Any]) -> str:
     total = sum(t["num_queries"] for t in report["tasks"].values())
     row = [f"**{label}**", str(total), "", "", "", f"**{_fmt(report['average'])}**"]
     row += [_fmt(_published_average(s, tasks, pool)) for s in BASELINES]
+    row += [_fmt_na(report.get("wrong_modality_average"))] if bias else []
     lines.append("| " + " | ".join(row) + " |")
     notes = [f"{s.name} {_fmt(s.average(pool))}" for s in BASELINES]
     lines += ["", f"Published {pool}-pool averages over all 16 tasks (RECIPES.md s.2): " + ", ".join(notes) + "."]
@@ -263,6 +302,10 @@ def write_report(
         }
         for name in _ordered(results)
     }
+    bias = wrong_modality_average(results)  # raises when only some tasks have a share
+    if bias is not None:
+        for name, t in tasks.items():
+            t[wrong_modality_key(t["headline_k"])] = float(results[name].wrong_modality)
     report: dict[str, Any] = {
         "mbeir_root": str(mbeir_root),
         "pool": pool,
@@ -270,6 +313,7 @@ def write_report(
         "units": "percent",
         "tasks": tasks,
         "average": average(results),
+        **({"wrong_modality_average": bias} if bias is not None else {}),
         "complete": set(tasks) == set(_EVAL_NAMES) and not skipped,
         "search": search,
         "skipped": dict(skipped or {}),
@@ -302,18 +346,52 @@ def _diff(before: float | None, after: float | None) -> str:
     return f"{round(after - before, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
 
 
+def _side_wrong_modality(task: Mapping | None) -> float | str | None:
+    """One side's wrong-modality share of a task: the number, "n/a" when the task has none (another pool,
+    or a report written before the field existed), None when the task is missing."""
+    if task is None:
+        return None
+    value = task_wrong_modality(task)
+    return _NA if value is None else value
+
+
+def _cell(value: float | str | None) -> str:
+    return value if isinstance(value, str) else _fmt(value)
+
+
+def _diff_cell(before: float | str | None, after: float | str | None) -> str:
+    numbers = [v if isinstance(v, float | int) else None for v in (before, after)]
+    return _diff(*numbers)
+
+
 def compare_table(before: Mapping, after: Mapping, *, labels: tuple[str, str] = ("before", "after")) -> str:
     """A markdown table of two reports (dicts as in report.json): per task the headline before, after and
-    their difference (after - before), then the averages; a task missing on one side shows "–"."""
+    their difference (after - before), then the averages; a task missing on one side shows "–". When
+    either report has wrong-modality shares (the global pool), three more columns give them before and
+    after and their difference (lower is better); a report without them shows "n/a"."""
     b_tasks, a_tasks = before["tasks"], after["tasks"]
-    lines = [f"| task | k | {labels[0]} | {labels[1]} | \u0394 |", "|---|---:|---:|---:|---:|"]
+    bias = has_wrong_modality(before) or has_wrong_modality(after)
+    head = f"| task | k | {labels[0]} | {labels[1]} | \u0394 |"
+    rule = "|---|---:|---:|---:|---:|"
+    if bias:
+        head += f" wrong modality % {labels[0]} | wrong modality % {labels[1]} | \u0394 (lower is better) |"
+        rule += "---:|---:|---:|"
+    lines = [head, rule]
     for name in _ordered([*b_tasks, *a_tasks]):
         b, a = b_tasks.get(name), a_tasks.get(name)
         bv, av = (b or {}).get("headline"), (a or {}).get("headline")
         k = (b or a)["headline_k"]
-        lines.append(f"| {name} | {k} | {_fmt(bv)} | {_fmt(av)} | {_diff(bv, av)} |")
+        line = f"| {name} | {k} | {_fmt(bv)} | {_fmt(av)} | {_diff(bv, av)} |"
+        if bias:
+            bw, aw = _side_wrong_modality(b), _side_wrong_modality(a)
+            line += f" {_cell(bw)} | {_cell(aw)} | {_diff_cell(bw, aw)} |"
+        lines.append(line)
     bv, av = before.get("average"), after.get("average")
-    lines.append(f"| **average** | | {_fmt(bv)} | {_fmt(av)} | {_diff(bv, av)} |")
+    line = f"| **average** | | {_fmt(bv)} | {_fmt(av)} | {_diff(bv, av)} |"
+    if bias:
+        bw, aw = (r.get("wrong_modality_average", _NA) for r in (before, after))
+        line += f" {_cell(bw)} | {_cell(aw)} | {_diff_cell(bw, aw)} |"
+    lines.append(line)
     notes = []
     if before.get("pool") != after.get("pool"):
         notes.append(f"pools differ ({before.get('pool')} vs {after.get('pool')})")
@@ -321,4 +399,10 @@ def compare_table(before: Mapping, after: Mapping, *, labels: tuple[str, str] = 
         notes.append("the task sets differ, so the averages are over different tasks")
     if notes:
         lines += ["", "Note: " + "; ".join(notes) + "."]
+    if bias:
+        lines += [
+            "",
+            "wrong modality: percent of each query's top k whose candidate modality is not the task's target "
+            "modality (modality bias, global pool); lower is better.",
+        ]
     return "\n".join(lines) + "\n"

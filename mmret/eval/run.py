@@ -7,8 +7,9 @@ Step 0 is the model the run starts from (before training). A pool's report is re
 ``fingerprint`` equals what this evaluation would depend on (:func:`mmret.eval.evaluate.report_key`: the
 embeddings' key, which covers the model, the settings, the M-BEIR root and the size and mtime of its
 record files, plus the qrels files and the search settings); otherwise it is redone, and embeddings
-whose key changed are recomputed (:func:`mmret.eval.embed.embed`). An interrupted evaluation picks up
-where it stopped. A missing root or record file is an error before anything is reused.
+whose key changed are recomputed (:func:`mmret.eval.embed.embed`). A global-pool report without the
+wrong-modality shares (written before they existed) is redone too, on the same embeddings. An interrupted
+evaluation picks up where it stopped. A missing root or record file is an error before anything is reused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from mmret.eval.report import compare_table, read_report, search_summary
 from mmret.recipe import TrainerConfig
 
 REPORT = "report.json"
+#: The report's average wrong-modality share (global pool).
+WRONG_MODALITY = "wrong_modality_average"
 
 
 def eval_dir(workdir: PathLike, step: int) -> epath.Path:
@@ -62,8 +65,9 @@ def evaluate_run(cfg: TrainerConfig, workdir: PathLike, step: int | None = None)
                 reports[pool] = read_report(out / pool)
             r = reports[pool]
             note = "" if pool in todo else " (reused: nothing it depends on changed)"
+            bias = "" if r.get(WRONG_MODALITY) is None else f", wrong modality {r[WRONG_MODALITY]:.1f}%"
             print(
-                f"eval step {step}, {pool} pool: average {r['average']:.1f}, {search_summary(r)} search "
+                f"eval step {step}, {pool} pool: average {r['average']:.1f}{bias}, {search_summary(r)} search "
                 f"-> {out / pool}{note}",
                 flush=True,
             )
@@ -78,14 +82,19 @@ def report_key_for(key: dict[str, Any], root: str, pool: str, ecfg: Any) -> dict
 
 
 def _reusable(pool_dir: epath.Path, fingerprint: dict[str, Any]) -> bool:
-    """Whether the report in ``pool_dir`` was made from exactly what ``fingerprint`` names."""
+    """Whether the report in ``pool_dir`` was made from exactly what ``fingerprint`` names (and, on the
+    global pool, has the wrong-modality shares)."""
     if not (pool_dir / REPORT).is_file():
         return False
-    return read_report(pool_dir).get("fingerprint") == fingerprint
+    report = read_report(pool_dir)
+    if fingerprint.get("pool") == "global" and WRONG_MODALITY not in report:
+        return False
+    return report.get("fingerprint") == fingerprint
 
 
 def before_after(workdir: PathLike, before: int, after: int, pools: tuple[str, ...]) -> str:
-    """Markdown before/after tables (one per pool) from the written reports."""
+    """Markdown before/after tables (one per pool) from the written reports; on the global pool with the
+    wrong-modality shares before and after (lower is better; "n/a" for a report without them)."""
     parts = []
     for pool in pools:
         a, b = read_report(eval_dir(workdir, before) / pool), read_report(eval_dir(workdir, after) / pool)
