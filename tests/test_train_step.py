@@ -111,3 +111,48 @@ def test_frozen_parameters_do_not_move(examples):
         np.asarray(model.encoder.backbone.language_model.norm.scale[...]),
     )
     assert jnp.isfinite(after.temperature())
+
+
+def test_mined_negatives_join_the_global_candidate_set_with_grad_cache_on_a_mesh(processor_dir):
+    """Each query's positive and its 2 mined negatives, chunked for GradCache, sharded over 8 devices (4 batch
+    shards): the loss is InfoNCE of every query against all 3 * 8 candidates of the global batch (numpy, from
+    one-device embeddings), not against the 3 that sit on its own device."""
+    n = 2 * B  # queries: 2 chunks of 4, one query and its 3 candidates per batch shard of each chunk
+    from mmret.tasks.bi_encoder.task import BiEncoder
+
+    proc = Processor(processor_dir, ProcessorConfig(max_pixels=16 * 28 * 28, template="plain"))
+    queries, cands = random_pairs(proc, 3 * n, seed=3)
+    queries = queries[:n]  # query b's candidates: 3b (its positive), 3b + 1, 3b + 2 (its mined negatives)
+    mask = np.zeros((n, 3 * n), bool)
+    mask[np.arange(n), 3 * np.arange(n)] = True
+
+    def collate(exs, chunks):
+        per = len(exs) // chunks
+        parts = [
+            proc.collate(exs[i * per : (i + 1) * per], max_length=LENGTH, max_patches=3 * PATCHES, max_images=2 * per)
+            for i in range(chunks)
+        ]
+        return parts[0] if chunks == 1 else jax.tree.map(lambda *xs: np.stack(xs), *parts)
+
+    def info_nce(logits, target):
+        logits = logits - logits.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(target)), target]))
+
+    model = retriever(seed=2)
+    q = np.asarray(model.encoder(collate(queries, 1)), np.float64)
+    c = np.asarray(model.encoder(collate(cands, 1)), np.float64)
+    logits = q @ c.T / 0.05
+    expected = info_nce(logits, 3 * np.arange(n))
+    per_device = info_nce(np.stack([logits[b, 3 * b : 3 * b + 3] for b in range(n)]), np.zeros(n, int))
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = sharding.make_rules()
+    graphdef, params, rest = split_model(sharding.place_model(retriever(seed=2), mesh))
+    state = init_state(params, rest, optax.sgd(0.1))
+    host = {"query": collate(queries, 2), "candidates": collate(cands, 2), "positive_mask": mask}  # 2 chunks
+    with jax.set_mesh(mesh), sharding.axis_rules(rules):
+        batch = BiEncoder().global_arrays(host, mesh, rules)  # the trainer's placement of a host batch
+        step = make_train_step(graphdef, optax.sgd(0.1), StepConfig(grad_cache=True))
+        _, metrics = jax.jit(step)(state, {**batch, "positive_mask": batch["positive_mask"].reshape(n, -1)})
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    assert abs(expected - per_device) > 1e-2  # the test tells the global candidate set from a per-device one
