@@ -126,6 +126,7 @@ def test_captions_render_as_caption_to_image_pairs(tmp_path):
         record("a1", "a1.png", '  "a red circle" on grey '),
         record("b2", "b/b2.png", "Two stars!"),
         record("c3", "a1.png"),
+        record("d4", "d4.png", '" a dog"'),  # a second pass of format_string strips what the quotes hid
     ]
     path = write(tmp_path / "chat.json", json.dumps(chat, indent=2))
     Image.new("RGB", (30, 20), (200, 10, 10)).save(write(tmp_path / "images" / "a1.png", b""))
@@ -134,11 +135,13 @@ def test_captions_render_as_caption_to_image_pairs(tmp_path):
         Example(Part("caption:a1", 'A red circle" on grey.'), ("caption:image:a1.png",), task="caption"),
         Example(Part("caption:b2", "Two stars!"), ("caption:image:b/b2.png",), task="caption"),
         Example(Part("caption:c3", "A caption."), ("caption:image:a1.png",), task="caption"),
+        Example(Part("caption:d4", "A dog."), ("caption:image:d4.png",), task="caption"),
     ]
-    assert [q.where for q in store.queries] == [f"{path}:2 [0]", f"{path}:16 [1]", f"{path}:30 [2]"]
+    assert [q.where for q in store.queries] == [f"{path}:{n} [{i}]" for i, n in enumerate((2, 16, 30, 44))]
     assert dict(store.candidates) == {  # the image alone, shared by the records that show it
         "caption:image:a1.png": Part("caption:image:a1.png", None, "images/a1.png"),
         "caption:image:b/b2.png": Part("caption:image:b/b2.png", None, "images/b/b2.png"),
+        "caption:image:d4.png": Part("caption:image:d4.png", None, "images/d4.png"),
     }
     assert store.candidate_part("caption:image:a1.png").modality == "image"
     im = store.image("images/a1.png", max_pixels=1000)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 
+from etils import epath
 from PIL import Image
 
 from mmret.atomic_dir import PathLike, as_path
@@ -34,7 +35,8 @@ class SourceStore:
     """A :class:`~mmret.data.stores.Store` over examples already rendered: ``queries`` are the
     :class:`Example` s themselves (no instruction to draw: ``seed`` and ``epoch`` change nothing),
     ``candidates`` maps an id to its :class:`Part`, images are read from inside ``root`` with the decode
-    cap (:func:`~mmret.data.images.load_image`). Picklable (grain workers get a copy)."""
+    cap (:func:`~mmret.data.images.load_image`). Everything is held in memory; picklable (grain workers
+    get a copy)."""
 
     def __init__(
         self,
@@ -72,7 +74,7 @@ class SourceStore:
         return f"{type(self).__name__}({str(self.root)!r}, {n} queries, {m} candidates)"
 
 
-def require_file(root: PathLike, name: str, layout: str, what: str) -> PathLike:
+def require_file(root: PathLike, name: str, layout: str, what: str) -> epath.Path:
     """``root / name``; ``FileNotFoundError`` naming it, the layout and what it holds when absent."""
     root = as_path(root)
     if not root.is_dir():

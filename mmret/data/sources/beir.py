@@ -16,7 +16,8 @@ space (the title left out when empty), the join BEIR's own dense-retrieval model
 
 A bad record (a line that is not a JSON object, a missing or mistyped field, an empty text, a duplicate
 id, a qrels line with the wrong number of columns, a non-integer score, or naming an unknown query or
-document) is a :class:`~mmret.data.bad_records.BadRecordError` naming ``file:line``, handled by ``bad``. A
+document; a query or document skipped as bad is unknown to the lines naming it) is a
+:class:`~mmret.data.bad_records.BadRecordError` naming ``file:line``, handled by ``bad``. A
 qrels file without its header row raises under either policy. The whole corpus is held in memory (the
 documents as their joined texts).
 """

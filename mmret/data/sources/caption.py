@@ -11,9 +11,10 @@ first ``gpt`` turn's value) whose positive is the image alone, no text: the cand
 each other's in-batch positive). No instruction.
 
 Text: UniIR's ``format_string`` (:func:`mmret.data.mbeir.format_text`: strip, strip double quotes,
-capitalise, final period), as U-MARVEL's CC3M dataset applies it to the caption (twice, the second time
-behind its empty instruction; the rule is idempotent, so once here). Images are read only through
-:func:`mmret.data.images.load_image` (inside the root, decode cap).
+capitalise, final period) applied twice, as U-MARVEL's CC3M dataset does (once to the caption, once more
+to its empty instruction + " " + the result); the second pass changes only a caption whose quotes hid
+whitespace (``'" a dog"'``: ``' a dog.'`` after one pass, ``'A dog.'`` after two). Images are read only
+through :func:`mmret.data.images.load_image` (inside the root, decode cap).
 
 A bad record (not an object, a missing or mistyped field, an empty caption, a duplicate id, an image path
 that is absolute or has a ``..`` part) is a :class:`~mmret.data.bad_records.BadRecordError` naming
@@ -125,7 +126,7 @@ def _caption(obj: dict[str, Any], where: str) -> str:
     value = answers[0].get("value")
     if not isinstance(value, str):
         raise BadRecordError(where, BAD_TYPE, f"the gpt turn's value must be a string, got {type(value).__name__}")
-    text = format_text(value)
+    text = format_text(format_text(value))
     if not text:
         raise BadRecordError(where, EMPTY_TEXT, f"the caption is {value!r}")
     return text
