@@ -5,16 +5,18 @@ Format (JSON Lines, one query per line, UTF-8)::
     {"qid": "9:12", "neg_cand_list": ["9:5003", "9:871", ...]}
 
 ``neg_cand_list`` is ranked, hardest first, and holds candidate dids of the training pool. Extra keys
-(for example ``"scores"`` or ``"miner"``) are allowed and ignored. Mining (a later issue) writes this
-file; the training pipeline reads it when the config names one.
+are allowed and ignored by the reader; mining (:mod:`mmret.mining`) writes, per negative, its ``ranks``
+(1-based in the miner's retrieved list, 0 for a random fallback), ``scores`` (null for a random one) and
+``kinds``. The training pipeline reads the file when the config names one (``data.negatives_file``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from typing import Any, BinaryIO
 
-from mmret.atomic_dir import PathLike, as_path
+from mmret.atomic_dir import PathLike, write_atomic
 from mmret.data.bad_records import (
     BAD_TYPE,
     DUPLICATE_ID,
@@ -52,8 +54,20 @@ def read_negatives(
     return out
 
 
-def write_negatives(path: PathLike, negatives: Iterable[tuple[str, Iterable[str]]]) -> None:
-    """Write ``(qid, ranked dids)`` pairs in the format above."""
-    with as_path(path).open("w") as f:  # epath opens text as UTF-8
-        for qid, dids in negatives:
-            f.write(json.dumps({"qid": qid, "neg_cand_list": list(dids)}) + "\n")
+def write_negatives(
+    path: PathLike,
+    negatives: Iterable[tuple[str, Iterable[str]] | tuple[str, Iterable[str], Mapping[str, Any]]],
+) -> None:
+    """Write ``(qid, ranked dids)`` pairs, or ``(qid, ranked dids, extra keys)`` triples, in the format above;
+    atomically (the file appears whole or not at all). ``negatives`` is read once, as it is written."""
+
+    def write(f: BinaryIO) -> None:
+        for item in negatives:
+            qid, dids, extra = item if len(item) == 3 else (*item, {})
+            clash = {"qid", "neg_cand_list"} & set(extra)
+            if clash:
+                raise ValueError(f"qid {qid}: extra key {sorted(clash)[0]!r} would replace a field of the format")
+            line = {"qid": qid, "neg_cand_list": list(dids), **extra}
+            f.write((json.dumps(line) + "\n").encode())
+
+    write_atomic(path, write)
