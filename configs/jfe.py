@@ -55,8 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if demo:
         pipeline = dict(
             batch_size=64,
-            max_query_length=48,
-            max_candidate_length=48,
+            max_query_length=96,
+            max_candidate_length=96,
             max_query_patches=64,
             max_candidate_patches=64 * 64,
         )

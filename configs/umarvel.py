@@ -146,7 +146,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = dict(
         root=c.data.get_ref("root"),  # the M-BEIR root, for every stage (the text and caption stages' data is not)
         pools=("local", "global"),
-        batch_size=0,  # 0: data.pipeline.batch_size
+        # Stage 3's shapes, fixed here so that every stage of a chain evaluates alike (0 would take each stage's).
+        batch_size=PAPER_BATCH_PER_HOST,
+        max_length=800,
+        max_patches=PAPER_BATCH_PER_HOST * 1200,
         shard_size=65536,
         num_workers=8,
         at_start=False,
@@ -203,7 +206,16 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every = 25
     c.checkpoint = dict(every=200, keep=2)
-    c.eval.update(shard_size=4096, num_workers=0, at_start=True, at_end=True, check_exact=0)
+    c.eval.update(
+        shard_size=4096,
+        num_workers=0,
+        at_start=True,
+        at_end=True,
+        check_exact=0,
+        batch_size=64,
+        max_length=96,
+        max_patches=64 * 64,
+    )
     if not chain:
         return
     # The chain in about a quarter of an hour on 2 CPU cores: short text and caption stages, a shorter M-BEIR
@@ -213,7 +225,7 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
     s = c.stages
     s.text.overrides.data.root = "/tmp/mmret_demo/pairs/nli"
     s.text.overrides.data.pipeline = dict(
-        batch_size=64, max_query_length=48, max_candidate_length=48, max_query_patches=64, max_candidate_patches=64
+        batch_size=64, max_query_length=96, max_candidate_length=96, max_query_patches=64, max_candidate_patches=64
     )
     for name in ("text", "caption", "hardneg"):  # every weight trains (as above), a fixed length
         s[name].overrides.lora = dict(rank=0)
@@ -223,7 +235,7 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
     s.text.overrides.eval = dict(at_start=True)  # the model before the chain, for the table's first row
     s.caption.overrides.data.root = "/tmp/mmret_demo/pairs/caption"
     s.caption.overrides.data.pipeline = dict(
-        batch_size=64, max_query_length=48, max_candidate_length=48, max_query_patches=64, max_candidate_patches=64 * 64
+        batch_size=64, max_query_length=96, max_candidate_length=96, max_query_patches=64, max_candidate_patches=64 * 64
     )
     s.hardneg.overrides.data.pipeline = dict(
         batch_size=16,
