@@ -21,7 +21,7 @@ from mmret.data.mbeir import Candidate, read_global_pool
 from mmret.data.negatives import read_negatives, write_negatives
 from mmret.mining.false_negatives import ContentKeys, normalise_text
 from mmret.mining.rules import Negative, mmembed, query_rng, random_fill, target_share, umarvel
-from mmret.recipe import MiningConfig, config_to_json
+from mmret.recipe import MiningConfig, SearchConfig, config_to_json
 
 # ================================================================================================ rules
 
@@ -373,6 +373,17 @@ def test_mine_matches_an_independent_recomputation_and_reuses(tiny_mbeir, proces
     assert "reused" in printed and json.loads(printed[printed.index("{") :])["rule"] == "mmembed"
     assert tool.main([*args, "--negatives", "0"]) == 1  # a bad setting: one line, no traceback
     assert "mining.negatives must be positive" in capsys.readouterr().err
+
+    # ScaNN instead of exact search: mined again from the same embeddings; every rank is a retrieved one
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, search=SearchConfig(method="scann")))
+    mine(cfg, out, workdir=run, step=0)
+    assert "complete, reused" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["search"]["global"]["method"] == "scann" and summary["negatives"] == 4 * 72
+    mined = read_jsonl(path)
+    ranks = [(r, k) for line in mined for r, k in zip(line["ranks"], line["kinds"], strict=True)]
+    assert all(r <= MMEMBED.top_k and (r > 0) == (k != "random") for r, k in ranks)
+    assert read_negatives(path, pool=pool).keys() == expected.keys()
 
 
 def test_mine_filters_copies_of_positives(tiny_mbeir, processor_dir, tmp_path):
