@@ -304,12 +304,15 @@ class MiningConfig:
     """Hard-negative mining (:mod:`mmret.mining`): a run's checkpoint embeds the ``split`` queries of the M-BEIR
     root (``root``, default ``data.root``) and a pool, searches the top ``top_k`` (``eval.search``), then a rule
     picks ``negatives`` per query (``false_negative_filter``: drop candidates whose normalised text or decoded
-    pixels equal a positive's).
+    pixels equal those of a positive of the same modality, :mod:`mmret.mining.false_negatives`).
 
     ``umarvel``: the first ``negatives`` ranks of the top ``top_k`` that are not positives; a query with too few
     gets random pool candidates (seeded by ``seed`` and the qid). ``mmembed``: kind a, candidates of a modality
     other than the task's target within the top ``modality_top``; kind b, target-modality candidates ranked
-    beyond ``rank_cut``; ``modality_share`` of the negatives are kind a (as many as there are), the rest kind b.
+    beyond ``rank_cut``; ``round(negatives * modality_share)`` (half up) of the negatives are kind a (as many as
+    there are), the rest kind b, each short kind filled from the other, then random (:mod:`mmret.mining.rules`).
+    ``modality_top`` and ``rank_cut`` are checked against ``top_k`` only for ``mmembed`` (``umarvel`` reads
+    neither).
     ``pool``: ``global`` (the split's union pool, U-MARVEL's and MM-Embed's choice) or ``local`` (each task's
     own pool; the reranker's training lists). ``tasks``: None, every task with a query file of the split.
     """
@@ -332,9 +335,11 @@ class MiningConfig:
         for name in ("negatives", "top_k", "modality_top"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"mining.{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.rank_cut < self.top_k:
+        if self.rank_cut < 0:
+            raise ValueError(f"mining.rank_cut must be >= 0, got {self.rank_cut}")
+        if self.rule == "mmembed" and self.rank_cut >= self.top_k:
             raise ValueError(f"mining.rank_cut must be in [0, mining.top_k={self.top_k}), got {self.rank_cut}")
-        if self.modality_top > self.top_k:
+        if self.rule == "mmembed" and self.modality_top > self.top_k:
             raise ValueError(f"mining.modality_top ({self.modality_top}) must not exceed mining.top_k ({self.top_k})")
         if not 0.0 <= self.modality_share <= 1.0:
             raise ValueError(f"mining.modality_share must be in [0, 1], got {self.modality_share}")

@@ -192,6 +192,16 @@ def test_false_negatives_by_text_and_by_pixels(content):
         ContentKeys(candidates, loader).checker(positives)("1:14")  # on_bad_record="error"
 
 
+def test_mmembed_settings_are_checked_against_top_k():
+    MiningConfig(rule="umarvel", top_k=10)  # rank_cut 45 and modality_top 50 are not read by umarvel
+    with pytest.raises(ValueError, match="mining.rank_cut must be in"):
+        MiningConfig(rule="mmembed", top_k=40, modality_top=40)
+    with pytest.raises(ValueError, match="mining.modality_top"):
+        MiningConfig(rule="mmembed", top_k=48)
+    with pytest.raises(ValueError, match="mining.rank_cut must be >= 0"):
+        MiningConfig(rule="umarvel", rank_cut=-1)
+
+
 # ==================================================================================== the negatives file
 
 
@@ -214,7 +224,7 @@ def test_negatives_file_keeps_pairs_and_writes_extra_fields(tmp_path):
 TASKS = ("cirr_task7", "webqa_task1", "visualnews_task0")
 TARGET = {"cirr_task7": "image", "webqa_task1": "text", "visualnews_task0": "image"}
 # top_k < negatives: every query needs the random fallback
-UMARVEL = MiningConfig(rule="umarvel", negatives=3, top_k=2, tasks=TASKS, seed=3, modality_top=2, rank_cut=0)
+UMARVEL = MiningConfig(rule="umarvel", negatives=3, top_k=2, tasks=TASKS, seed=3)  # mmembed fields not checked
 MMEMBED = MiningConfig(
     rule="mmembed", negatives=4, top_k=12, tasks=TASKS, seed=3, modality_top=8, rank_cut=3, modality_share=0.5
 )
