@@ -18,6 +18,7 @@ an uninterrupted one. ``only`` runs one stage (the stages it starts or mines fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -115,7 +116,10 @@ def mine_for(cfg: TrainerConfig, workdir: PathLike, name: str) -> epath.Path:
     assert s.mine_from is not None
     source = stage_dir(workdir, s.mine_from)
     _require_done(workdir, name, s.mine_from, "mines with")
-    mcfg = stage_config(cfg, name, workdir).mining
+    scfg = stage_config(cfg, name, workdir)
+    mcfg = scfg.mining
+    if mcfg.tasks is None and scfg.data.tasks is not None:  # mine the queries the stage trains on
+        mcfg = dataclasses.replace(mcfg, tasks=scfg.data.tasks)
     return mine(run_config(source), stage_dir(workdir, name) / MINED, workdir=source, step=None, mcfg=mcfg)
 
 
