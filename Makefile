@@ -17,13 +17,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) tools/make_tiny_model.py --out $(WORKDIR)/tiny_model --preset tiny --seed 0 --force
 	$(PY) tools/make_synthetic_mbeir.py --out $(WORKDIR)/mbeir --scale demo --seed 0 --force
+	$(PY) tools/make_synthetic_pairs.py --out $(WORKDIR)/pairs --scale demo --seed 0 --force
 	rm -rf $(WORKDIR)/run
-	$(PY) -m mmret.launch --config=configs/umarvel.py:mbeir_demo --workdir=$(WORKDIR)/run \
-		--config.model.hf_dir=$(WORKDIR)/tiny_model --config.data.root=$(WORKDIR)/mbeir
+	$(PY) -m mmret.launch --config=configs/umarvel.py:demo --workdir=$(WORKDIR)/run \
+		--config.model.hf_dir=$(WORKDIR)/tiny_model --config.data.root=$(WORKDIR)/mbeir \
+		--config.stages.text.overrides.data.root=$(WORKDIR)/pairs/nli \
+		--config.stages.caption.overrides.data.root=$(WORKDIR)/pairs/caption
 
+# Two workers (pytest-xdist), each test module on one of them (module fixtures are built once).
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: setup
 	$(PY) -m ruff check .

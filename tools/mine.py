@@ -5,7 +5,7 @@
     python tools/mine.py --workdir RUN --rule mmembed --rank_cut 45 --modality_share 0.5
     python tools/mine.py --workdir RUN --pool local --top_k 100 --tasks cirr_task7,webqa_task1
 
-The options override the run's ``mining`` settings. Output defaults to RUN/mining/<step>: negatives.jsonl
+The options override the run's ``mining`` settings. Output defaults to RUN/mined/<step>: negatives.jsonl
 (what data.negatives_file reads), summary.json, and the embeddings/ they were searched in. A rerun with the
 same inputs reuses the file; an interrupted one resumes its embeddings.
 """
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mine.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=epath.Path, required=True, help="a training run directory (its config.json)")
     p.add_argument("--step", type=int, default=None, help="run checkpoint (default: the latest; 0: before training)")
-    p.add_argument("--out", type=epath.Path, help="output directory (default: RUN/mining/<step>)")
+    p.add_argument("--out", type=epath.Path, help="output directory (default: RUN/mined/<step>)")
     p.add_argument("--mbeir_root", help="M-BEIR root (default: the run's mining.root or data.root)")
     p.add_argument("--rule", choices=("umarvel", "mmembed"), default=None)
     p.add_argument("--negatives", type=int, default=None, help="negatives per query")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmret.mining.mine import SUMMARY, mine
 
         step = resolve_step(args.workdir, args.step)
-        out = args.out or args.workdir / "mining" / str(step)
+        out = args.out or args.workdir / "mined" / str(step)
         path = mine(cfg, out, workdir=args.workdir, step=step)
     except (FileNotFoundError, ValueError) as e:
         print(f"mine.py: {e}", file=sys.stderr)
