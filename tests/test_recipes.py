@@ -2,15 +2,18 @@
 caption, M-BEIR, mining, hard negatives), MM-Embed's (in-batch, modality-aware mining, hard negatives from
 the base model, continual fine-tuning on a BEIR mix) and JFE's (adaptation on a caption + NLI mix,
 instruction tuning). One step per stage on the tiny random model (preset), the session's tiny corpora,
-in this process (8 simulated devices), on two M-BEIR tasks; the last stage is evaluated on their local
-pools."""
+through the entry point (one simulated device each, the three at once), on two M-BEIR tasks; the last
+stage is evaluated on their local pools."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 
@@ -70,32 +73,60 @@ def short(recipe: str, mbeir: Path, pairs: Path, proc: Path) -> dict:
         if pipeline.get("num_negatives"):
             pipeline["num_negatives"] = 2
         o["eval"] = {**o.get("eval", {}), "at_start": False, "at_end": name == last}
+    c["stages"] = [{"name": name, **stage} for name, stage in c["stages"].items()]  # JSON keeps a list's order
     return c
 
 
-@pytest.mark.parametrize("recipe", ["umarvel", "mmembed", "jfe"])
-def test_recipe_demo_runs_end_to_end(recipe, tiny_mbeir, pairs, processor_dir, tmp_path, capsys):
-    cfg = as_trainer_config(short(recipe, tiny_mbeir, pairs, processor_dir))
-    records = chain.run_chain(cfg, tmp_path)
+CONFIG_PY = """import json
+import ml_collections
+
+
+def get_config(arg=None):
+    return ml_collections.ConfigDict(json.loads({text!r}))
+"""
+RECIPES = ["umarvel", "mmembed", "jfe"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_mbeir, pairs, processor_dir, tmp_path_factory) -> dict:
+    """Each recipe's short chain through the entry point, the three at once (one simulated device each)."""
+    base = tmp_path_factory.mktemp("recipes")
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    commands, cfgs = [], {}
+    for recipe in RECIPES:
+        c = short(recipe, tiny_mbeir, pairs, processor_dir)
+        cfgs[recipe] = as_trainer_config(c)
+        config_file = base / f"{recipe}_short.py"
+        config_file.write_text(CONFIG_PY.format(text=json.dumps(c)))
+        commands.append([sys.executable, "-m", "mmret.launch", f"--config={config_file}", f"--workdir={base / recipe}"])
+    results = helpers.run_at_once(*commands, timeout=900, env=env, cwd=str(REPO))
+    return {r: (base / r, cfgs[r], res) for r, res in zip(RECIPES, results, strict=True)}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_demo_runs_end_to_end(recipe, runs):
+    workdir, cfg, result = runs[recipe]
+    assert result.returncode == 0, result.stderr[-3000:]
     names = [s.name for s in cfg.stages]
-    assert [r["stage"] for r in records] == names
+    records = [chain.done(workdir, n) for n in names]
+    assert all(r is not None for r in records), records
     for r in records:
         assert r["final_step"] == 1 and not r["preempted"] and np.isfinite(r["loss"]), r
-        assert chain.done(tmp_path, r["stage"]) == json.loads(json.dumps(r))
     last = records[-1]
     assert set(last["eval"]) == {"local"} and 0 <= last["eval"]["local"] <= 100
     for s in cfg.stages:  # every stage that mines trained on the file its miner wrote
         if s.mine_from:
-            scfg = chain.stage_config(cfg, s.name, tmp_path)
+            scfg = chain.stage_config(cfg, s.name, workdir)
             negatives = read_negatives(scfg.data.negatives_file)
             assert negatives and all(len(v) == scfg.mining.negatives for v in negatives.values())
             summary = json.loads((Path(scfg.data.negatives_file).parent / "summary.json").read_text())
             assert summary["rule"] == scfg.mining.rule and summary["tasks"] == TASKS
-    out = capsys.readouterr().out
-    assert all(f"=== stage {n} ===" in out for n in names)
-    table = chain.chain_table(records, ("local",))
-    assert all(f"| {n} | 1 |" in table for n in names)
-    # started again: nothing is redone
-    again = chain.run_chain(cfg, tmp_path)
-    assert again == [json.loads(json.dumps(r)) for r in records]
-    assert all(f"stage {n}: finished at step 1, skipped" in capsys.readouterr().out for n in names[-1:])
+    assert all(f"=== stage {n} ===" in result.stdout for n in names)
+    assert all(f"| {n} | 1 |" in result.stdout for n in names)  # the closing table
+    # started again in this process: nothing is redone
+    assert chain.run_chain(cfg, workdir) == records
