@@ -66,3 +66,26 @@ def tiny_mbeir(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("shared_mbeir") / "mbeir"
     write_synthetic_mbeir(root, scale="tiny", seed=0)
     yield from _shared(root)
+
+
+# ------------------------------------------------------------------ order: the longest modules first
+
+#: Modules that take longest (their module fixtures train or launch), run first so that the two workers of
+#: ``make test`` (pytest-xdist, one module per worker at a time) end together instead of one waiting on the other.
+SLOW_FIRST = (
+    "test_recipes",
+    "test_launch",
+    "test_chain",
+    "test_multihost",
+    "test_checkpoints",
+    "test_train_step",
+    "test_trainer",
+    "test_mining",
+    "test_errors",
+    "test_sources",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module keeps its own order
