@@ -54,7 +54,7 @@ def chain_config(mbeir: Path, proc: Path) -> dict:
                 "max_candidate_patches": 4 * 64,
             },
         },
-        "optimizer": {"learning_rate": 1e-3, "total_steps": 4, "warmup_steps": 1},
+        "optimizer": {"learning_rate": 1e-3, "total_steps": 2, "warmup_steps": 1},
         "mesh": {"data": 2},
         "log_every": 1,
         "checkpoint": {"every": 2, "keep": 5, "async_save": False},
@@ -161,7 +161,7 @@ def test_bad_stages_are_rejected_naming_the_stage(stages, message, tmp_path):
 def test_a_stage_starts_from_the_merged_weights_and_temperature_of_the_one_before(runs, env):
     whole, _ = runs["whole"]
     first_dir, second_dir = whole / "first", whole / "second"
-    first = load_trained(run_config(first_dir), first_dir, 4)
+    first = load_trained(run_config(first_dir), first_dir, 2)
     second_cfg = run_config(second_dir)
     assert second_cfg.model.init_from == str(first_dir)
     start_model = initial_model(second_cfg)
@@ -181,12 +181,12 @@ def test_killed_chain_resumes_to_the_uninterrupted_parameters(runs):
     _, out_restart = runs["restart"]
     assert rc_killed == -signal.SIGKILL
     assert chain.done(killed, "first") is not None and "=== stage second" in out_killed
-    assert "stage first: finished at step 4, skipped" in out_restart
+    assert "stage first: finished at step 2, skipped" in out_restart
     assert "resuming from step 2" in out_restart  # the second stage's last checkpoint before the kill
     assert steps(whole / "second") == steps(killed / "second") == [2, 4, 6]
     for wd in (whole, killed):  # the closing table lists both stages
         text = out_whole if wd == whole else out_restart
-        assert "| first | 4 |" in text and "| second | 6 |" in text
+        assert "| first | 2 |" in text and "| second | 6 |" in text
     a = load_trained(run_config(whole / "second"), whole / "second", 6)
     b = load_trained(run_config(killed / "second"), killed / "second", 6)
     for x, y in zip(all_leaves(a), all_leaves(b), strict=True):
