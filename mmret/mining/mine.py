@@ -54,7 +54,8 @@ from mmret.data.mbeir import (
 )
 from mmret.data.negatives import write_negatives
 from mmret.eval.embed import GROUP, Embeddings, embed, embed_key
-from mmret.eval.index import ScannIndex, build_index
+from mmret.eval.evaluate import search_info
+from mmret.eval.index import build_index
 from mmret.mining import rules
 from mmret.mining.false_negatives import ContentKeys
 from mmret.progress import format_duration, progress
@@ -230,13 +231,6 @@ def _candidates(root: PathLike, split: str, pool: str, tasks: Sequence[str]) -> 
         for did, cand in read_local_pool(root, task, split, bad=BadRecords("skip")).items():
             out.setdefault(did, cand)
     return out
-
-
-def search_info(index: Any) -> dict[str, Any]:
-    """``{"method": "exact"}``, or ScaNN with its resolved parameters."""
-    if isinstance(index, ScannIndex):
-        return {"method": "scann", "params": json.loads(json.dumps(index.params, default=str))}
-    return {"method": "exact"}
 
 
 def source_label(manifest: Mapping[str, Any]) -> str:
