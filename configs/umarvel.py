@@ -146,6 +146,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = dict(
         root=c.data.get_ref("root"),  # the M-BEIR root, for every stage (the text and caption stages' data is not)
         pools=("local", "global"),
+        tasks=ml_collections.FieldReference(None, field_type=tuple),  # None: the 16; or e.g. "('cirr_task7',)"
         # Stage 3's shapes, fixed here so that every stage of a chain evaluates alike (0 would take each stage's).
         batch_size=PAPER_BATCH_PER_HOST,
         max_length=800,

@@ -2,7 +2,7 @@
 caption, M-BEIR, mining, hard negatives), MM-Embed's (in-batch, modality-aware mining, hard negatives from
 the base model, continual fine-tuning on a BEIR mix) and JFE's (adaptation on a caption + NLI mix,
 instruction tuning). One step per stage on the tiny random model (preset), the session's tiny corpora,
-through the entry point (one simulated device each, the three at once), on two M-BEIR tasks; the last
+through the entry point (one simulated device each, one after the other), on two M-BEIR tasks; the last
 stage is evaluated on their local pools."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-import helpers
 import numpy as np
 import pytest
 
@@ -104,7 +104,9 @@ def runs(tiny_mbeir, pairs, processor_dir, tmp_path_factory) -> dict:
         config_file = base / f"{recipe}_short.py"
         config_file.write_text(CONFIG_PY.format(text=json.dumps(c)))
         commands.append([sys.executable, "-m", "mmret.launch", f"--config={config_file}", f"--workdir={base / recipe}"])
-    results = helpers.run_at_once(*commands, timeout=900, env=env, cwd=str(REPO))
+    # One after the other: the later recipes read the stages' programs the first compiled from the session's
+    # compilation cache (the three at once would each compile them, twice the CPU on the suite's two cores).
+    results = [subprocess.run(c, capture_output=True, text=True, timeout=600, env=env, cwd=REPO) for c in commands]
     return {r: (base / r, cfgs[r], res) for r, res in zip(RECIPES, results, strict=True)}
 
 
