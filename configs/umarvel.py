@@ -142,6 +142,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=8, tensor=1)
     c.log_every = 10
     c.checkpoint = dict(every=500, keep=3)
+    # Hard-negative mining (--mode=mine; the hardneg stage's mine_from): U-MARVEL's rule, the exact top 100 of the
+    # union training pool, the first 5 that are not positives. tasks None: the stage's data.tasks (all 16).
+    c.mining = dict(
+        rule="umarvel",
+        negatives=5,
+        top_k=100,
+        pool="global",
+        tasks=ml_collections.FieldReference(None, field_type=tuple),
+    )
     # M-BEIR test evaluation (--mode=eval, or eval.at_end): the 16 tasks, local and global pools.
     c.eval = dict(
         root=c.data.get_ref("root"),  # the M-BEIR root, for every stage (the text and caption stages' data is not)

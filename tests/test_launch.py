@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mmret import tasks
+from mmret.data.mbeir import read_queries
 from mmret.launch import CONFIGS, resolve_config_arg
 from mmret.recipe import as_trainer_config
 
@@ -138,3 +139,17 @@ def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"eval step {end}, local pool: average" in r.stdout and "embed " not in r.stdout
+    # --mode=mine with the step's checkpoint: DIR/mined/<step>/, the settings from the command line.
+    mining = (f"--config.mining.tasks={EVAL_TASKS[1:]!r}", "--config.mining.pool=local", "--config.mining.negatives=4")
+    r = launch(
+        "--config=umarvel.py:mbeir_demo", f"--workdir={tmp_path / 'run'}", *data, *mining, "--mode=mine", devices=1
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    mined = [
+        json.loads(line) for line in (tmp_path / "run" / "mined" / end / "negatives.jsonl").read_text().splitlines()
+    ]
+    train = {q.qid for task in EVAL_TASKS[1:] for q in read_queries(tiny_mbeir, "train", task)}
+    assert {m["qid"] for m in mined} == train and len(mined) == len(train)
+    assert all(len(m["neg_cand_list"]) == 4 for m in mined)
+    summary = json.loads((tmp_path / "run" / "mined" / end / "summary.json").read_text())
+    assert summary["rule"] == "umarvel" and summary["checkpoint"].endswith(f"run step {end}")

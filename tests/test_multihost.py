@@ -1,8 +1,9 @@
 """Two processes on localhost (jax.distributed, gloo CPU collectives) agree with one process: three train
-steps on the same global batch, and the embedding export of a corpus."""
+steps on the same global batch, the embedding export of a corpus, and hard-negative mining."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def test_two_processes_agree_with_one(processor_dir, tmp_path):
 
 
 def test_two_process_embedding_export_equals_one_process(processor_dir, tiny_mbeir, tmp_path):
-    """Each host embeds its contiguous part of every shard; the primary writes the reassembled shards."""
+    """Each host embeds its contiguous part of every shard; the primary writes the reassembled shards. Then
+    mining (each host embeds its part of the training queries and pools; the primary searches and writes)."""
     inputs = (str(tiny_mbeir), str(processor_dir))  # the session's (tests/conftest.py)
     two_outs, one_outs = run_jobs(
         (EMBED_WORKER, 2, 2, *inputs, tmp_path / "two"), (EMBED_WORKER, 1, 4, *inputs, tmp_path / "one")
@@ -80,3 +82,21 @@ def test_two_process_embedding_export_equals_one_process(processor_dir, tiny_mbe
         assert dids == one.local_pool(task)[0]
         np.testing.assert_allclose(c2.astype(np.float32), one.local_pool(task)[1].astype(np.float32), atol=1e-3)
         assert np.abs(np.linalg.norm(c2.astype(np.float32), axis=1) - 1).max() < 1e-2  # real rows, not padding
+    # Mining: one file, written once, with every training query of the two tasks and the same negatives as one
+    # process's (a few pool embeddings differ in the last float16 bit, so a near tie may swap: scores within 1e-3).
+    mined = {}
+    for name in ("two", "one"):
+        lines = (tmp_path / name / "mined" / "negatives.jsonl").read_text().splitlines()
+        mined[name] = {r["qid"]: r for r in map(json.loads, lines)}
+        assert len(mined[name]) == len(lines)  # one line per query
+    train_qids = {q.qid for task in ("cirr_task7", "webqa_task1") for q in read_queries(tiny_mbeir, "train", task)}
+    assert set(mined["two"]) == set(mined["one"]) == train_qids
+    for qid, two_rec in mined["two"].items():
+        one_rec = mined["one"][qid]
+        assert len(two_rec["neg_cand_list"]) == 3
+        for a, b, sa, sb in zip(*(r[k] for r in (two_rec, one_rec) for k in ("neg_cand_list", "scores")), strict=True):
+            assert a == b or abs(sa - sb) < 1e-3, (qid, two_rec, one_rec)
+    same = sum(mined["two"][q]["neg_cand_list"] == mined["one"][q]["neg_cand_list"] for q in train_qids)
+    assert same >= 0.9 * len(train_qids)
+    summary = json.loads((tmp_path / "two" / "mined" / "summary.json").read_text())
+    assert summary["queries"] == len(train_qids) and summary["negatives"] == 3 * len(train_qids)
