@@ -124,9 +124,7 @@ def backbone_vocab_size(cfg: TrainerConfig) -> int:
     return Processor(processor_dir(cfg), cfg.data.processor).vocab_size
 
 
-def build_retriever(
-    cfg: TrainerConfig, max_image_patches: int = 0, *, start: Retriever | None = None
-) -> Retriever:
+def build_retriever(cfg: TrainerConfig, max_image_patches: int = 0, *, start: Retriever | None = None) -> Retriever:
     """The model a run of ``cfg`` starts from (backbone, LoRA adapters, temperature), in host memory;
     ``max_image_patches``: see :func:`load_backbone`. ``start``: a trained retriever (LoRA merged) whose
     weights replace the model source's before the adapters are added, and whose temperature is kept

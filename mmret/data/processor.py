@@ -318,6 +318,17 @@ class Processor:
         """The text of ``ids`` (special tokens kept)."""
         return self._encoder.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` read literally (a special-token string inside it stays plain text)."""
+        return self._encoder.encode(text, add_special_tokens=False).ids
+
+    def token_id(self, token: str) -> int:
+        """The id of a special (added) token of the tokenizer; ``ValueError`` when it has none."""
+        found = self._encoder.token_to_id(token)
+        if found is None or token not in {t.content for t in self._encoder.get_added_tokens_decoder().values()}:
+            raise ValueError(f"the tokenizer has no special token {token!r}")
+        return int(found)
+
     def render(
         self,
         text: str | None = None,

@@ -56,6 +56,19 @@ def last_token_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
+def forward(backbone: BackboneModel, batch: dict[str, Any], *, causal: bool) -> Any:
+    """``backbone`` on a collated batch (:func:`mmret.data.processor.collate`'s keys)."""
+    return backbone(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("pixel_values"),
+        batch.get("image_grid_thw"),
+        batch.get("position_ids"),
+        image_mask=batch.get("image_mask"),
+        causal=causal,
+    )
+
+
 class Encoder(nnx.Module):
     """Backbone + pooling: ``encoder(batch) -> [B, hidden]`` embeddings (float32)."""
 
@@ -73,15 +86,7 @@ class Encoder(nnx.Module):
         return l2_normalize(emb) if self.cfg.normalize else emb
 
     def _joint(self, batch: dict[str, Any]) -> jax.Array:
-        out = self.backbone(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("pixel_values"),
-            batch.get("image_grid_thw"),
-            batch.get("position_ids"),
-            image_mask=batch.get("image_mask"),
-            causal=self.cfg.attention == "causal",
-        )
+        out = forward(self.backbone, batch, causal=self.cfg.attention == "causal")
         return self._pool(out.last_hidden_state, batch["attention_mask"], batch["pool_mask"])
 
     def _late(self, batch: dict[str, Any]) -> jax.Array:

@@ -100,3 +100,7 @@ class BackboneModel(Protocol):
     def position_ids(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, image_grid_thw: jax.Array | None
     ) -> jax.Array: ...
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM-head logits [..., vocab] of final hidden states [..., hidden] (the tied embedding when tied)."""
+        ...
