@@ -23,6 +23,7 @@ from mmret.lora import PathRegex, apply_lora
 from mmret.lora import trainable_filter as lora_trainable_filter
 from mmret.losses import Temperature
 from mmret.models.encoder import Encoder
+from mmret.models.reranker import Reranker
 from mmret.models.retriever import Retriever
 from mmret.models.vocab import grow_vocab
 from mmret.recipe import DataConfig, ModelConfig, SourceConfig, TrainerConfig, step_pipeline
@@ -92,11 +93,14 @@ def open_inputs(cfg: TrainerConfig) -> TrainInputs:
     return TrainInputs(processor, own, bad, [(own, cfg.data.weight), *mixed])
 
 
-def load_backbone(cfg: ModelConfig, max_image_patches: int = 0, vocab_size: int = 0) -> Any:
+def load_backbone(
+    cfg: ModelConfig, max_image_patches: int = 0, vocab_size: int = 0, *, with_lm_head: bool = False
+) -> Any:
     """The backbone ``cfg`` names (its family from the Hugging Face ``model_type``: :mod:`mmret.models`);
     ``max_image_patches`` (the processor's per-image cap) lets the vision tower attend within blocks of
     patches rather than across the whole batch (0: across the batch). A token embedding with fewer than
-    ``vocab_size`` rows (tokens the processor added) is grown to it, new rows drawn from ``cfg.seed``."""
+    ``vocab_size`` rows (tokens the processor added) is grown to it, new rows drawn from ``cfg.seed``.
+    ``with_lm_head``: with the LM head (a reranker; an untied head is loaded from the source)."""
     check_model_source(cfg)
     options = dict(
         dtype=cfg.dtype,
@@ -105,6 +109,7 @@ def load_backbone(cfg: ModelConfig, max_image_patches: int = 0, vocab_size: int 
         remat=cfg.remat,
         attention_impl=cfg.attention_impl,
         max_image_patches=max_image_patches,
+        with_lm_head=with_lm_head,
     )
     if cfg.hf_dir:
         model = models.from_hf(cfg.hf_dir, **options)
@@ -133,20 +138,34 @@ def build_retriever(cfg: TrainerConfig, max_image_patches: int = 0, *, start: Re
         backbone = load_backbone(cfg.model, max_image_patches, backbone_vocab_size(cfg))
         if start is not None:
             _take_weights(backbone, start.encoder.backbone, cfg.model.init_from)
-        if cfg.lora.rank > 0:
-            apply_lora(
-                backbone,
-                rank=cfg.lora.rank,
-                alpha=cfg.lora.alpha,
-                dropout=cfg.lora.dropout,
-                target=cfg.lora.target,
-                rngs=cfg.seed,
-            )
+        add_lora(backbone, cfg)
         t = cfg.temperature
         temperature = Temperature(t.init, learnable=t.learnable, min_temperature=t.min, max_temperature=t.max)
         if start is not None and t.carry:
             temperature.log_tau.set_value(start.temperature.log_tau[...])
         return Retriever(Encoder(backbone, cfg.encoder), temperature)
+
+
+def add_lora(backbone: nnx.Module, cfg: TrainerConfig) -> None:
+    """The run's LoRA adapters (``lora.*``) on ``backbone``, in place (none with ``lora.rank`` 0)."""
+    if cfg.lora.rank > 0:
+        apply_lora(
+            backbone,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            target=cfg.lora.target,
+            rngs=cfg.seed,
+        )
+
+
+def build_reranker(cfg: TrainerConfig, max_image_patches: int = 0) -> Reranker:
+    """The reranker a run of ``cfg`` starts from: the model source's backbone with its LM head, LoRA added;
+    in host memory."""
+    with host_memory():
+        backbone = load_backbone(cfg.model, max_image_patches, backbone_vocab_size(cfg), with_lm_head=True)
+        add_lora(backbone, cfg)
+        return Reranker(backbone)
 
 
 def _take_weights(backbone: nnx.Module, trained: nnx.Module, where: str | None) -> None:

@@ -329,6 +329,7 @@ class MiningConfig:
     rank_cut: int = 45
     modality_share: float = 0.5
     false_negative_filter: bool = True
+    random_fallback: bool = True  # False: a query short of hard negatives keeps fewer (the reranker's lists)
     on_bad_record: OnBadRecord = "error"
 
     def __post_init__(self) -> None:
@@ -346,6 +347,32 @@ class MiningConfig:
 
 
 # =============================================================================================== stages
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankConfig:
+    """The pointwise reranker (task ``reranker``, :mod:`mmret.tasks.reranker`): its prompt
+    (:mod:`mmret.data.rerank_prompts`), which tokens the LM loss trains (``assistant_turn``: U-MARVEL's collator;
+    ``answer``: the answer token alone), each text's token cap (U-MARVEL's training: 256), and the static
+    shapes of a batch of pairs (``max_length`` tokens per pair, U-MARVEL's 2048; ``max_patches`` image patch
+    rows per host batch; ``max_targets`` trained tokens per pair)."""
+
+    prompt: str = "umarvel"
+    loss_on: Literal["assistant_turn", "answer"] = "assistant_turn"
+    max_text_tokens: int | None = 256
+    max_length: int = 2048
+    max_patches: int = 4 * 1200
+    max_targets: int = 8
+
+    def __post_init__(self) -> None:
+        from mmret.data.rerank_prompts import get_prompt
+
+        get_prompt(self.prompt)  # a ValueError naming the known prompts
+        for name in ("max_length", "max_targets"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"rerank.{name} must be positive, got {getattr(self, name)}")
+        if self.max_patches <= 0 or self.max_patches % 4:
+            raise ValueError(f"rerank.max_patches must be a positive multiple of 4, got {self.max_patches}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,6 +426,7 @@ class TrainerConfig:
     inject_nonfinite_steps: tuple[int, ...] = ()  # testing hook: these steps (1-based, as logged) see NaN parameters
     eval: EvalConfig = EvalConfig()  # embedding, search and report (mmret.eval)
     mining: MiningConfig = MiningConfig()  # --mode=mine, and stages with ``mine_from``
+    rerank: RerankConfig = RerankConfig()  # the reranker task's prompt, loss and pair shapes
     # A chained recipe (mmret.chain), in order; empty: one run. A config file may give a mapping
     # {name: stage fields} instead (then ``--config.stages.<name>.overrides.a.b=...`` overrides one stage).
     stages: tuple[StageConfig, ...] = ()

@@ -74,6 +74,21 @@ def test_umarvel_falls_back_to_random_pool_candidates():
     assert [x.did for x in short[:1]] == ["1:1"] and sorted(x.did for x in short[1:]) == ["1:3", "1:4"]
 
 
+def test_without_the_random_fallback_a_short_query_keeps_fewer():
+    """``mining.random_fallback=False`` (the reranker's lists): only retrieved candidates, however few."""
+    from mmret.mining.mine import pick
+
+    common = dict(qid="7:1", target_modality="image", modality_of=lambda d: "image", pool=RANKED)
+    common["is_false_negative"] = lambda d: False
+    for rule in ("umarvel", "mmembed"):
+        mcfg = MiningConfig(rule=rule, negatives=5, top_k=6, modality_top=6, rank_cut=0)
+        with_fill = pick(mcfg, RANKED[:3], SCORES[:3], positives=["1:2"], **common)
+        assert len(with_fill) == 5 and {x.kind for x in with_fill[2:]} == {"random"}
+        mcfg = dataclasses.replace(mcfg, random_fallback=False)
+        got = pick(mcfg, RANKED[:3], SCORES[:3], positives=["1:2"], **common)
+        assert [x.did for x in got] == ["1:1", "1:3"] and "random" not in {x.kind for x in got}
+
+
 def test_the_random_fallback_depends_on_seed_and_qid_only():
     pool = [f"1:{i}" for i in range(1000)]
 

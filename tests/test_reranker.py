@@ -200,3 +200,53 @@ def test_score_equals_hugging_face_pytorch(prompt, model_dir, processor, hf_proc
     scores = np.asarray(reranker.score({k: jnp.asarray(v) for k, v in batch.items()}, yes, no))
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     assert np.ptp(expected) > 1e-3  # the pairs' scores differ: the comparison could fail
+
+
+@pytest.mark.parametrize("loss_on", ["assistant_turn", "answer"])
+def test_lm_loss_equals_hugging_faces_loss_with_umarvels_labels(loss_on, model_dir, processor, hf_processor):
+    """The train step's loss = Hugging Face's own causal LM loss (``labels=``, mean over the unmasked shifted
+    labels of the padded batch) with U-MARVEL's collator's labels (``assistant_turn``) or the answer alone."""
+    from mmret.tasks.reranker.step import reranker_loss
+
+    renderer = PairRenderer(processor, UMARVEL, loss_on=loss_on)
+    answers = [True, False, False, True]
+    pairs = [renderer(*p, answer=a) for p, a in zip(PAIRS, answers, strict=True)]
+    length = max(p.example.length for p in pairs)
+    ids = np.full((len(pairs), length), processor.pad_token_id, np.int64)
+    labels = np.full((len(pairs), length), IGNORE, np.int64)
+    attention = np.zeros((len(pairs), length), np.int64)
+    for b, p in enumerate(pairs):
+        row = p.example.input_ids
+        ids[b, : len(row)], attention[b, : len(row)] = row, 1
+        if loss_on == "assistant_turn":
+            labels[b, : len(row)] = umarvel_labels(row)
+        else:  # the answer token alone: the token after the generation prompt
+            at = p.answer_index + 1
+            labels[b, at] = row[at]
+    pixels = [p.example.pixel_values for p in pairs if p.example.pixel_values is not None]
+    grids = [p.example.image_grid_thw for p in pairs if p.example.image_grid_thw is not None]
+    hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        expected = hf(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(attention),
+            pixel_values=torch.tensor(np.concatenate(pixels)),
+            image_grid_thw=torch.tensor(np.concatenate(grids).astype(np.int64)),
+            mm_token_type_ids=torch.tensor((ids == processor.image_token_id).astype(np.int64)),
+            labels=torch.tensor(labels),
+        ).loss.item()
+    batch = collate_pairs(
+        pairs,
+        max_length=length + 3,
+        max_patches=sum(p.example.num_patches for p in pairs) + 8,
+        pad_token_id=processor.pad_token_id,
+        patch_dim=processor.patcher.patch_dim,
+    )
+    batch["labels"] = np.array(answers, np.int32)
+    reranker = Reranker(models.from_hf(model_dir, dtype="float32", with_lm_head=True))
+    loss, metrics = reranker_loss(
+        reranker, {k: jnp.asarray(v) for k, v in batch.items()}, renderer.yes_id, renderer.no_id
+    )
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    scores = np.asarray(reranker.score({k: jnp.asarray(v) for k, v in batch.items()}, renderer.yes_id, renderer.no_id))
+    assert float(metrics["accuracy"]) == np.mean((scores > 0.5) == np.array(answers))

@@ -155,17 +155,23 @@ class EncodeTrainExample:
         part = self.store.candidate_part(cid)
         return encode_part(part, self.processor, self._image(part.image, f"candidate {cid}"))
 
+    def negatives_of(self, example: Example) -> list[str]:
+        """The example's listed negatives (the store's negatives file, else its own) that are not positives;
+        a :class:`BadRecordError` when none is left."""
+        file = self.store.negatives
+        listed = example.negatives if file is None else file.get(example.id, ())
+        pool = [d for d in listed if d not in example.positives]
+        if not pool:
+            where = "its neg_cand_list (no negatives file given)" if file is None else "the negatives file"
+            raise BadRecordError(f"query {example.id}", NO_NEGATIVES, f"no hard negatives in {where}")
+        return pool
+
     def _encode(self, example: Example, rng: np.random.Generator) -> TrainExample:
         positives = example.positives
         positive = positives[int(rng.integers(len(positives)))]
         negatives: list[str] = []
         if self.cfg.num_negatives:
-            file = self.store.negatives
-            listed = example.negatives if file is None else file.get(example.id, ())
-            pool = [d for d in listed if d not in positives]
-            if not pool:
-                where = "its neg_cand_list (no negatives file given)" if file is None else "the negatives file"
-                raise BadRecordError(f"query {example.id}", NO_NEGATIVES, f"no hard negatives in {where}")
+            pool = self.negatives_of(example)
             replace = len(pool) < self.cfg.num_negatives
             picks = rng.choice(len(pool), self.cfg.num_negatives, replace=replace)
             negatives = [pool[int(i)] for i in picks]
@@ -255,6 +261,12 @@ class _WithEpoch:
         return index, position // self.n
 
 
+#: ``(store, processor, cfg) -> grain random map`` of (query index, epoch): how a task encodes its examples.
+ExampleFn = Callable[[Store, Processor, PipelineConfig], Any]
+#: ``(examples, processor, cfg) -> host batch``: how a task collates them.
+BatchFn = Callable[[Sequence[Any], Processor, PipelineConfig], dict[str, Any]]
+
+
 def _source_examples(
     store: Store,
     seed: int,
@@ -262,6 +274,7 @@ def _source_examples(
     cfg: PipelineConfig,
     process_index: int | None,
     process_count: int | None,
+    example_fn: ExampleFn,
 ) -> grain.MapDataset:
     """One store's training examples on this host: its shuffled query order for ``seed``, repeated for
     ``cfg.num_epochs``, this host's slice, each example encoded from grain's per-index generator."""
@@ -271,7 +284,7 @@ def _source_examples(
         ds = ds.shuffle()
     ds = ds.repeat(cfg.num_epochs).map_with_index(_WithEpoch(n))  # (query index, epoch)
     ds = _host_slice(ds, process_index, process_count)
-    return ds.random_map(EncodeTrainExample(store, processor, cfg))
+    return ds.random_map(example_fn(store, processor, cfg))
 
 
 def _check_sources(sources: Sequence[tuple[Store, float]]) -> None:
@@ -291,9 +304,12 @@ def mixed_train_dataset(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    example_fn: ExampleFn = EncodeTrainExample,
+    batch_fn: BatchFn = collate_train,
 ) -> grain.IterDataset:
     """The training pipeline over ``(store, weight)`` sources, as a grain ``IterDataset`` (iterate it; the
-    iterator is checkpointable: ``get_state`` / ``set_state``, restored bitwise).
+    iterator is checkpointable: ``get_state`` / ``set_state``, restored bitwise). ``example_fn`` /
+    ``batch_fn``: how examples are encoded and collated (default: the bi-encoder's query and candidates).
 
     Source ``i`` is the single-source stream of its store shuffled with ``cfg.seed + i`` (so its examples
     come in the same order, with the same draws, whatever it is mixed with); ``grain.MapDataset.mix``
@@ -307,11 +323,11 @@ def mixed_train_dataset(
     """
     _check_sources(sources)
     parts = [
-        _source_examples(store, cfg.seed + i, processor, cfg, process_index, process_count)
+        _source_examples(store, cfg.seed + i, processor, cfg, process_index, process_count, example_fn)
         for i, (store, _) in enumerate(sources)
     ]
     ds = grain.MapDataset.mix(parts, [float(w) for _, w in sources])
-    ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda exs: collate_train(exs, processor, cfg))
+    ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda exs: batch_fn(exs, processor, cfg))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches * cfg.batch_size)
     return _prefetch(ds.to_iter_dataset(read), cfg.num_workers, cfg.worker_buffer_size)
 

@@ -204,7 +204,7 @@ def collate_pairs(
         [p.example for p in pairs],
         max_length=max_length,
         max_patches=max_patches,
-        max_images=2 * len(pairs) + 1,
+        max_images=3 * len(pairs),  # two images a pair at most, the filler, rows divisible as the pairs are
         pad_token_id=pad_token_id,
         patch_dim=patch_dim,
     )

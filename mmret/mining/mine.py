@@ -190,7 +190,10 @@ def pick(
 ) -> list[rules.Negative]:
     """``mcfg.rule`` applied to one query's ranking."""
     rng = rules.query_rng(mcfg.seed, qid)
-    common = dict(positives=set(positives), n=mcfg.negatives, pool=pool, rng=rng, is_false_negative=is_false_negative)
+    fallback = pool if mcfg.random_fallback else ()  # an empty pool: no random fill
+    common = dict(
+        positives=set(positives), n=mcfg.negatives, pool=fallback, rng=rng, is_false_negative=is_false_negative
+    )
     if mcfg.rule == "umarvel":
         return rules.umarvel(ranked, scores, **common)
     return rules.mmembed(
@@ -322,7 +325,7 @@ def mine_embeddings(
 
 def settings_of(mcfg: MiningConfig) -> dict[str, Any]:
     """The settings the rule read (``mmembed``'s own ones only for it)."""
-    keys = ["negatives", "top_k", "pool", "split", "seed", "false_negative_filter"]
+    keys = ["negatives", "top_k", "pool", "split", "seed", "false_negative_filter", "random_fallback"]
     if mcfg.rule == "mmembed":
         keys += ["modality_top", "rank_cut", "modality_share"]
     return {"rule": mcfg.rule, "settings": {k: getattr(mcfg, k) for k in keys}}

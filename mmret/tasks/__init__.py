@@ -16,7 +16,14 @@ def _bi_encoder() -> Task:
     return BiEncoder()
 
 
+def _reranker() -> Task:
+    from mmret.tasks.reranker.task import RerankerTask
+
+    return RerankerTask()
+
+
 TASKS["bi_encoder"] = _bi_encoder
+TASKS["reranker"] = _reranker
 
 
 def get(name: str) -> Task:

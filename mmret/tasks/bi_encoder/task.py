@@ -22,7 +22,7 @@ from flax import nnx
 
 from mmret import build, checkpoints, sharding
 from mmret.data.bad_records import BadRecords
-from mmret.data.pipeline import mixed_epoch_length, mixed_train_dataset, train_dataset
+from mmret.data.pipeline import mixed_epoch_length, mixed_train_dataset
 from mmret.models.retriever import Retriever
 from mmret.recipe import TrainerConfig, step_pipeline
 from mmret.tasks.base import StepFn, TrainState
@@ -57,17 +57,18 @@ class BiEncoderData:
     """The pipeline's host batches, with the counts of examples it skipped (checkpointed with the
     iterator: the state is ``{"iterator": <grain state>, "bad_records": {kind: count}}``)."""
 
-    def __init__(self, cfg: TrainerConfig, inputs: build.TrainInputs):
+    def __init__(self, cfg: TrainerConfig, inputs: build.TrainInputs, **hooks: Any):
+        """``hooks``: ``example_fn`` / ``batch_fn`` of :func:`mmret.data.pipeline.mixed_train_dataset` (another
+        task's examples over the same stores, e.g. the reranker's pairs)."""
         pipeline = step_pipeline(cfg)
         self.read_bad = inputs.bad  # what the store skipped while reading (counted again every run)
         self.bad = BadRecords(pipeline.on_bad_record)
         if len(inputs.sources) == 1:
             self.examples = len(inputs.store.queries)
-            self._iter = iter(train_dataset(inputs.store, inputs.processor, pipeline))
         else:  # an epoch of a mix ends when its first source runs out
             sizes = [len(store.queries) for store, _ in inputs.sources]  # every host reads every query
             self.examples = mixed_epoch_length(sizes, [w for _, w in inputs.sources])
-            self._iter = iter(mixed_train_dataset(inputs.sources, inputs.processor, pipeline))
+        self._iter = iter(mixed_train_dataset(inputs.sources, inputs.processor, pipeline, **hooks))
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._iter)

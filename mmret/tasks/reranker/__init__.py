@@ -1,0 +1,1 @@
+"""The pointwise reranker task (:mod:`mmret.tasks.reranker.task`)."""
