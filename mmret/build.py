@@ -17,6 +17,8 @@ from flax import nnx
 from mmret import models
 from mmret.data.bad_records import BadRecords
 from mmret.data.processor import Processor
+from mmret.data.rerank_pairs import PairRenderer
+from mmret.data.rerank_prompts import get_prompt
 from mmret.data.sources import open_source
 from mmret.data.stores import ArrayRecordStore, RawStore
 from mmret.lora import PathRegex, apply_lora
@@ -166,6 +168,12 @@ def build_reranker(cfg: TrainerConfig, max_image_patches: int = 0) -> Reranker:
         backbone = load_backbone(cfg.model, max_image_patches, backbone_vocab_size(cfg), with_lm_head=True)
         add_lora(backbone, cfg)
         return Reranker(backbone)
+
+
+def pair_renderer(processor: Processor, cfg: TrainerConfig) -> PairRenderer:
+    """The reranker's pair renderer of a run (``rerank.prompt``, ``rerank.max_text_tokens``, ``rerank.loss_on``)."""
+    r = cfg.rerank
+    return PairRenderer(processor, get_prompt(r.prompt), max_text_tokens=r.max_text_tokens, loss_on=r.loss_on)
 
 
 def _take_weights(backbone: nnx.Module, trained: nnx.Module, where: str | None) -> None:

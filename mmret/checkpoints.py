@@ -32,8 +32,9 @@ from etils import epath
 from flax import nnx
 
 from mmret.atomic_dir import PathLike, absolute, as_path, is_local
-from mmret.build import build_retriever, trainable_filter
+from mmret.build import build_reranker, build_retriever, trainable_filter
 from mmret.lora import merge_lora
+from mmret.models.reranker import Reranker
 from mmret.models.retriever import Retriever
 from mmret.recipe import CheckpointConfig, TrainerConfig, as_trainer_config
 
@@ -119,7 +120,19 @@ def load_trained(
     """The retriever of a run of ``cfg`` at ``step`` (0: before training, i.e. the model it started from:
     :func:`initial_model`), LoRA adapters merged into plain weights; in host memory.
     ``max_image_patches``: the processor's per-image cap (:func:`mmret.build.load_backbone`)."""
-    model = initial_model(cfg, max_image_patches)
+    return _trained(initial_model(cfg, max_image_patches), cfg, workdir, step)
+
+
+def load_trained_reranker(
+    cfg: TrainerConfig, workdir: PathLike | None = None, step: int = 0, *, max_image_patches: int = 0
+) -> Reranker:
+    """The reranker of a run of ``cfg`` (task ``reranker``) at ``step`` (0: the untrained model source, a
+    zero-shot reranker), LoRA merged; in host memory."""
+    return _trained(build_reranker(cfg, max_image_patches), cfg, workdir, step)
+
+
+def _trained(model: Any, cfg: TrainerConfig, workdir: PathLike | None, step: int) -> Any:
+    """``model`` with checkpoint ``step``'s parameters (none for 0), LoRA merged."""
     if step:
         if workdir is None:
             raise ValueError("a checkpoint step needs the run's workdir")

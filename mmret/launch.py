@@ -1,7 +1,7 @@
 """The one entry point for jobs.
 
     python -m mmret.launch --config=configs/umarvel.py[:preset] --workdir=DIR [--config.a.b=value ...]
-        [--mode=train|embed|eval|mine] [--step=N] [--stage=NAME]
+        [--mode=train|embed|eval|mine|rerank] [--step=N] [--stage=NAME]
 
 ``--config`` takes a Python config file exposing ``get_config(arg)`` (a bare name such as
 ``umarvel.py`` resolves to ``configs/umarvel.py``); ``--config.a.b=value`` overrides one field, and
@@ -13,7 +13,9 @@ Modes: ``train`` (default) trains, evaluating the model before (``eval.at_start`
 (``eval.at_end``) training and printing the before/after table; ``embed`` writes the embeddings of
 checkpoint ``--step`` (default: the latest; 0: before training) under ``DIR/eval/<step>/embeddings``;
 ``eval`` embeds, searches and reports it under ``DIR/eval/<step>/<pool>/`` (see :mod:`mmret.eval`);
-``mine`` mines hard negatives with it (``mining.*``) into ``DIR/mined/<step>/`` (see :mod:`mmret.mining`).
+``mine`` mines hard negatives with it (``mining.*``) into ``DIR/mined/<step>/`` (see :mod:`mmret.mining`);
+``rerank`` (a reranker config) reranks the retrieval run ``rerank.retrieval`` with it into
+``DIR/rerank/<step>/`` (0: the untrained model source, zero-shot; see :mod:`mmret.eval.rerank`).
 
 A config with ``stages`` is a chain (:mod:`mmret.chain`): ``train`` runs its stages in order, each in
 ``DIR/<stage>/`` (mining where a stage says ``mine_from``), skipping finished ones, and closes with a
@@ -146,6 +148,9 @@ def main(argv: list[str]) -> None:
             step = resolve_step(workdir, step)
             mine(trainer_cfg, as_path(workdir) / "mined" / str(step), workdir=workdir, step=step)
             return
+        if mode == "rerank":
+            rerank(trainer_cfg, workdir, step)
+            return
         ecfg = trainer_cfg.eval
         if ecfg.at_start:
             eval_run.evaluate_run(trainer_cfg, workdir, 0)
@@ -158,6 +163,33 @@ def main(argv: list[str]) -> None:
         print("\n".join(summary_table(as_path(workdir) / "metrics.jsonl")))
         if evaluated and ecfg.at_start:
             print(eval_run.before_after(workdir, 0, after, ecfg.pools))
+
+
+def rerank(cfg: Any, workdir: str, step: int | None) -> None:
+    """``--mode=rerank``: the reranker run in ``workdir`` at ``step`` (0: its untrained model source, a
+    zero-shot reranker) reranks ``rerank.retrieval`` into ``workdir/rerank/<step>/`` (:mod:`mmret.eval.rerank`)."""
+    import jax
+
+    from mmret.checkpoints import load_trained_reranker, resolve_step
+    from mmret.eval.rerank import markdown, rerank_run
+
+    if cfg.task != "reranker":
+        raise ValueError(f"--mode=rerank needs a reranker config (task='reranker'), got task={cfg.task!r}")
+    if not cfg.rerank.retrieval:
+        raise ValueError("rerank.retrieval: give the retrieval run to rerank (a directory of <task>.trec files)")
+    step = 0 if step == 0 else resolve_step(workdir, step)
+    model = load_trained_reranker(cfg, workdir if step else None, step)
+    label = (
+        f"{workdir} step {step}"
+        if step
+        else f"{cfg.model.hf_dir or cfg.model.checkpoint or cfg.model.preset} (zero-shot)"
+    )
+    out = as_path(workdir) / "rerank" / str(step)
+    report = rerank_run(
+        cfg, out, model=model, checkpoint=label, retrieval=cfg.rerank.retrieval, select_on=cfg.rerank.select_on
+    )
+    if jax.process_index() == 0:
+        print(markdown(report) + f"\nreranked runs and report in {out}", flush=True)
 
 
 # ------------------------------------------------------------------------------------ input errors
@@ -268,7 +300,10 @@ def run() -> None:
     config_flags.DEFINE_config_file("config", None, "Python config file (get_config(arg)); path[:preset].")
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
     flags.DEFINE_enum(
-        "mode", "train", ["train", "embed", "eval", "mine"], "Train (and evaluate per eval.at_*), or embed/eval/mine."
+        "mode",
+        "train",
+        ["train", "embed", "eval", "mine", "rerank"],
+        "Train (and evaluate per eval.at_*), or embed/eval/mine/rerank.",
     )
     flags.DEFINE_string("stage", None, "A chained config's stage: run only it (train), or embed/eval/mine its run.")
     flags.DEFINE_integer("step", -1, "Checkpoint to embed/evaluate/mine: -1 the latest, 0 the model before training.")

@@ -363,12 +363,21 @@ class RerankConfig:
     max_length: int = 2048
     max_patches: int = 4 * 1200
     max_targets: int = 8
+    # --mode=rerank (mmret.eval.rerank): the top_k of a retrieval run's TREC files (rerank.retrieval) rescored
+    # in batches of batch_size pairs per host; fused score cosine + weight * P(yes), weight None: chosen per
+    # task from weight_grid on the validation run rerank.select_on.
+    retrieval: str | None = None
+    select_on: str | None = None
+    top_k: int = 50
+    batch_size: int = 8
+    weight: float | None = None
+    weight_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
     def __post_init__(self) -> None:
         from mmret.data.rerank_prompts import get_prompt
 
         get_prompt(self.prompt)  # a ValueError naming the known prompts
-        for name in ("max_length", "max_targets"):
+        for name in ("max_length", "max_targets", "top_k", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"rerank.{name} must be positive, got {getattr(self, name)}")
         if self.max_patches <= 0 or self.max_patches % 4:

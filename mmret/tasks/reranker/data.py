@@ -32,12 +32,6 @@ def query_text(part: Part) -> str:
     return " ".join(t for t in (part.instruction, part.text) if t)
 
 
-def renderer(processor: Processor, rerank: RerankConfig) -> PairRenderer:
-    return PairRenderer(
-        processor, get_prompt(rerank.prompt), max_text_tokens=rerank.max_text_tokens, loss_on=rerank.loss_on
-    )
-
-
 @dataclasses.dataclass
 class PairsExample:
     """A query's two training pairs."""
@@ -55,7 +49,9 @@ class EncodePairs(EncodeTrainExample):
 
     def __init__(self, store: Store, processor: Processor, cfg: PipelineConfig, *, rerank: RerankConfig):
         super().__init__(store, processor, cfg)
-        self.renderer = renderer(processor, rerank)
+        self.renderer = PairRenderer(
+            processor, get_prompt(rerank.prompt), max_text_tokens=rerank.max_text_tokens, loss_on=rerank.loss_on
+        )
 
     def _encode(self, example: Example, rng: np.random.Generator) -> PairsExample:  # type: ignore[override]
         positives = example.positives

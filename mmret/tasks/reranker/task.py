@@ -27,7 +27,7 @@ from mmret.models.reranker import Reranker
 from mmret.recipe import TrainerConfig, step_pipeline
 from mmret.tasks.base import StepFn
 from mmret.tasks.bi_encoder.task import BiEncoderData
-from mmret.tasks.reranker.data import EncodePairs, collate_rerank, renderer
+from mmret.tasks.reranker.data import EncodePairs, collate_rerank
 from mmret.tasks.reranker.step import make_train_step
 
 
@@ -64,7 +64,7 @@ class RerankerTask:
         return build.trainable_filter(cfg)
 
     def step(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainerConfig) -> StepFn:
-        pairs = renderer(Processor(build.processor_dir(cfg), cfg.data.processor), cfg.rerank)
+        pairs = build.pair_renderer(Processor(build.processor_dir(cfg), cfg.data.processor), cfg)
         return make_train_step(graphdef, tx, pairs.yes_id, pairs.no_id)
 
     def global_arrays(self, host_batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any) -> dict[str, Any]:
