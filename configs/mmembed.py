@@ -4,6 +4,9 @@
         --config.model.hf_dir=/path/to/Qwen2-VL-7B-Instruct --config.data.root=/path/to/M-BEIR \
         --config.stages.continual.overrides.data.root=/path/to/msmarco   # a BEIR-layout text-retrieval set
     python -m mmret.launch --config=configs/mmembed.py:demo --workdir=DIR   # tiny model, synthetic data
+    python -m mmret.launch --config=configs/mmembed.py:zeroshot --workdir=ZS --mode=rerank --step=0 \
+        --config.model.hf_dir=/path/to/Qwen2-VL-7B-Instruct --config.data.root=/path/to/M-BEIR \
+        --config.rerank.retrieval=RUN/hardneg/eval/<step>/local              # zero-shot reranking, top 10
 
 Stages, each in ``DIR/<stage>``:
 
@@ -40,13 +43,30 @@ def _umarvel():
 
 
 #: The ``:arg`` presets (None: the paper's).
-PRESETS = (None, "demo")
+PRESETS = (None, "demo", "zeroshot", "zeroshot_demo")
+
+
+def _zeroshot(umarvel, demo: bool) -> ml_collections.ConfigDict:
+    """MM-Embed's zero-shot reranking: an off-the-shelf MLLM (the model source, untrained: ``--step=0``) asked
+    whether the candidate matches the query, True or False; its P(True) alone reorders the retriever's top 10.
+    (MM-Embed prompts LLaVA-NeXT; here the model source's backbone.)"""
+    c = umarvel.get_config("mbeir_demo" if demo else "mbeir")
+    c.unlock()
+    c.task = "reranker"
+    c.lora.rank = 0  # nothing trains
+    c.rerank.update(prompt="mmembed", top_k=10, cosine=False, weight=1.0)
+    if demo:
+        c.rerank.update(max_length=256, max_patches=8 * 2 * 64)
+    c.lock()
+    return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in PRESETS:
-        raise ValueError(f"configs/mmembed.py: unknown preset {arg!r} (known: demo)")
+        raise ValueError(f"configs/mmembed.py: unknown preset {arg!r} (known: demo, zeroshot, zeroshot_demo)")
     umarvel = _umarvel()
+    if arg in ("zeroshot", "zeroshot_demo"):
+        return _zeroshot(umarvel, demo=arg == "zeroshot_demo")
     c = umarvel.get_config("mbeir_demo" if arg == "demo" else "mbeir")  # M-BEIR, U-MARVEL's embedding and loss
     c.unlock()
     c.optimizer.learning_rate = 1e-3 if arg == "demo" else 1e-4

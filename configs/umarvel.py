@@ -11,7 +11,9 @@ Presets (the ``:arg`` suffix):
 - none: the chain of stages 1-4, each in ``DIR/<stage>``: ``text`` (NLI pairs) -> ``caption`` (caption ->
   image, symmetric) -> ``mbeir`` (M-BEIR with instructions, learnable temperature) -> ``hardneg`` (5 negatives
   per query mined by the ``mbeir`` model: U-MARVEL's rule on the union training pool). Each stage starts
-  from the one before, LoRA merged. Stage 5 (distillation) arrives with the reranker.
+  from the one before, LoRA merged. Then ``reranker``: U-MARVEL's Yes/No reranker, from the base model, on
+  the ``mbeir`` model's local top-100 lists (``--mode=rerank`` with its run reranks a retrieval run). Stage 5
+  (distillation) is not in yet.
 - ``mbeir``: stage 3 alone (one run in ``DIR``), from the model source.
 - ``demo``: the same chain on the tiny random model and synthetic data (tools/make_tiny_model.py,
   tools/make_synthetic_mbeir.py, tools/make_synthetic_pairs.py), evaluated after every stage: what the
@@ -96,7 +98,32 @@ def _stages() -> ml_collections.ConfigDict:
             epochs=1.0,
         ),
     )
-    return ml_collections.ConfigDict(dict(text=text, caption=caption, mbeir=mbeir, hardneg=hardneg), sort_keys=False)
+    # The reranker (U-MARVEL's, from LamRA): trained from the BASE model (no init_from) on pairs from the stage-3
+    # model's LOCAL top 100 minus the positives (mined with no random fill, no false-negative filter); LoRA
+    # 128/256, lr 2e-5, 1 epoch. The paper's 2 queries per device x 4 accumulation steps: 64 queries per host
+    # per step here (mmret has no gradient accumulation), each a positive and a negative pair.
+    reranker = dict(
+        mine_from="mbeir",
+        overrides=dict(
+            task="reranker",
+            mining=dict(
+                rule="umarvel",
+                pool="local",
+                negatives=100,
+                top_k=100,
+                false_negative_filter=False,
+                random_fallback=False,
+            ),
+            data=dict(pipeline=dict(batch_size=2 * 4 * per_host, num_negatives=0)),
+            rerank=dict(max_patches=2 * 4 * per_host * 2 * 2 * 1200),
+            grad_cache_chunk=None,
+            optimizer=dict(learning_rate=2e-5),
+            epochs=1.0,
+            eval=dict(at_start=False, at_end=False),  # a reranker is evaluated by --mode=rerank
+        ),
+    )
+    stages = dict(text=text, caption=caption, mbeir=mbeir, hardneg=hardneg, reranker=reranker)
+    return ml_collections.ConfigDict(stages, sort_keys=False)
 
 
 #: The ``:arg`` presets (None: the paper's).
@@ -107,6 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in PRESETS:
         raise ValueError(f"configs/umarvel.py: unknown preset {arg!r} (known: mbeir, demo, mbeir_demo)")
     c = ml_collections.ConfigDict()
+    c.task = "bi_encoder"  # the reranker stage: "reranker"
     c.model = dict(
         hf_dir=ml_collections.FieldReference(None, field_type=str),
         checkpoint=ml_collections.FieldReference(None, field_type=str),
@@ -151,6 +179,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pool="global",
         tasks=ml_collections.FieldReference(None, field_type=tuple),
     )
+    # The reranker (task "reranker"; --mode=rerank reranks rerank.retrieval, w from rerank.select_on's val lists).
+    c.rerank = dict(
+        prompt="umarvel",
+        loss_on="assistant_turn",
+        max_text_tokens=256,
+        max_length=2048,
+        max_patches=8 * 2 * 1200,
+        top_k=50,
+        batch_size=8,
+        weight=ml_collections.FieldReference(None, field_type=float),
+        cosine=True,
+        retrieval=ml_collections.FieldReference(None, field_type=str),
+        select_on=ml_collections.FieldReference(None, field_type=str),
+    )
     # M-BEIR test evaluation (--mode=eval, or eval.at_end): the 16 tasks, local and global pools.
     c.eval = dict(
         root=c.data.get_ref("root"),  # the M-BEIR root, for every stage (the text and caption stages' data is not)
@@ -179,6 +221,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.stages = _stages()
     if arg in ("demo", "mbeir_demo"):
         _demo(c, chain=arg == "demo")
+    if arg == "demo":  # the demo chain ends with the hard negatives (the reranker stage: not in the demo yet)
+        del c.stages["reranker"]
     c.lock()
     return c
 

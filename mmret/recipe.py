@@ -372,6 +372,7 @@ class RerankConfig:
     batch_size: int = 8
     weight: float | None = None
     weight_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+    cosine: bool = True  # False: the reranker's P(yes) alone orders the top_k (MM-Embed's zero-shot reranking)
 
     def __post_init__(self) -> None:
         from mmret.data.rerank_prompts import get_prompt

@@ -4,8 +4,8 @@
 
 Embeds the test queries and local pools of two tasks of the synthetic corpus in MBEIR with the tiny
 random model (processor files in PROCESSOR_DIR) into OUT, in shards of 40 and batches of 8 per host; then
-mines hard negatives for their training queries (U-MARVEL's rule, local pools, top 20, 3 negatives) into
-OUT/mined.
+mines hard negatives for cirr_task7's training queries (U-MARVEL's rule, its local pool, top 20, 3
+negatives) into OUT/mined.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
     cfg = eval_trainer_config(mbeir, processor_dir, TASKS)
     embed(cfg, out)
     print(f"process {pid}/{nproc}: devices {jax.device_count()} embedded into {out}", flush=True)
-    mining = MiningConfig(rule="umarvel", negatives=3, top_k=20, pool="local", tasks=tuple(TASKS))
+    mining = MiningConfig(rule="umarvel", negatives=3, top_k=20, pool="local", tasks=("cirr_task7",))
     mine(dataclasses.replace(cfg, mining=mining), Path(out) / "mined", workdir=None, step=0)
     print(f"process {pid}/{nproc}: mined", flush=True)
 

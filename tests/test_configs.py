@@ -45,7 +45,7 @@ def test_paper_config_has_umarvels_loss_lora_and_exact_search():
 def test_paper_chain_follows_the_stage_table():
     """RECIPES.md s.3's table: data, LoRA, per-device batch (x 8 devices per host), LR, epochs, temperature."""
     cfg = umarvel()
-    assert [s.name for s in cfg.stages] == ["text", "caption", "mbeir", "hardneg"]
+    assert [s.name for s in cfg.stages] == ["text", "caption", "mbeir", "hardneg", "reranker"]
     stages = {s.name: chain.stage_config(cfg, s.name, "/run") for s in cfg.stages}
     table = {
         "text": ("nli", 64, 128.0, 72, 2e-4, 2.0),
@@ -74,6 +74,28 @@ def test_paper_chain_follows_the_stage_table():
     )
     assert cfg.stages[3].mine_from == "mbeir"
     assert all(s.eval.root == "/data/M-BEIR" for s in stages.values())  # evaluated on M-BEIR whatever they train on
+    # The reranker (RECIPES.md s.3): from the base model, the stage-3 model's LOCAL top 100 minus the positives,
+    # LoRA 128/256, lr 2e-5, 1 epoch, texts cut to 256 tokens, pairs up to 2048 tokens, the Yes/No prompt.
+    rr = stages["reranker"]
+    assert rr.task == "reranker" and rr.model.init_from is None and cfg.stages[4].mine_from == "mbeir"
+    m = rr.mining
+    assert (m.rule, m.pool, m.negatives, m.top_k, m.false_negative_filter, m.random_fallback) == (
+        "umarvel",
+        "local",
+        100,
+        100,
+        False,
+        False,
+    )
+    assert rr.data.negatives_file == "/run/reranker/mined/negatives.jsonl"
+    assert (rr.lora.rank, rr.lora.alpha, rr.optimizer.learning_rate, rr.epochs) == (128, 256.0, 2e-5, 1.0)
+    assert (rr.rerank.prompt, rr.rerank.max_text_tokens, rr.rerank.max_length, rr.rerank.top_k) == (
+        "umarvel",
+        256,
+        2048,
+        50,
+    )
+    assert not (rr.eval.at_start or rr.eval.at_end)
 
 
 def test_with_epochs_derives_the_schedule_and_leaves_explicit_steps_alone():
@@ -161,6 +183,15 @@ def test_mmembed_and_jfe_follow_their_papers_schedules():
     continual = chain.stage_config(mm, "continual", "/run")
     assert continual.model.init_from == "/run/hardneg" and continual.optimizer.learning_rate == 2e-5
     assert continual.data.layout == "beir" and [s.layout for s in continual.data.mix] == ["mbeir"]
+    # MM-Embed's zero-shot reranking: the untrained model source, True/False, P(True) alone on the top 10
+    zs = as_trainer_config(_with_paths(_load(REPO / "configs" / "mmembed.py").get_config("zeroshot")))
+    assert (zs.task, zs.rerank.prompt, zs.rerank.top_k, zs.rerank.cosine, zs.lora.rank) == (
+        "reranker",
+        "mmembed",
+        10,
+        False,
+        0,
+    )
     jfe = as_trainer_config(_with_paths(_load(REPO / "configs" / "jfe.py").get_config(None)))
     adapt, instruct = (chain.stage_config(jfe, n, "/run") for n in ("adapt", "instruct"))
     assert adapt.data.layout == "caption" and [s.layout for s in adapt.data.mix] == ["nli"] and adapt.symmetric

@@ -84,6 +84,7 @@ def test_unknown_key_and_bad_value_are_rejected_before_anything_runs(tmp_path):
 
 
 EVAL_TASKS = ("mscoco_task0", "webqa_task1", "cirr_task7")
+MINED = ("webqa_task1",)  # --mode=mine: text queries, a text pool
 STEPS = 4  # enough for the loss to fall and the weights to move; every step costs a batch of 64
 
 
@@ -140,7 +141,7 @@ def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"eval step {end}, local pool: average" in r.stdout and "embed " not in r.stdout
     # --mode=mine with the step's checkpoint: DIR/mined/<step>/, the settings from the command line.
-    mining = (f"--config.mining.tasks={EVAL_TASKS[1:]!r}", "--config.mining.pool=local", "--config.mining.negatives=4")
+    mining = (f"--config.mining.tasks={MINED!r}", "--config.mining.pool=local", "--config.mining.negatives=4")
     r = launch(
         "--config=umarvel.py:mbeir_demo", f"--workdir={tmp_path / 'run'}", *data, *mining, "--mode=mine", devices=1
     )
@@ -148,7 +149,7 @@ def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
     mined = [
         json.loads(line) for line in (tmp_path / "run" / "mined" / end / "negatives.jsonl").read_text().splitlines()
     ]
-    train = {q.qid for task in EVAL_TASKS[1:] for q in read_queries(tiny_mbeir, "train", task)}
+    train = {q.qid for task in MINED for q in read_queries(tiny_mbeir, "train", task)}
     assert {m["qid"] for m in mined} == train and len(mined) == len(train)
     assert all(len(m["neg_cand_list"]) == 4 for m in mined)
     summary = json.loads((tmp_path / "run" / "mined" / end / "summary.json").read_text())

@@ -24,7 +24,7 @@ from mmret.data.stores import EvalStore
 from mmret.eval.metrics import read_trec
 from mmret.recipe import RerankConfig
 
-TASKS = ["cirr_task7", "webqa_task1"]
+TASKS = ["cirr_task7"]  # (image, text) -> image: both images in every pair
 TOP = 3
 ALONE = 1  # queries per task whose pairs are also scored one by one
 

@@ -64,6 +64,16 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def hf_model(model_dir) -> Any:
+    return transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def reranker(model_dir) -> Reranker:
+    return Reranker(models.from_hf(model_dir, dtype="float32", with_lm_head=True))
+
+
+@pytest.fixture(scope="module")
 def hf_processor(model_dir) -> Any:
     return pf.load_processor(model_dir)
 
@@ -169,10 +179,10 @@ def test_an_answer_of_several_tokens_is_refused(processor):
 
 
 @pytest.mark.parametrize("prompt", [UMARVEL, MMEMBED], ids=lambda p: p.name)
-def test_score_equals_hugging_face_pytorch(prompt, model_dir, processor, hf_processor):
+def test_score_equals_hugging_face_pytorch(prompt, hf_model, reranker, processor, hf_processor):
     """P(yes) of a padded batch of pairs = the softmax over the answers' logits of the Hugging Face model's
     last position, each pair run alone (float32)."""
-    hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    hf = hf_model
     renderer = PairRenderer(processor, prompt)
     yes = hf_processor.tokenizer(prompt.yes)["input_ids"][0]  # U-MARVEL: tokenizer("Yes").input_ids[0]
     no = hf_processor.tokenizer(prompt.no)["input_ids"][0]
@@ -196,14 +206,13 @@ def test_score_equals_hugging_face_pytorch(prompt, model_dir, processor, hf_proc
         pad_token_id=processor.pad_token_id,
         patch_dim=processor.patcher.patch_dim,
     )
-    reranker = Reranker(models.from_hf(model_dir, dtype="float32", with_lm_head=True))
     scores = np.asarray(reranker.score({k: jnp.asarray(v) for k, v in batch.items()}, yes, no))
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     assert np.ptp(expected) > 1e-3  # the pairs' scores differ: the comparison could fail
 
 
 @pytest.mark.parametrize("loss_on", ["assistant_turn", "answer"])
-def test_lm_loss_equals_hugging_faces_loss_with_umarvels_labels(loss_on, model_dir, processor, hf_processor):
+def test_lm_loss_equals_hugging_faces_loss_with_umarvels_labels(loss_on, hf_model, reranker, processor):
     """The train step's loss = Hugging Face's own causal LM loss (``labels=``, mean over the unmasked shifted
     labels of the padded batch) with U-MARVEL's collator's labels (``assistant_turn``) or the answer alone."""
     from mmret.tasks.reranker.step import reranker_loss
@@ -225,9 +234,8 @@ def test_lm_loss_equals_hugging_faces_loss_with_umarvels_labels(loss_on, model_d
             labels[b, at] = row[at]
     pixels = [p.example.pixel_values for p in pairs if p.example.pixel_values is not None]
     grids = [p.example.image_grid_thw for p in pairs if p.example.image_grid_thw is not None]
-    hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        expected = hf(
+        expected = hf_model(
             input_ids=torch.tensor(ids),
             attention_mask=torch.tensor(attention),
             pixel_values=torch.tensor(np.concatenate(pixels)),
@@ -243,7 +251,6 @@ def test_lm_loss_equals_hugging_faces_loss_with_umarvels_labels(loss_on, model_d
         patch_dim=processor.patcher.patch_dim,
     )
     batch["labels"] = np.array(answers, np.int32)
-    reranker = Reranker(models.from_hf(model_dir, dtype="float32", with_lm_head=True))
     loss, metrics = reranker_loss(
         reranker, {k: jnp.asarray(v) for k, v in batch.items()}, renderer.yes_id, renderer.no_id
     )

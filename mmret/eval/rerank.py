@@ -2,6 +2,7 @@
 (``<task>.trec``, as :func:`mmret.eval.evaluate.evaluate` writes them: cosine scores), the fused score
 ``cosine + w * P(yes)`` reorders them, and the reranked TREC files and a before / after report are written.
 
+``rerank.cosine=False`` orders by ``w * P(yes)`` alone (MM-Embed's zero-shot reranking of its top 10).
 ``w`` (``rerank.weight``): one value for every task, or None to choose it per task on validation data:
 ``rerank.select_on`` names a retrieval run of the validation queries (``--mode=eval`` with
 ``eval.split=val``); each task takes the grid value (``rerank.weight_grid``, smallest first, ties to the
@@ -73,12 +74,12 @@ def read_run(retrieval: PathLike, task: str, top_k: int) -> Run:
     return Run(task, qids, dids, [[s for _, s in runs[q][:top_k]] for q in qids])
 
 
-def fused(run: Run, weight: float) -> tuple[list[list[str]], list[list[float]]]:
-    """Each query's candidates reordered by ``cosine + weight * P(yes)`` (descending; ties keep the
-    retrieval order), with those scores."""
+def fused(run: Run, weight: float, *, cosine: bool = True) -> tuple[list[list[str]], list[list[float]]]:
+    """Each query's candidates reordered by ``cosine + weight * P(yes)`` (``cosine=False``: ``weight * P(yes)``;
+    descending; ties keep the retrieval order), with those scores."""
     out_dids, out_scores = [], []
     for dids, cos, p in zip(run.dids, run.cosine, run.p_yes, strict=True):
-        score = [c + weight * y for c, y in zip(cos, p, strict=True)]
+        score = [(c if cosine else 0.0) + weight * y for c, y in zip(cos, p, strict=True)]
         order = sorted(range(len(dids)), key=lambda i: -score[i])  # sorted is stable
         out_dids.append([dids[i] for i in order])
         out_scores.append([score[i] for i in order])
@@ -86,7 +87,7 @@ def fused(run: Run, weight: float) -> tuple[list[list[str]], list[list[float]]]:
 
 
 def select_weights(
-    runs: Mapping[str, Run], positives: Mapping[str, Sequence[str]], grid: Sequence[float]
+    runs: Mapping[str, Run], positives: Mapping[str, Sequence[str]], grid: Sequence[float], *, cosine: bool = True
 ) -> dict[str, float]:
     """Per task the grid value whose fused ranking has the best headline recall on ``runs`` (validation
     lists with their P(yes)); ties go to the smaller value."""
@@ -94,7 +95,7 @@ def select_weights(
     for task, run in runs.items():
         best = None
         for w in sorted(grid):
-            headline = evaluate_task(task, run.qids, fused(run, w)[0], positives).headline
+            headline = evaluate_task(task, run.qids, fused(run, w, cosine=cosine)[0], positives).headline
             if best is None or headline > best[0]:
                 best = (headline, w)
         chosen[task] = best[1]
@@ -244,7 +245,7 @@ def choose_weights(
         )
         for t in tasks
     }
-    return select_weights(runs, positives_for(root, "val", tasks), cfg.rerank.weight_grid)
+    return select_weights(runs, positives_for(root, "val", tasks), cfg.rerank.weight_grid, cosine=cfg.rerank.cosine)
 
 
 def _result(task: str, run: Run, dids: list[list[str]], positives: Mapping[str, Sequence[str]]) -> TaskResult:
@@ -293,7 +294,7 @@ def rerank_run(
         run = scored_run(
             cfg, retrieval, task, out / SCORES, store=store, renderer=renderer, scorer=scorer, checkpoint=checkpoint
         )
-        dids, scores = fused(run, weights[task])
+        dids, scores = fused(run, weights[task], cosine=rcfg.cosine)
         before, after = _result(task, run, run.dids, positives), _result(task, run, dids, positives)
         if jax.process_index() == 0:
             write_trec(out / f"{task}.trec", run.qids, dids, scores, tag="mmret-rerank", top=rcfg.top_k)
