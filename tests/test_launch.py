@@ -91,12 +91,13 @@ STEPS = 4  # enough for the loss to fall and the weights to move; every step cos
 def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
     """The single-stage demo preset (U-MARVEL's M-BEIR stage on the tiny model from tools/make_tiny_model.py,
     the tiny corpus) trained for STEPS steps: the start and end evaluations, the checkpoint, the closing
-    tables, --mode=eval."""
+    tables, --mode=eval, --mode=mine."""
     assert helpers.load_tool("make_tiny_model").main(["--out", str(tmp_path / "model")]) == 0
     data = (
         f"--config.model.hf_dir={tmp_path / 'model'}",
         f"--config.data.root={tiny_mbeir}",
         f"--config.eval.tasks={EVAL_TASKS!r}",  # three of the 16, to keep the suite short
+        "--config.eval.pools=('local',)",  # the global pool (the whole union pool): tests/test_eval_embed.py
     )
     r = launch(
         "--config=umarvel.py:mbeir_demo",
@@ -113,18 +114,18 @@ def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
     assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses  # the demo trains: its loss falls
     assert (tmp_path / "run" / "checkpoints" / str(STEPS)).is_dir()
     assert "| step | loss |" in r.stdout  # the closing result table
-    # Evaluated before and after training on both pools; the before/after table closes the run.
+    # Evaluated before and after training on the local pools; the before/after table closes the run.
     end = str(STEPS)
     reports = {
         (step, pool): json.loads((tmp_path / "run" / "eval" / step / pool / "report.json").read_text())
         for step in ("0", end)
-        for pool in ("local", "global")
+        for pool in ("local",)
     }
     assert all(rep["pool"] == pool and not rep["skipped"] for (_, pool), rep in reports.items())
     # --config.eval.tasks: those tasks, and the reports say that they are not the whole benchmark
     assert all(set(rep["tasks"]) == set(EVAL_TASKS) and not rep["complete"] for rep in reports.values())
     assert reports[(end, "local")]["checkpoint"].endswith(f"checkpoints/{end}")
-    assert f"local pool, step 0 -> step {end}:" in r.stdout and f"global pool, step 0 -> step {end}:" in r.stdout
+    assert f"local pool, step 0 -> step {end}:" in r.stdout and "global pool" not in r.stdout
     # The two steps' embeddings differ (the trained checkpoint was loaded, not the start model).
     shard = Path("embeddings/queries/cirr_task7/shard-00000.npz")
     before, after = (np.load(tmp_path / "run" / "eval" / step / shard)["embeddings"] for step in ("0", end))

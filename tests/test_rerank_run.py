@@ -16,12 +16,12 @@ import pytest
 from helpers import eval_trainer_config
 
 from mmret.data.bad_records import BadRecords
-from mmret.data.mbeir import read_qrels
+from mmret.data.mbeir import read_local_pool, read_qrels, read_queries
 from mmret.data.processor import Processor
 from mmret.data.rerank_pairs import PairRenderer, collate_pairs
 from mmret.data.rerank_prompts import UMARVEL
 from mmret.data.stores import EvalStore
-from mmret.eval.metrics import read_trec
+from mmret.eval.metrics import read_trec, write_trec
 from mmret.recipe import RerankConfig
 
 TASKS = ["cirr_task7"]  # (image, text) -> image: both images in every pair
@@ -30,16 +30,28 @@ ALONE = 1  # queries per task whose pairs are also scored one by one
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_mbeir, processor_dir, tmp_path_factory):
-    """The untrained tiny retriever's local-pool runs of the two tasks' test and val queries."""
-    from mmret.eval.run import evaluate_run
-
+def runs(tiny_mbeir, tmp_path_factory):
+    """Retrieval runs of the task's test and val queries as --mode=eval writes them (``<task>.trec``, a
+    report.json naming the tasks and the pool): each query's local pool in a seeded random order with
+    decreasing cosines (reranking reads the lists, not the retriever). Each list holds a positive."""
     base = tmp_path_factory.mktemp("rerank")
+    rng = np.random.default_rng(0)
     out = {}
     for split in ("test", "val"):
-        cfg = eval_trainer_config(tiny_mbeir, processor_dir, TASKS, split=split)
-        evaluate_run(cfg, base / split, 0)
-        out[split] = base / split / "eval" / "0" / "local"
+        pool = list(read_local_pool(tiny_mbeir, TASKS[0], split))
+        positives = read_qrels(tiny_mbeir, split, TASKS[0]).positives
+        qids = [q.qid for q in read_queries(tiny_mbeir, split, TASKS[0])]
+        ranked, scores = [], []
+        for qid in qids:
+            others = [d for d in pool if d not in positives[qid]]
+            picks = [others[int(i)] for i in rng.choice(len(others), 2 * TOP, replace=False)]
+            picks.insert(int(rng.integers(TOP)), sorted(positives[qid])[0])  # a positive within the top TOP
+            ranked.append(picks)
+            scores.append(sorted(rng.uniform(0.2, 0.9, len(picks)).tolist(), reverse=True))
+        out[split] = base / split
+        out[split].mkdir()
+        write_trec(out[split] / f"{TASKS[0]}.trec", qids, ranked, scores, tag="test")
+        (out[split] / "report.json").write_text(json.dumps({"pool": "local", "tasks": {TASKS[0]: {}}}))
     return base, out
 
 
