@@ -111,3 +111,16 @@ def run_at_once(*commands: Sequence[str], timeout: float = 600, **popen: Any) ->
         out, err = p.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(list(c), p.returncode, out, err))
     return results
+
+
+def run_trainer(config_file: Path | str, workdir: Path | str, *, devices: int, timeout: float = 600) -> Any:
+    """``python -m mmret.train.trainer --config FILE --workdir DIR`` on ``devices`` simulated CPU devices
+    (from the repository root); its ``CompletedProcess`` (text output captured)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "mmret.train.trainer", "--config", str(config_file), "--workdir", str(workdir)]
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)

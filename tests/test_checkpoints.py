@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
+
 from mmret import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,23 +63,8 @@ def test_a_checkpoint_from_before_the_redesign_resumes_bitwise(tmp_path):
     shutil.copytree(OLD_RUN / "checkpoints", workdir / "checkpoints")
     assert checkpoints.steps(workdir) == [4]
     (tmp_path / "cfg.json").write_text(json.dumps(old_config(tmp_path)))
+    r = helpers.run_trainer(tmp_path / "cfg.json", workdir, devices=2)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmret.train.trainer",
-            "--config",
-            str(tmp_path / "cfg.json"),
-            "--workdir",
-            str(workdir),
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from step 4" in r.stdout
     expected = json.loads((OLD_RUN / "expected_step_6.json").read_text())

@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 
@@ -17,7 +15,6 @@ from mmret.data.negatives import write_negatives
 from mmret.recipe import as_trainer_config
 
 TASKS = ("cirr_task7", "webqa_task1")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,23 +86,7 @@ def test_the_reranker_trains(tiny_mbeir, processor_dir, negatives, tmp_path):
         checkpoint={"every": 4, "keep": 1},
     )
     (tmp_path / "cfg.json").write_text(json.dumps(config_to_json(cfg)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmret.train.trainer",
-            "--config",
-            str(tmp_path / "cfg.json"),
-            "--workdir",
-            str(tmp_path / "run"),
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = helpers.run_trainer(tmp_path / "cfg.json", tmp_path / "run", devices=1)
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
