@@ -28,7 +28,7 @@ from mmret.models.encoder import Encoder
 from mmret.models.reranker import Reranker
 from mmret.models.retriever import Retriever
 from mmret.models.vocab import grow_vocab
-from mmret.recipe import DataConfig, ModelConfig, SourceConfig, TrainerConfig, step_pipeline
+from mmret.recipe import DataConfig, ModelConfig, RerankConfig, SourceConfig, TrainerConfig, step_pipeline
 
 #: Paths (dot-joined, from the Retriever) of what a ``freeze`` pattern may also match relative to.
 BACKBONE_PREFIX = r"encoder\.backbone\."
@@ -170,9 +170,8 @@ def build_reranker(cfg: TrainerConfig, max_image_patches: int = 0) -> Reranker:
         return Reranker(backbone)
 
 
-def pair_renderer(processor: Processor, cfg: TrainerConfig) -> PairRenderer:
-    """The reranker's pair renderer of a run (``rerank.prompt``, ``rerank.max_text_tokens``, ``rerank.loss_on``)."""
-    r = cfg.rerank
+def pair_renderer(processor: Processor, r: RerankConfig) -> PairRenderer:
+    """The reranker's pair renderer of ``rerank.*`` (``prompt``, ``max_text_tokens``, ``loss_on``)."""
     return PairRenderer(processor, get_prompt(r.prompt), max_text_tokens=r.max_text_tokens, loss_on=r.loss_on)
 
 

@@ -80,7 +80,7 @@ def test_weights_are_chosen_on_validation_lists_without_the_test_qrels(
     shutil.rmtree(root / "qrels" / "test")  # selection must not need them
     base, dirs = runs
     cfg = reranker_cfg(root, processor_dir)
-    renderer = build.pair_renderer(Processor(processor_dir, cfg.data.processor), cfg)
+    renderer = build.pair_renderer(Processor(processor_dir, cfg.data.processor), cfg.rerank)
     scorer = Scorer(model, cfg, renderer.yes_id, renderer.no_id)
     chosen = choose_weights(
         cfg, root, dirs["val"], TASKS, tmp_path / "out", renderer=renderer, scorer=scorer, checkpoint="tiny"

@@ -52,6 +52,12 @@ class RerankExample:
     truncated: bool  # whether a text was cut to max_text_tokens
 
 
+def query_text(instruction: str | None, text: str | None) -> str:
+    """UniIR's query text from a query's final instruction and text (:class:`mmret.data.example.Part`): the
+    instruction, a space, the text (either alone when the other is empty)."""
+    return " ".join(t for t in (instruction, text) if t)
+
+
 class PairRenderer:
     """Renders pairs under ``prompt`` with ``processor``'s tokenizer and image patcher (see the module
     docstring)."""

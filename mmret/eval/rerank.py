@@ -40,10 +40,10 @@ from mmret.atomic_dir import PathLike, absolute, as_path, write_atomic
 from mmret.data.bad_records import BadRecords
 from mmret.data.mbeir import dataset_task
 from mmret.data.processor import Processor
-from mmret.data.rerank_pairs import PairRenderer, collate_pairs
+from mmret.data.rerank_pairs import PairRenderer, collate_pairs, query_text
 from mmret.data.stores import EvalStore
 from mmret.eval.evaluate import positives_for
-from mmret.eval.metrics import TaskResult, evaluate_task, read_trec, write_trec
+from mmret.eval.metrics import evaluate_task, read_trec, write_trec
 from mmret.models.reranker import Reranker
 from mmret.progress import progress
 from mmret.recipe import TrainerConfig
@@ -144,7 +144,7 @@ def score_run(run: Run, store: EvalStore, renderer: PairRenderer, scorer: Scorer
         qid, did = item
         if qid not in query_inputs:
             part = store.query_example(queries[qid], seed=ecfg.instruction_seed).query
-            query_inputs[qid] = (" ".join(t for t in (part.instruction, part.text) if t), image(part.image))
+            query_inputs[qid] = (query_text(part.instruction, part.text), image(part.image))
         cand = store.candidate_part(did)
         return renderer(*query_inputs[qid], cand.text or "", image(cand.image))
 
@@ -168,8 +168,13 @@ def score_run(run: Run, store: EvalStore, renderer: PairRenderer, scorer: Scorer
                 flat[begin:end] = scores[h, : end - begin]
                 bar.update(end - begin)
     bar.close()
-    offsets = np.cumsum([0] + [len(d) for d in run.dids])
-    run.p_yes = [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(run.dids))]
+    run.p_yes = per_query(flat, run.dids)
+
+
+def per_query(flat: Sequence[float], dids: Sequence[Sequence[str]]) -> list[list[float]]:
+    """A flat array of pair scores cut back into each query's list (as long as its ``dids``)."""
+    offsets = np.cumsum([0, *(len(d) for d in dids)])
+    return [np.asarray(flat[offsets[i] : offsets[i + 1]]).tolist() for i in range(len(dids))]
 
 
 def scores_key(cfg: TrainerConfig, trec: epath.Path, checkpoint: str) -> dict[str, Any]:
@@ -205,10 +210,7 @@ def scored_run(
         with cache.open("rb") as f:
             saved = np.load(f, allow_pickle=False)
             if json.loads(str(saved["key"])) == key:
-                counts = [len(d) for d in run.dids]
-                flat = saved["p_yes"].tolist()
-                offsets = np.cumsum([0, *counts])
-                run.p_yes = [flat[offsets[i] : offsets[i + 1]] for i in range(len(counts))]
+                run.p_yes = per_query(saved["p_yes"], run.dids)
                 return run
     score_run(run, store, renderer, scorer, cfg)
     if jax.process_index() == 0:
@@ -248,10 +250,6 @@ def choose_weights(
     return select_weights(runs, positives_for(root, "val", tasks), cfg.rerank.weight_grid, cosine=cfg.rerank.cosine)
 
 
-def _result(task: str, run: Run, dids: list[list[str]], positives: Mapping[str, Sequence[str]]) -> TaskResult:
-    return evaluate_task(task, run.qids, dids, positives)
-
-
 def rerank_run(
     cfg: TrainerConfig,
     out: PathLike,
@@ -278,7 +276,7 @@ def rerank_run(
     if not tasks:
         raise ValueError(f"{retrieval}: no report.json naming its tasks; give eval.tasks")
     processor = Processor(build.processor_dir(cfg), cfg.data.processor)
-    renderer = build.pair_renderer(processor, cfg)
+    renderer = build.pair_renderer(processor, rcfg)
     scorer = Scorer(model, cfg, renderer.yes_id, renderer.no_id)
     if rcfg.weight is None:
         weights = choose_weights(
@@ -295,7 +293,7 @@ def rerank_run(
             cfg, retrieval, task, out / SCORES, store=store, renderer=renderer, scorer=scorer, checkpoint=checkpoint
         )
         dids, scores = fused(run, weights[task], cosine=rcfg.cosine)
-        before, after = _result(task, run, run.dids, positives), _result(task, run, dids, positives)
+        before, after = (evaluate_task(task, run.qids, ranked, positives) for ranked in (run.dids, dids))
         if jax.process_index() == 0:
             write_trec(out / f"{task}.trec", run.qids, dids, scores, tag="mmret-rerank", top=rcfg.top_k)
         rows[task] = {

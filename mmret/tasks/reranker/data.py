@@ -16,20 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from mmret import build
 from mmret.data.bad_records import BadRecords
-from mmret.data.example import Example, Part
+from mmret.data.example import Example
 from mmret.data.pipeline import EncodeTrainExample, PipelineConfig
 from mmret.data.processor import Processor
-from mmret.data.rerank_pairs import PairRenderer, RerankExample, collate_pairs
-from mmret.data.rerank_prompts import get_prompt
+from mmret.data.rerank_pairs import RerankExample, collate_pairs, query_text
 from mmret.data.stores import Store
 from mmret.recipe import RerankConfig
-
-
-def query_text(part: Part) -> str:
-    """UniIR's query text of a query part: its instruction, a space, its text (either alone when the other
-    is empty)."""
-    return " ".join(t for t in (part.instruction, part.text) if t)
 
 
 @dataclasses.dataclass
@@ -49,9 +43,7 @@ class EncodePairs(EncodeTrainExample):
 
     def __init__(self, store: Store, processor: Processor, cfg: PipelineConfig, *, rerank: RerankConfig):
         super().__init__(store, processor, cfg)
-        self.renderer = PairRenderer(
-            processor, get_prompt(rerank.prompt), max_text_tokens=rerank.max_text_tokens, loss_on=rerank.loss_on
-        )
+        self.renderer = build.pair_renderer(processor, rerank)
 
     def _encode(self, example: Example, rng: np.random.Generator) -> PairsExample:  # type: ignore[override]
         positives = example.positives
@@ -60,7 +52,7 @@ class EncodePairs(EncodeTrainExample):
         negative = pool[int(rng.integers(len(pool)))]
         query = example.query
         q_image = self._image(query.image, f"{example.where or 'query'} (query {example.id})")
-        q_text = query_text(query)
+        q_text = query_text(query.instruction, query.text)
 
         def pair(did: str, answer: bool) -> RerankExample:
             part = self.store.candidate_part(did)

@@ -64,7 +64,7 @@ class RerankerTask:
         return build.trainable_filter(cfg)
 
     def step(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainerConfig) -> StepFn:
-        pairs = build.pair_renderer(Processor(build.processor_dir(cfg), cfg.data.processor), cfg)
+        pairs = build.pair_renderer(Processor(build.processor_dir(cfg), cfg.data.processor), cfg.rerank)
         return make_train_step(graphdef, tx, pairs.yes_id, pairs.no_id)
 
     def global_arrays(self, host_batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any) -> dict[str, Any]:
