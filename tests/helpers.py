@@ -48,10 +48,21 @@ def random_pairs(proc, n: int, seed: int = 0) -> tuple[list, list]:
     return [example(i) for i in range(n)], [example(i + 1) for i in range(n)]
 
 
+DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int | str, *, suite: bool = True) -> str:
+    """The suite's ``XLA_FLAGS`` (tests/conftest.py) with ``devices`` simulated CPU devices instead of its 8:
+    what a test's subprocess gets, so that every process of the session compiles with the same options.
+    ``suite=False``: XLA's default options (a run compared bit for bit with one stored in tests/data)."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICES_FLAG)] if suite else []
+    return " ".join([f"{DEVICES_FLAG}={devices}", *kept])
+
+
 def start_worker(pid: int, nproc: int, port: str, local_devices: str) -> None:
     """In a multi-host test worker, before jax is imported: ``local_devices`` CPU devices, gloo collectives,
     and with ``nproc > 1`` a jax.distributed job on localhost:``port`` in which this is process ``pid``."""
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    os.environ["XLA_FLAGS"] = xla_flags(local_devices)
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(REPO))
     import jax
@@ -113,14 +124,17 @@ def run_at_once(*commands: Sequence[str], timeout: float = 600, **popen: Any) ->
     return results
 
 
-def run_trainer(config_file: Path | str, workdir: Path | str, *, devices: int, timeout: float = 600) -> Any:
+def run_trainer(
+    config_file: Path | str, workdir: Path | str, *, devices: int, suite_flags: bool = True, timeout: float = 600
+) -> Any:
     """``python -m mmret.train.trainer --config FILE --workdir DIR`` on ``devices`` simulated CPU devices
-    (from the repository root); its ``CompletedProcess`` (text output captured)."""
+    (from the repository root; ``suite_flags`` as ``xla_flags``' ``suite``); its ``CompletedProcess`` (text
+    output captured)."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices, suite=suite_flags), JAX_PLATFORMS="cpu")
     command = [sys.executable, "-m", "mmret.train.trainer", "--config", str(config_file), "--workdir", str(workdir)]
     repo = Path(__file__).resolve().parents[1]
     return subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def env(tmp_path_factory, processor_dir, tiny_mbeir) -> dict:
     config_file.write_text(CONFIG_PY.format(text=json.dumps(cfg)))
     proc_env = dict(os.environ)
     proc_env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=helpers.xla_flags(2),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(REPO) + os.pathsep + proc_env.get("PYTHONPATH", ""),
         PYTHONUNBUFFERED="1",

@@ -347,7 +347,7 @@ def test_preempted_run_shows_its_metrics_and_the_resumed_first_point_says_what_i
     }
     workdir = tmp_path / "run"
     # The session's compilation cache (tests/conftest.py) comes with os.environ: the resumed run reuses the step.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1))
     r = subprocess.run(
         [sys.executable, "-c", PREEMPT_THEN_RESUME, json.dumps(cfg), str(workdir)],
         capture_output=True,

@@ -26,7 +26,7 @@ def launch(*args: str, timeout: int = 600, devices: int | None = None) -> subpro
     """``python -m mmret.launch ARGS``; on ``devices`` simulated CPU devices if given (else the suite's 8)."""
     env = dict(os.environ)
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = helpers.xla_flags(devices)
     return subprocess.run(
         [sys.executable, "-m", "mmret.launch", *args],
         capture_output=True,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 
@@ -93,7 +94,7 @@ def runs(tiny_mbeir, pairs, processor_dir, tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("recipes")
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=helpers.xla_flags(1),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
     )

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from helpers import read_scalars
@@ -44,7 +45,7 @@ def env(tmp_path_factory, processor_dir, tiny_mbeir) -> dict:
     save_model(base / "tiny", model, hf_files_from=hf_files)
     proc_env = dict(os.environ)
     proc_env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=helpers.xla_flags(2),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(REPO) + os.pathsep + proc_env.get("PYTHONPATH", ""),
         PYTHONUNBUFFERED="1",
