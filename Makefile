@@ -24,10 +24,11 @@ demo: setup
 		--config.stages.text.overrides.data.root=$(WORKDIR)/pairs/nli \
 		--config.stages.caption.overrides.data.root=$(WORKDIR)/pairs/caption
 
-# Two workers (pytest-xdist), each test module on one of them (module fixtures are built once).
+# Two workers (pytest-xdist), each test module on one of them (module fixtures are built once), handed out in
+# the order tests/conftest.py sorts them (the longest first; xdist's default reorders by test count).
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 lint: setup
 	$(PY) -m ruff check .

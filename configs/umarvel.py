@@ -12,8 +12,9 @@ Presets (the ``:arg`` suffix):
   image, symmetric) -> ``mbeir`` (M-BEIR with instructions, learnable temperature) -> ``hardneg`` (5 negatives
   per query mined by the ``mbeir`` model: U-MARVEL's rule on the union training pool). Each stage starts
   from the one before, LoRA merged. Then ``reranker``: U-MARVEL's Yes/No reranker, from the base model, on
-  the ``mbeir`` model's local top-100 lists (``--mode=rerank`` with its run reranks a retrieval run). Stage 5
-  (distillation) is not in yet.
+  the ``mbeir`` model's local top-100 lists (``--mode=rerank`` with its run reranks a retrieval run). Then
+  ``distill`` (stage 5): the ``hardneg`` model's local top 50 of 10% of the training queries, rescored by the
+  reranker, distilled into the ``hardneg`` model (:mod:`mmret.distill.teacher`, :mod:`mmret.tasks.distill`).
 - ``mbeir``: stage 3 alone (one run in ``DIR``), from the model source.
 - ``demo``: the same chain on the tiny random model and synthetic data (tools/make_tiny_model.py,
   tools/make_synthetic_mbeir.py, tools/make_synthetic_pairs.py), evaluated after every stage: what the
@@ -122,7 +123,23 @@ def _stages() -> ml_collections.ConfigDict:
             eval=dict(at_start=False, at_end=False),  # a reranker is evaluated by --mode=rerank
         ),
     )
-    stages = dict(text=text, caption=caption, mbeir=mbeir, hardneg=hardneg, reranker=reranker)
+    # Stage 5, distillation: the stage-4 model retrieves the LOCAL top 50 of 10% of the training queries, the
+    # reranker rescores them, fused = cosine + w * P(yes) (w 1.0; 0.5 mscoco_task0, 0.1 mscoco_task3); the loss
+    # KL(softmax(fused / 2 / tau) || softmax(cosine / tau)), batchmean, no in-batch term; from the merged stage-4
+    # model, 2 queries per device (each with its 50 candidates), lr 1e-5, 1 epoch of the sampled queries.
+    distill = dict(
+        init_from="hardneg",
+        teacher_from="reranker",
+        overrides=dict(
+            task="distill",
+            distill=dict(fraction=0.1, top_k=50, weight=1.0, teacher_scale=0.5, infonce_weight=0.0),
+            data=dict(pipeline=dict(_pipeline(2 * per_host, negatives=49), num_negatives=0)),  # budgets: 50 each
+            grad_cache_chunk=None,
+            optimizer=dict(learning_rate=1e-5),
+            epochs=1.0,
+        ),
+    )
+    stages = dict(text=text, caption=caption, mbeir=mbeir, hardneg=hardneg, reranker=reranker, distill=distill)
     return ml_collections.ConfigDict(stages, sort_keys=False)
 
 
@@ -134,7 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in PRESETS:
         raise ValueError(f"configs/umarvel.py: unknown preset {arg!r} (known: mbeir, demo, mbeir_demo)")
     c = ml_collections.ConfigDict()
-    c.task = "bi_encoder"  # the reranker stage: "reranker"
+    c.task = "bi_encoder"  # the reranker stage: "reranker"; the distillation: "distill"
     c.model = dict(
         hf_dir=ml_collections.FieldReference(None, field_type=str),
         checkpoint=ml_collections.FieldReference(None, field_type=str),
@@ -193,6 +210,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         retrieval=ml_collections.FieldReference(None, field_type=str),
         select_on=ml_collections.FieldReference(None, field_type=str),
     )
+    # The distillation teacher (task "distill"; a stage's teacher_from builds distill.teacher_file).
+    c.distill = dict(
+        teacher_file=ml_collections.FieldReference(None, field_type=str),
+        fraction=0.1,
+        top_k=50,
+        weight=1.0,
+        teacher_scale=0.5,
+        infonce_weight=0.0,
+    )
     # M-BEIR test evaluation (--mode=eval, or eval.at_end): the 16 tasks, local and global pools.
     c.eval = dict(
         root=c.data.get_ref("root"),  # the M-BEIR root, for every stage (the text and caption stages' data is not)
@@ -221,8 +247,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.stages = _stages()
     if arg in ("demo", "mbeir_demo"):
         _demo(c, chain=arg == "demo")
-    if arg == "demo":  # the demo chain ends with the hard negatives (the reranker stage: not in the demo yet)
-        del c.stages["reranker"]
     c.lock()
     return c
 
@@ -300,8 +324,28 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
         max_candidate_patches=16 * 6 * 64,
     )
     s.hardneg.overrides.grad_cache_chunk = 16
+    # The reranker on the mbeir model's local top-100 lists, every weight trained (random tiny model), 16 queries
+    # (32 pairs) per step; then the distillation of its scores over 10% of the training queries' top 20.
+    s.reranker.overrides.lora = dict(rank=0)
+    s.reranker.overrides.epochs = None
+    s.reranker.overrides.optimizer = dict(learning_rate=DEMO_LR["reranker"], total_steps=DEMO_STEPS["reranker"])
+    s.reranker.overrides.data.pipeline = dict(batch_size=16, num_negatives=0)
+    # (batch_size: the pairs per scoring batch of the distillation teacher, which scores with the reranker's config)
+    s.reranker.overrides.rerank = dict(max_length=320, max_patches=32 * 2 * 64, batch_size=32)
+    s.distill.overrides.lora = dict(rank=0)
+    s.distill.overrides.epochs = None
+    s.distill.overrides.optimizer = dict(learning_rate=DEMO_LR["distill"], total_steps=DEMO_STEPS["distill"])
+    s.distill.overrides.distill = dict(top_k=20)
+    s.distill.overrides.data.pipeline = dict(
+        batch_size=8,
+        num_negatives=0,
+        max_query_length=96,
+        max_candidate_length=96,
+        max_query_patches=8 * 64,
+        max_candidate_patches=8 * 20 * 64,
+    )
 
 
 #: Steps and learning rates of the demo chain's stages (the M-BEIR stage's rate is the top level's, 1e-3).
-DEMO_STEPS = {"text": 40, "caption": 40, "mbeir": 300, "hardneg": 60}
-DEMO_LR = {"text": 1e-3, "caption": 1e-3, "hardneg": 2e-4}
+DEMO_STEPS = {"text": 40, "caption": 40, "mbeir": 300, "hardneg": 60, "reranker": 60, "distill": 20}
+DEMO_LR = {"text": 1e-3, "caption": 1e-3, "hardneg": 2e-4, "reranker": 1e-3, "distill": 1e-4}

@@ -4,16 +4,21 @@ A stage's config is the recipe's own with the stage's ``overrides`` merged in (:
 trains in ``<workdir>/<stage>``, starting from an earlier stage's final weights (``init_from``, LoRA
 merged: :func:`mmret.checkpoints.initial_model`) or from the model source, after mining hard negatives
 with an earlier stage's model when it says ``mine_from`` (into ``<workdir>/<stage>/mined/``: the
-negatives file becomes the stage's ``data.negatives_file``). ::
+negatives file becomes the stage's ``data.negatives_file``), and after building a distillation teacher with
+the ``init_from`` stage's retriever and the ``teacher_from`` stage's reranker when it says ``teacher_from``
+(into ``<workdir>/<stage>/teacher/``, :mod:`mmret.distill.teacher`: the file becomes its
+``distill.teacher_file``). ::
 
     <workdir>/chain.json            the chain's config (informational)
     <workdir>/<stage>/              the stage's run (config.json, checkpoints/, metrics.jsonl, eval/)
     <workdir>/<stage>/mined/        with mine_from: embeddings, negatives.jsonl, summary.json
+    <workdir>/<stage>/teacher/      with teacher_from: embeddings, retrieval/, scores/, teacher.jsonl, summary.json
     <workdir>/<stage>/stage_done.json   written once the stage trained and (eval.at_end) was evaluated
 
 A restart skips the stages with ``stage_done.json`` and resumes the interrupted one where it stopped (its
-checkpoints, its mining's finished embedding shards), so an interrupted chain ends with the parameters of
-an uninterrupted one. ``only`` runs one stage (the stages it starts or mines from must be finished).
+checkpoints, its mining's and teacher's finished embedding shards, the teacher's scored tasks), so an
+interrupted chain ends with the parameters of an uninterrupted one. ``only`` runs one stage (the stages it
+starts, mines or distills from must be finished).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from mmret.train.trainer import train
 
 DONE = "stage_done.json"
 MINED = "mined"
+TEACHER = "teacher"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -55,8 +61,9 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 def check_stages(cfg: TrainerConfig) -> None:
-    """``ValueError`` naming the stage: names unique and usable as directory names; ``init_from`` and
-    ``mine_from`` name an earlier stage; every stage's merged config parses."""
+    """``ValueError`` naming the stage: names unique and usable as directory names; ``init_from``,
+    ``mine_from`` and ``teacher_from`` name an earlier stage (``teacher_from`` needs ``init_from``, the
+    retriever that retrieves the teacher's lists); every stage's merged config parses."""
     seen: list[str] = []
     for i, stage in enumerate(cfg.stages):
         where = f"stages[{i}]"
@@ -64,7 +71,9 @@ def check_stages(cfg: TrainerConfig) -> None:
             raise ValueError(f"{where}.name: {stage.name!r} is not a directory name (letters, digits, _ . -)")
         if stage.name in seen:
             raise ValueError(f"{where}.name: {stage.name!r} appears twice")
-        for field in ("init_from", "mine_from"):
+        if stage.teacher_from is not None and stage.init_from is None:
+            raise ValueError(f"{where}.teacher_from: needs init_from (the retriever whose lists the reranker scores)")
+        for field in ("init_from", "mine_from", "teacher_from"):
             ref = getattr(stage, field)
             if ref is not None and ref not in seen:
                 raise ValueError(f"{where}.{field}: {ref!r} is not an earlier stage (earlier: {seen or 'none'})")
@@ -94,6 +103,9 @@ def stage_config(cfg: TrainerConfig, name: str, workdir: PathLike) -> TrainerCon
     if s.mine_from:
         negatives = stage_dir(workdir, name) / MINED / "negatives.jsonl"
         merged = merge(merged, {"data": {"negatives_file": str(negatives)}})
+    if s.teacher_from:
+        teacher = stage_dir(workdir, name) / TEACHER / "teacher.jsonl"
+        merged = merge(merged, {"distill": {"teacher_file": str(teacher)}})
     return parse(TrainerConfig, merged, where=f"stages[{index}] ({name}).")
 
 
@@ -123,9 +135,27 @@ def mine_for(cfg: TrainerConfig, workdir: PathLike, name: str) -> epath.Path:
     return mine(run_config(source), stage_dir(workdir, name) / MINED, workdir=source, step=None, mcfg=mcfg)
 
 
+def teacher_for(cfg: TrainerConfig, workdir: PathLike, name: str) -> epath.Path:
+    """Build stage ``name``'s distillation teacher: its ``init_from`` stage's retriever retrieves, its
+    ``teacher_from`` stage's reranker rescores (:func:`mmret.distill.teacher.build_teacher`); the file."""
+    from mmret.distill.teacher import build_teacher
+
+    s = stage(cfg, name)
+    assert s.teacher_from is not None and s.init_from is not None
+    _require_done(workdir, name, s.teacher_from, "distills")
+    scfg = stage_config(cfg, name, workdir)
+    return build_teacher(
+        scfg,
+        stage_dir(workdir, name) / TEACHER,
+        retriever=stage_dir(workdir, s.init_from),
+        reranker=stage_dir(workdir, s.teacher_from),
+    )
+
+
 def run_stage(cfg: TrainerConfig, workdir: PathLike, name: str) -> dict[str, Any]:
-    """Mine (with ``mine_from``), train, evaluate (``eval.at_start`` / ``at_end``) stage ``name``; record
-    it finished unless the run was preempted. Returns the stage's record (see :data:`DONE`)."""
+    """Mine (with ``mine_from``), build the teacher (with ``teacher_from``), train, evaluate (``eval.at_start``
+    / ``at_end``) stage ``name``; record it finished unless the run was preempted.
+    Returns the stage's record (see :data:`DONE`)."""
     s = stage(cfg, name)
     sub = stage_dir(workdir, name)
     if s.init_from:
@@ -135,6 +165,8 @@ def run_stage(cfg: TrainerConfig, workdir: PathLike, name: str) -> dict[str, Any
         print(f"\n=== stage {name} ===", flush=True)
     if s.mine_from:
         mine_for(cfg, workdir, name)
+    if s.teacher_from:
+        teacher_for(cfg, workdir, name)
     scfg = stage_config(cfg, name, workdir)
     task = tasks.get(scfg.task)
     task.check(scfg)

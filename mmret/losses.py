@@ -248,24 +248,34 @@ def listwise_distillation(
     *,
     tau: jax.Array | float,
     mask: jax.Array | None = None,
+    teacher_scale: float = 1.0,
+    eps: float = 0.0,
 ) -> jax.Array:
-    """``KL(softmax(teacher / tau) || softmax(student / tau))`` over each query's candidate list, mean
-    over queries.
+    """``KL(softmax(teacher_scale * teacher / tau) || softmax(student / tau))`` over each query's candidate
+    list, mean over queries (PyTorch's ``kl_div(..., reduction="batchmean")``, U-MARVEL's stage 5).
 
     Args:
       student_scores, teacher_scores: [B, K] scores of the same K candidates (e.g. cosine for the
         student, :func:`teacher_scores` for the teacher). The teacher gets no gradient.
-      tau: the distillation temperature (no tau^2 factor is applied).
+      tau: the temperature (no tau^2 factor is applied); it gets gradient through the student side only
+        (U-MARVEL divides the teacher by the detached temperature).
       mask: [B, K] bool, the valid list entries; padding is dropped from both softmaxes. Queries with
         no valid entry are left out of the mean.
+      teacher_scale: multiplies the teacher's scores (U-MARVEL: 0.5, its fused score "divided by 2").
+      eps: > 0 takes ``log(q + eps)`` of the student's probabilities ``q`` (U-MARVEL's ``compute_kl_divergence``
+        has 1e-8): candidates the student gives less than ~eps cost at most ``-log(eps)`` each, which changes
+        the loss and its gradient wherever the student is confident (small tau); 0: the exact KL.
     """
     s = student_scores.astype(jnp.float32)
-    t = jax.lax.stop_gradient(teacher_scores.astype(jnp.float32))
+    t = jax.lax.stop_gradient(teacher_scores.astype(jnp.float32) * teacher_scale)
     tau = jnp.asarray(tau, jnp.float32)
+    tau_t = jax.lax.stop_gradient(tau)
     keep = jnp.ones(s.shape, bool) if mask is None else mask.astype(bool)
     rows = jnp.any(keep, axis=-1)
     safe = keep | ~rows[:, None]  # an all-padding row is softmaxed whole (finite, then dropped)
     log_ps = jax.nn.log_softmax(jnp.where(safe, s / tau, -jnp.inf), axis=-1)
-    log_pt = jax.nn.log_softmax(jnp.where(safe, t / tau, -jnp.inf), axis=-1)
+    log_pt = jax.nn.log_softmax(jnp.where(safe, t / tau_t, -jnp.inf), axis=-1)
+    if eps > 0:
+        log_ps = jnp.log(jnp.exp(log_ps) + eps)
     kl = jnp.sum(jnp.where(keep, jnp.exp(log_pt) * (log_pt - log_ps), 0.0), axis=-1)
     return jnp.sum(jnp.where(rows, kl, 0.0)) / jnp.maximum(jnp.sum(rows), 1)

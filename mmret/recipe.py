@@ -262,6 +262,8 @@ class EvalConfig:
     the samples costs ``16 * check_exact`` queries against the global pool. ``on_bad_record``: a bad
     test record (e.g. a query whose own-dataset positive is not in its local pool) stops the run
     (``"error"``) or is skipped and counted (``"skip"``: the report lists the skips and is not complete).
+    ``query_fraction`` < 1 keeps a seeded sample of each task's queries (``query_seed``; the distillation
+    teacher's subset of training queries, :func:`mmret.data.stores.sample_queries`).
     """
 
     root: str | None = None
@@ -275,6 +277,8 @@ class EvalConfig:
     num_workers: int = 0
     max_decode_pixels: int = DEFAULT_MAX_PIXELS
     instruction_seed: int = 0
+    query_fraction: float = 1.0
+    query_seed: int = 0
     top: int = 50
     at_start: bool = False
     at_end: bool = False
@@ -291,6 +295,8 @@ class EvalConfig:
                 raise ValueError(f"eval.{name} must be positive, got {getattr(self, name)}")
         if self.on_bad_record not in get_args(OnBadRecord):
             raise ValueError(f"eval.on_bad_record must be one of {get_args(OnBadRecord)}, got {self.on_bad_record!r}")
+        if not 0.0 < self.query_fraction <= 1.0:
+            raise ValueError(f"eval.query_fraction must be in (0, 1], got {self.query_fraction}")
         bad = [p for p in self.pools if p not in POOLS]
         if bad or not self.pools:
             raise ValueError(f"eval.pools must be a non-empty subset of {POOLS}, got {self.pools}")
@@ -385,6 +391,59 @@ class RerankConfig:
             raise ValueError(f"rerank.max_patches must be a positive multiple of 4, got {self.max_patches}")
 
 
+#: U-MARVEL's per-task fusion weights of the distillation teacher (w = 1.0 elsewhere; RECIPES.md section 3).
+UMARVEL_TEACHER_WEIGHTS = {"mscoco_task0": 0.5, "mscoco_task3": 0.1}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Listwise distillation of a reranker into the retriever (task ``distill``, U-MARVEL's stage 5).
+
+    The teacher (:mod:`mmret.distill.teacher`, a stage's ``teacher_from``): the retriever (the stage's
+    ``init_from``) retrieves the local top ``top_k`` of a seeded ``fraction`` of the ``split`` queries of
+    each task (``tasks``; None: the stage's ``data.tasks``, else every task with a query file), the reranker
+    scores each pair (``rerank.*``: prompt, shapes, batch), and each list gets the fused scores ``cosine +
+    w * P(yes)`` (``weight``, or ``task_weights[task]``); written to ``teacher_file``, which the training
+    reads. The loss (:func:`mmret.losses.listwise_distillation`): ``KL(softmax(teacher_scale * fused / tau)
+    || softmax(cosine / tau))`` over each query's list, mean over queries, tau the retriever's temperature
+    (no gradient through the teacher side), the student's log-probabilities taken as ``log(q + log_eps)``
+    (U-MARVEL's code; 0: the exact KL); ``infonce_weight`` > 0 adds that much InfoNCE over the global
+    batch's candidates (U-MARVEL: 0, in-batch candidates ignored)."""
+
+    teacher_file: str | None = None
+    fraction: float = 0.1
+    split: str = "train"
+    tasks: tuple[str, ...] | None = None
+    top_k: int = 50
+    weight: float = 1.0
+    task_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(UMARVEL_TEACHER_WEIGHTS))
+    seed: int = 0
+    on_bad_record: OnBadRecord = "skip"
+    teacher_scale: float = 0.5
+    log_eps: float = 1e-8
+    infonce_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.log_eps < 0:
+            raise ValueError(f"distill.log_eps must be >= 0, got {self.log_eps}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"distill.fraction must be in (0, 1], got {self.fraction}")
+        if self.top_k <= 0:
+            raise ValueError(f"distill.top_k must be positive, got {self.top_k}")
+        if self.teacher_scale <= 0:
+            raise ValueError(f"distill.teacher_scale must be positive, got {self.teacher_scale}")
+        if self.infonce_weight < 0:
+            raise ValueError(f"distill.infonce_weight must be >= 0, got {self.infonce_weight}")
+        if self.on_bad_record not in get_args(OnBadRecord):
+            raise ValueError(
+                f"distill.on_bad_record must be one of {get_args(OnBadRecord)}, got {self.on_bad_record!r}"
+            )
+
+    def weight_of(self, task: str) -> float:
+        """The fusion weight w of ``task``."""
+        return float(self.task_weights.get(task, self.weight))
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """One stage of a chained recipe (:mod:`mmret.chain`): the run config is the recipe's own with
@@ -392,11 +451,14 @@ class StageConfig:
     ``<workdir>/<name>``. ``init_from``: an earlier stage whose final weights (LoRA merged) this one starts
     from (None: the model source). ``mine_from``: an earlier stage whose final model mines hard negatives
     (``mining`` of the merged config) before this stage trains; the mined file becomes its
-    ``data.negatives_file``."""
+    ``data.negatives_file``. ``teacher_from``: a reranker stage whose final model, with the ``init_from``
+    stage's retriever, builds this stage's distillation teacher (``distill`` of the merged config,
+    :mod:`mmret.distill.teacher`) before it trains; the file becomes its ``distill.teacher_file``."""
 
     name: str
     init_from: str | None = None
     mine_from: str | None = None
+    teacher_from: str | None = None
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -437,6 +499,7 @@ class TrainerConfig:
     eval: EvalConfig = EvalConfig()  # embedding, search and report (mmret.eval)
     mining: MiningConfig = MiningConfig()  # --mode=mine, and stages with ``mine_from``
     rerank: RerankConfig = RerankConfig()  # the reranker task's prompt, loss and pair shapes
+    distill: DistillConfig = DistillConfig()  # the distill task's teacher and loss (U-MARVEL's stage 5)
     # A chained recipe (mmret.chain), in order; empty: one run. A config file may give a mapping
     # {name: stage fields} instead (then ``--config.stages.<name>.overrides.a.b=...`` overrides one stage).
     stages: tuple[StageConfig, ...] = ()

@@ -45,7 +45,7 @@ def test_paper_config_has_umarvels_loss_lora_and_exact_search():
 def test_paper_chain_follows_the_stage_table():
     """RECIPES.md s.3's table: data, LoRA, per-device batch (x 8 devices per host), LR, epochs, temperature."""
     cfg = umarvel()
-    assert [s.name for s in cfg.stages] == ["text", "caption", "mbeir", "hardneg", "reranker"]
+    assert [s.name for s in cfg.stages] == ["text", "caption", "mbeir", "hardneg", "reranker", "distill"]
     stages = {s.name: chain.stage_config(cfg, s.name, "/run") for s in cfg.stages}
     table = {
         "text": ("nli", 64, 128.0, 72, 2e-4, 2.0),
@@ -96,6 +96,26 @@ def test_paper_chain_follows_the_stage_table():
         50,
     )
     assert not (rr.eval.at_start or rr.eval.at_end)
+    # Stage 5 (RECIPES.md s.3): from the merged stage-4 model, whose LOCAL top 50 of 10% of the training queries
+    # the reranker rescores; w 1.0 (0.5 mscoco_task0, 0.1 mscoco_task3); the fused scores halved; no InfoNCE;
+    # 2 queries per device, lr 1e-5, 1 epoch; LoRA 128/256.
+    d = stages["distill"]
+    assert (cfg.stages[5].init_from, cfg.stages[5].teacher_from, d.task) == ("hardneg", "reranker", "distill")
+    assert d.model.init_from == "/run/hardneg" and d.distill.teacher_file == "/run/distill/teacher/teacher.jsonl"
+    dc = d.distill
+    assert (dc.fraction, dc.top_k, dc.split, dc.teacher_scale, dc.infonce_weight, dc.log_eps) == (
+        0.1,
+        50,
+        "train",
+        0.5,
+        0.0,
+        1e-8,
+    )
+    assert [dc.weight_of(t) for t in ("mscoco_task0", "mscoco_task3", "cirr_task7")] == [0.5, 0.1, 1.0]
+    assert d.data.pipeline.batch_size == 8 * 2 and d.grad_cache_chunk is None
+    assert d.data.pipeline.max_candidate_patches == 8 * 2 * 50 * 1200  # 50 candidates per query
+    assert (d.lora.rank, d.lora.alpha, d.optimizer.learning_rate, d.epochs) == (128, 256.0, 1e-5, 1.0)
+    assert d.temperature.learnable
 
 
 def test_with_epochs_derives_the_schedule_and_leaves_explicit_steps_alone():

@@ -334,7 +334,7 @@ def test_fixed_temperature_gets_no_gradient_and_no_update():
 # Distillation
 
 
-_kl = jax.jit(listwise_distillation)
+_kl = jax.jit(listwise_distillation, static_argnames=("teacher_scale", "eps"))
 
 
 def test_listwise_distillation_matches_numpy_kl():
@@ -345,6 +345,44 @@ def test_listwise_distillation_matches_numpy_kl():
         loss = _kl(jnp.asarray(student), teacher, tau=tau)
         np.testing.assert_allclose(float(loss), ref_kl(student, np.asarray(teacher), tau), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(float(_kl(teacher, teacher, tau=0.05)), 0.0, atol=1e-6)
+
+
+def umarvel_distill_loss(cos: np.ndarray, fused: np.ndarray, tau: float, tau_teacher: float) -> float:
+    """U-MARVEL's stage-5 loss as its code computes it (``models/qwen2_vl_finetune_with_distillrerank.py``
+    with ``compute_kl_divergence``), restated in numpy: the fused scores halved, both divided by the
+    temperature (the teacher's detached), softmaxes, then ``F.kl_div(log(q + 1e-8), p, "batchmean")``."""
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p = softmax(np.asarray(fused, np.float64) / 2 / tau_teacher)
+    q = softmax(np.asarray(cos, np.float64) / tau)
+    return float(np.sum(p * (np.log(p) - np.log(q + 1e-8))) / len(p))
+
+
+def test_distillation_equals_umarvels_loss_with_the_halving_and_a_detached_teacher_temperature():
+    rng = np.random.default_rng(11)
+    cos = rng.uniform(-0.3, 0.9, (3, 50)).astype(np.float32)
+    fused = (rng.uniform(-0.3, 0.9, (3, 50)) + rng.uniform(0, 1, (3, 50))).astype(np.float32)
+    for tau in (0.02, 0.05, 0.3):
+        loss = _kl(jnp.asarray(cos), jnp.asarray(fused), tau=tau, teacher_scale=0.5, eps=1e-8)
+        np.testing.assert_allclose(float(loss), umarvel_distill_loss(cos, fused, tau, tau), rtol=2e-4, atol=2e-6)
+        exact = _kl(jnp.asarray(cos), jnp.asarray(fused), tau=tau, teacher_scale=0.5)
+        np.testing.assert_allclose(float(exact), ref_kl(cos, 0.5 * fused, tau), rtol=1e-4)
+    # d loss / d tau flows through the student side only: the reference's derivative with its teacher fixed.
+    tau, h = 0.05, 1e-4
+    g = jax.grad(
+        lambda t: listwise_distillation(jnp.asarray(cos), jnp.asarray(fused), tau=t, teacher_scale=0.5, eps=1e-8)
+    )(jnp.float32(tau))
+    numeric = (umarvel_distill_loss(cos, fused, tau + h, tau) - umarvel_distill_loss(cos, fused, tau - h, tau)) / (
+        2 * h
+    )
+    np.testing.assert_allclose(float(g), numeric, rtol=2e-3)
+    both = (umarvel_distill_loss(cos, fused, tau + h, tau + h) - umarvel_distill_loss(cos, fused, tau - h, tau - h)) / (
+        2 * h
+    )
+    assert abs(float(g) - both) > 10 * abs(float(g) - numeric)  # a gradient through the teacher would differ
 
 
 def test_teacher_scores_is_cosine_plus_weighted_p_yes():

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from mmret import chain
+from mmret.data.mbeir import read_queries
 from mmret.data.negatives import read_negatives
 from mmret.recipe import as_trainer_config
 
@@ -68,8 +69,10 @@ def short(recipe: str, mbeir: Path, pairs: Path, proc: Path) -> dict:
                 "rank_cut": 5,
                 "negatives": 2,
             }
+        if o.get("task") == "distill":  # half the training queries, lists of 4
+            o["distill"] = {**o.get("distill", {}), "fraction": 0.5, "top_k": 4}
         pipeline = data.setdefault("pipeline", {})
-        n = 1 + pipeline.get("num_negatives", 0)
+        n = 4 if o.get("task") == "distill" else 1 + pipeline.get("num_negatives", 0)
         pipeline.update(batch_size=8, max_query_patches=8 * 64, max_candidate_patches=8 * n * 64, grad_cache_chunk=None)
         if pipeline.get("num_negatives"):
             pipeline["num_negatives"] = 2
@@ -133,3 +136,40 @@ def test_recipe_demo_runs_end_to_end(recipe, runs):
     assert all(f"| {n} | 1 |" in result.stdout for n in names)  # the closing table
     # started again in this process: nothing is redone
     assert chain.run_chain(cfg, workdir) == records
+
+
+def test_umarvels_distillation_teacher_is_the_retrievers_local_top_k_rescored_by_its_reranker(runs, tiny_mbeir):
+    """Stage 5's lists: each sampled training query's exact top 4 of its task's local pool under the hardneg
+    model's embeddings, with the reranker's P(yes) as the rerank mode cached it, fused with U-MARVEL's w."""
+    from mmret.eval.embed import Embeddings
+
+    workdir, cfg, result = runs["umarvel"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    scfg = chain.stage_config(cfg, "distill", workdir)
+    out = Path(scfg.distill.teacher_file).parent
+    records = [json.loads(line) for line in Path(scfg.distill.teacher_file).read_text().splitlines()]
+    emb = Embeddings(out / "embeddings")
+    assert emb.manifest["source"]["workdir"] == str(workdir / "hardneg")  # the init_from stage retrieves
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reranker"].startswith(str(workdir / "reranker"))
+    for task in TASKS:
+        rows = [r for r in records if r["task"] == task]
+        train = {q.qid for q in read_queries(tiny_mbeir, "train", task)}
+        assert rows and {r["qid"] for r in rows} <= train and len(rows) < len(train)  # a sample of the queries
+        qids, q = emb.queries(task)
+        ids, c = emb.local_pool(task)
+        scores = q.astype(np.float64) @ c.astype(np.float64).T
+        cache = np.load(out / "scores" / f"{task}.npz")["p_yes"]
+        flat = []
+        w = 0.5 if task == "mscoco_task0" else 1.0  # U-MARVEL's per-task teacher weights
+        for r in rows:
+            s = scores[qids.index(r["qid"])]
+            top = np.argsort(-s, kind="stable")[:4]
+            assert r["dids"] == [ids[j] for j in top]
+            np.testing.assert_allclose(r["cosine"], s[top], atol=2e-3)
+            np.testing.assert_allclose(r["fused"], np.asarray(r["cosine"]) + w * np.asarray(r["p_yes"]), atol=2e-6)
+            assert all(0.0 < p < 1.0 for p in r["p_yes"])
+            flat += r["p_yes"]
+        np.testing.assert_allclose(flat, cache, atol=1e-6)  # the rerank mode's scores of these lists
+    metrics = [json.loads(line) for line in (workdir / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert any("kl" in m and np.isfinite(m["kl"]) for m in metrics)

@@ -74,6 +74,31 @@ _POOLED_KINDS: dict[str, frozenset[str]] = {
 }
 
 
+#: Hugging Face tokenizers loaded in this process: (directory, its files' sizes and mtimes) -> (the backend's
+#: JSON, pad id). Loading one takes about a second; a chain of stages and the evaluations opens the same
+#: directory many times, and a processor keeps only its own copy of the backend.
+_TOKENIZERS: dict[tuple[Any, ...], tuple[str, int | None]] = {}
+
+
+def _backend_of(tokenizer: Any) -> tuple[str, int | None]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"need a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
+    return backend.to_str(), tokenizer.pad_token_id
+
+
+def _tokenizer_of(model_dir: Path) -> tuple[str, int | None]:
+    """``AutoTokenizer.from_pretrained(model_dir)``'s backend and pad id, loaded once per process while the
+    directory's files stay as they are."""
+    stamps = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model_dir.iterdir()) if p.is_file())
+    key = (str(model_dir.resolve()), stamps)
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[key] = _backend_of(AutoTokenizer.from_pretrained(str(model_dir)))
+    return _TOKENIZERS[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessorConfig:
     """How inputs are rendered, truncated and resized.
@@ -269,20 +294,15 @@ class Processor:
                 if model_dir.exists():
                     raise NotADirectoryError(f"{model_dir}: not a directory (of the tokenizer and processor files)")
                 raise FileNotFoundError(f"{model_dir}: no such directory (of the tokenizer and processor files)")
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        backend_json, pad = _tokenizer_of(model_dir) if tokenizer is None else _backend_of(tokenizer)
         self.backbone: Backbone = (
             registry.get(model_type)
             if model_type is not None
             else registry.backbone_of(model_dir, default=registry.DEFAULT_MODEL_TYPE)
         )
         tokens = self.backbone.tokens
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise TypeError(f"need a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
         # A private copy that reads special-token strings inside free text literally.
-        self._encoder: tokenizers.Tokenizer = Tokenizer.from_str(backend.to_str())
+        self._encoder: tokenizers.Tokenizer = Tokenizer.from_str(backend_json)
         self._encoder.encode_special_tokens = True
         self._encoder.no_truncation()
         self._encoder.no_padding()
@@ -301,7 +321,6 @@ class Processor:
                     "pick one of its existing special tokens (no embedding resize)"
                 )
             self._special_ids[token] = added[token]
-        pad = tokenizer.pad_token_id
         for token in (tokens.image_pad, *([tokens.pad] if pad is None else [])):
             if token.text not in added:
                 raise ValueError(f"the tokenizer in {model_dir} lacks {self.backbone.name}'s {token.text!r} token")

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -422,6 +424,20 @@ class ArrayRecordStore(MBeirStore):
 # ----------------------------------------------------------------------------------------- evaluation
 
 
+def sample_queries(queries: Sequence[Query], fraction: float, seed: int) -> list[Query]:
+    """A seeded ``fraction`` of ``queries`` (``ceil(fraction * n)`` of them, in their order): those whose
+    ``blake2b(seed, qid)`` is smallest, so a query's membership depends on the seed and its qid only (and
+    a larger fraction keeps every query of a smaller one)."""
+    if fraction >= 1.0:
+        return list(queries)
+
+    def key(q: Query) -> bytes:
+        return hashlib.blake2b(f"{seed}\x00{q.qid}".encode(), digest_size=16).digest()
+
+    keep = {id(q) for q in sorted(queries, key=key)[: math.ceil(fraction * len(queries))]}
+    return [q for q in queries if id(q) in keep]
+
+
 class EvalStore(MBeirStore):
     """The records an evaluation embeds: test queries by task, every candidate of the pools read (the
     tasks' local pools, :func:`~mmret.data.mbeir.pool_tasks`, and the union pool with ``"global"`` in
@@ -430,9 +446,20 @@ class EvalStore(MBeirStore):
     A query whose own-dataset positives (:func:`mmret.data.mbeir.restrict_positives`) are not all in its
     task's local pool is a ``positive_not_in_pool`` bad record (negatives are not checked: evaluation
     does not use them, and ``negatives`` is None). Query records go to one :class:`BadRecords` per task
-    (``query_bad``, with the policy of ``bad``), the others to ``bad``."""
+    (``query_bad``, with the policy of ``bad``), the others to ``bad``. ``query_fraction`` < 1 keeps a seeded
+    sample of each task's queries (:func:`sample_queries`)."""
 
-    def __init__(self, root: PathLike, split: str, tasks: Sequence[str], pools: Sequence[str], bad: BadRecords):
+    def __init__(
+        self,
+        root: PathLike,
+        split: str,
+        tasks: Sequence[str],
+        pools: Sequence[str],
+        bad: BadRecords,
+        *,
+        query_fraction: float = 1.0,
+        query_seed: int = 0,
+    ):
         self.root = as_path(root)
         self.negatives: Mapping[str, tuple[str, ...]] | None = None
         self.bad = bad
@@ -451,7 +478,7 @@ class EvalStore(MBeirStore):
             for did, cand in union.items():
                 self.candidates.setdefault(did, cand)
         self.query_bad = {t: BadRecords(bad.on_bad_record) for t in tasks}
-        self.task_queries = {t: self._read_queries(split, t) for t in tasks}
+        self.task_queries = {t: sample_queries(self._read_queries(split, t), query_fraction, query_seed) for t in tasks}
         self.queries: list[Query] = [q for qs in self.task_queries.values() for q in qs]
 
     def _read_queries(self, split: str, task: str) -> list[Query]:

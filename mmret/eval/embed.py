@@ -339,6 +339,7 @@ def embed_key(
         "dtype": "float16",
         "shard_size": ecfg.shard_size,
         "instruction_seed": ecfg.instruction_seed,
+        **({"query_sample": [ecfg.query_fraction, ecfg.query_seed]} if ecfg.query_fraction < 1 else {}),
         "max_length": shapes.max_length,
         "max_decode_pixels": ecfg.max_decode_pixels,
         "on_bad_record": ecfg.on_bad_record,
@@ -431,7 +432,9 @@ def embed(
     if jax.process_index() == 0 and (reason := stale_reason(out, key)):
         replace_stale(out, reason)  # the other hosts follow the primary's view of the shards (_done_shards)
     bad = BadRecords(ecfg.on_bad_record)
-    store = EvalStore(root, ecfg.split, tasks, ecfg.pools, bad)
+    store = EvalStore(
+        root, ecfg.split, tasks, ecfg.pools, bad, query_fraction=ecfg.query_fraction, query_seed=ecfg.query_seed
+    )
     skipped = store.skipped()
     if skipped and jax.process_index() == 0:
         for name, b in [*store.query_bad.items(), ("other records", bad)]:

@@ -58,6 +58,7 @@ from mmret.eval.evaluate import search_info
 from mmret.eval.index import build_index
 from mmret.mining import rules
 from mmret.mining.false_negatives import ContentKeys
+from mmret.multihost import primary_says, sync
 from mmret.progress import format_duration, progress
 from mmret.recipe import EvalConfig, MiningConfig, TrainerConfig, config_to_json
 
@@ -116,22 +117,6 @@ def mining_key(
         "search": config_to_json(cfg.eval.search),
     }
     return json.loads(json.dumps(key))
-
-
-def _primary_says(value: bool) -> bool:
-    """``value`` as the primary process has it (every host must take the same branch)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        value = bool(np.asarray(multihost_utils.broadcast_one_to_all(np.array([value])))[0])
-    return value
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def reusable(out: epath.Path, key: Mapping[str, Any]) -> bool:
@@ -353,7 +338,7 @@ def mine(
     key = mining_key(cfg, mcfg, ecfg, workdir=workdir, step=step)
     path = out / NEGATIVES
     primary = jax.process_index() == 0
-    if _primary_says(primary and reusable(out, key)):
+    if primary_says(primary and reusable(out, key)):
         if primary:
             print(f"mined negatives in {path}: reused (nothing they depend on changed)", flush=True)
         return path
@@ -386,5 +371,5 @@ def mine(
             f"{counts['fallback_queries']} needed the random fallback, in {format_duration(seconds)}",
             flush=True,
         )
-    _sync("mmret.mining.mine")
+    sync("mmret.mining.mine")
     return path

@@ -22,8 +22,15 @@ def _reranker() -> Task:
     return RerankerTask()
 
 
+def _distill() -> Task:
+    from mmret.tasks.distill.task import DistillTask
+
+    return DistillTask()
+
+
 TASKS["bi_encoder"] = _bi_encoder
 TASKS["reranker"] = _reranker
+TASKS["distill"] = _distill
 
 
 def get(name: str) -> Task:

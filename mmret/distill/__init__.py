@@ -1,0 +1,1 @@
+"""Listwise distillation of a reranker into the retriever (U-MARVEL stage 5): the teacher lists."""

@@ -1,0 +1,23 @@
+"""Agreement between the processes of a multi-host job (no-ops on one process)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def primary_says(value: bool) -> bool:
+    """``value`` as the primary process has it (every host must take the same branch)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        value = bool(np.asarray(multihost_utils.broadcast_one_to_all(np.array([value])))[0])
+    return value
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches the barrier ``name``."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
