@@ -136,7 +136,8 @@ def main(argv: list[str]) -> None:
             from mmret.eval.embed import embed
 
             step = resolve_step(workdir, step)
-            embed(trainer_cfg, eval_run.eval_dir(workdir, step) / "embeddings", workdir=workdir, step=step)
+            out = eval_run.eval_dir(workdir, step, trainer_cfg.eval.split) / "embeddings"
+            embed(trainer_cfg, out, workdir=workdir, step=step)
             return
         if mode == "eval":
             eval_run.evaluate_run(trainer_cfg, workdir, step)

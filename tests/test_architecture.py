@@ -9,12 +9,21 @@ graph = load_tool("import_graph")
 
 #: Layers, lowest first; a part may import its own layer and those below.
 LAYERS = [
-    {"mmret", "mmret.atomic_dir", "mmret.progress", "mmret.losses", "mmret.lora", "mmret.optim", "mmret.grad_cache"},
+    {
+        "mmret",
+        "mmret.atomic_dir",
+        "mmret.progress",
+        "mmret.losses",
+        "mmret.lora",
+        "mmret.optim",
+        "mmret.grad_cache",
+        "mmret.multihost",
+    },
     {"mmret.models"},
     {"mmret.sharding", "mmret.convert", "mmret.data"},
     {"mmret.recipe", "mmret.build", "mmret.checkpoints"},  # the shared floor
     {"mmret.tasks", "mmret.eval"},
-    {"mmret.train", "mmret.mining"},
+    {"mmret.train", "mmret.mining", "mmret.distill"},
     {"mmret.chain"},
     {"mmret.launch"},
 ]
@@ -45,6 +54,7 @@ def test_eval_and_train_are_independent():
     assert "mmret.train" not in every["mmret.eval"] and "mmret.eval" not in every["mmret.train"]
     assert not {"mmret.train", "mmret.eval"} & every["mmret.tasks"]
     assert "mmret.train" not in every.get("mmret.mining", set())  # mining reads a run; it never trains
+    assert "mmret.train" not in every.get("mmret.distill", set())  # nor does the teacher's builder
 
 
 def test_no_cycles_between_parts():

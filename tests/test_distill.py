@@ -15,7 +15,7 @@ from test_losses import ref_info_nce, umarvel_distill_loss, unit
 
 from mmret.data.mbeir import read_local_pool, read_queries
 from mmret.data.stores import sample_queries
-from mmret.distill.teacher import read_teacher
+from mmret.data.teacher import read_teacher
 from mmret.recipe import as_trainer_config
 
 TASKS = ("cirr_task7", "webqa_task1")

@@ -207,6 +207,7 @@ def test_gs_paths_pass_through_unchanged() -> None:
     assert str(built[0]) == f"gs://bucket/mbeir/query/test/mbeir_{TASK}_test.jsonl"
     assert str(dataset_dir("gs://bucket/build", QUERIES)) == "gs://bucket/build/mbeir_queries/1.0.0"
     assert str(eval_dir("gs://bucket/run", 3)) == "gs://bucket/run/eval/3"
+    assert str(eval_dir("gs://bucket/run", 3, "val")) == "gs://bucket/run/eval/val/3"  # beside the test run
     assert not is_local(root) and absolute(root) == root and absolute(epath.Path(root)) == root
     assert str(pickle.loads(pickle.dumps(epath.Path(root)))) == root  # stores travel to grain workers
     reader = pickle.loads(pickle.dumps(_Reader(epath.Path("gs://bucket/build"), "train", 4)))

@@ -37,6 +37,7 @@ from mmret.data.bad_records import BadRecords
 from mmret.data.mbeir import EVAL_TASKS, dataset_task, query_path
 from mmret.data.processor import Processor
 from mmret.data.stores import EvalStore
+from mmret.data.teacher import write_teacher
 from mmret.eval.embed import embed, embed_key, source_of
 from mmret.eval.evaluate import evaluate
 from mmret.eval.rerank import Scorer, scored_run
@@ -44,21 +45,12 @@ from mmret.multihost import primary_says, sync
 from mmret.progress import format_duration
 from mmret.recipe import DistillConfig, EvalConfig, TrainerConfig, config_to_json
 
-TEACHER = "teacher.jsonl"
+TEACHER = "teacher.jsonl"  # the format: mmret.data.teacher
 SUMMARY = "summary.json"
 EMBEDDINGS = "embeddings"
 RETRIEVAL = "retrieval"
 SCORES = "scores"
 KEY_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherList:
-    """One query's list: candidate dids and their fused teacher scores (same order)."""
-
-    task: str
-    dids: tuple[str, ...]
-    fused: tuple[float, ...]
 
 
 def teacher_root(cfg: TrainerConfig) -> str:
@@ -223,7 +215,7 @@ def build_teacher(cfg: TrainerConfig, out: PathLike, *, retriever: PathLike, rer
             )
     if primary:
         (out / SUMMARY).unlink(missing_ok=True)
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        write_teacher(path, records)
         seconds = time.perf_counter() - started
         summary = {
             "retriever": f"{absolute(retriever)} step {retriever_step}",
@@ -245,28 +237,3 @@ def build_teacher(cfg: TrainerConfig, out: PathLike, *, retriever: PathLike, rer
         )
     sync("mmret.distill.teacher")
     return path
-
-
-def read_teacher(path: PathLike) -> dict[str, TeacherList]:
-    """qid -> :class:`TeacherList` of a teacher file; ``ValueError`` naming the file and line of a bad line."""
-    out: dict[str, TeacherList] = {}
-    path = as_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no teacher file (distill.teacher_file; a stage's teacher_from builds one)")
-    with path.open("r") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                r = json.loads(line)
-                dids, fused = tuple(str(d) for d in r["dids"]), tuple(float(s) for s in r["fused"])
-                qid, task = str(r["qid"]), str(r["task"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{where}: not a teacher record (qid, task, dids, fused): {e}") from None
-            if not dids or len(dids) != len(fused):
-                raise ValueError(f"{where}: query {qid}: {len(dids)} dids and {len(fused)} fused scores")
-            if qid in out:
-                raise ValueError(f"{where}: query {qid} appears twice")
-            out[qid] = TeacherList(task, dids, fused)
-    return out

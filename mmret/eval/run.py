@@ -31,9 +31,11 @@ REPORT = "report.json"
 WRONG_MODALITY = "wrong_modality_average"
 
 
-def eval_dir(workdir: PathLike, step: int) -> epath.Path:
-    """``<workdir>/eval/<step>``: the embeddings and reports of a run's checkpoint ``step``."""
-    return as_path(workdir) / "eval" / str(step)
+def eval_dir(workdir: PathLike, step: int, split: str = "test") -> epath.Path:
+    """``<workdir>/eval/<step>``: the embeddings and reports of a run's checkpoint ``step`` on the test
+    split; ``<workdir>/eval/<split>/<step>`` on another (a validation run beside the test one)."""
+    base = as_path(workdir) / "eval"
+    return base / str(step) if split == "test" else base / split / str(step)
 
 
 def evaluate_run(cfg: TrainerConfig, workdir: PathLike, step: int | None = None) -> dict[str, dict[str, Any]]:
@@ -41,7 +43,7 @@ def evaluate_run(cfg: TrainerConfig, workdir: PathLike, step: int | None = None)
     training) on ``cfg.eval.pools``. Embedding runs on every process; search on the primary one."""
     ecfg = cfg.eval
     step = resolve_step(workdir, step)
-    out = eval_dir(workdir, step)
+    out = eval_dir(workdir, step, ecfg.split)
     root = eval_root(cfg, ecfg)
     key = embed_key(cfg, ecfg, workdir=workdir, step=step)  # raises for a missing root or record file
     todo = [p for p in ecfg.pools if not _reusable(out / p, report_key_for(key, root, p, ecfg))]

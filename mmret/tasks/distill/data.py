@@ -21,7 +21,7 @@ from mmret.data.example import Example, encode_part
 from mmret.data.pipeline import EncodeTrainExample, PipelineConfig, TrainExample, collate_train
 from mmret.data.processor import Processor
 from mmret.data.stores import Store
-from mmret.distill.teacher import TeacherList
+from mmret.data.teacher import TeacherList
 from mmret.recipe import DistillConfig
 
 

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from mmret import build
-from mmret.distill.teacher import read_teacher
+from mmret.data.teacher import read_teacher
 from mmret.recipe import TrainerConfig, step_pipeline
 from mmret.tasks.base import StepFn, TrainState
 from mmret.tasks.bi_encoder.task import BiEncoder, BiEncoderData
