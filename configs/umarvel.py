@@ -324,28 +324,28 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
         max_candidate_patches=16 * 6 * 64,
     )
     s.hardneg.overrides.grad_cache_chunk = 16
-    # The reranker on the mbeir model's local top-100 lists, every weight trained (random tiny model), 16 queries
-    # (32 pairs) per step; then the distillation of its scores over 10% of the training queries' top 20.
+    # The reranker on the mbeir model's local top-100 lists, every weight trained (random tiny model), 8 queries
+    # (16 pairs) per step; then the distillation of its scores over 10% of the training queries' top 10.
     s.reranker.overrides.lora = dict(rank=0)
     s.reranker.overrides.epochs = None
     s.reranker.overrides.optimizer = dict(learning_rate=DEMO_LR["reranker"], total_steps=DEMO_STEPS["reranker"])
-    s.reranker.overrides.data.pipeline = dict(batch_size=16, num_negatives=0)
+    s.reranker.overrides.data.pipeline = dict(batch_size=8, num_negatives=0)
     # (batch_size: the pairs per scoring batch of the distillation teacher, which scores with the reranker's config)
     s.reranker.overrides.rerank = dict(max_length=320, max_patches=32 * 2 * 64, batch_size=32)
     s.distill.overrides.lora = dict(rank=0)
     s.distill.overrides.epochs = None
     s.distill.overrides.optimizer = dict(learning_rate=DEMO_LR["distill"], total_steps=DEMO_STEPS["distill"])
-    s.distill.overrides.distill = dict(top_k=20)
+    s.distill.overrides.distill = dict(top_k=10)
     s.distill.overrides.data.pipeline = dict(
         batch_size=8,
         num_negatives=0,
         max_query_length=96,
         max_candidate_length=96,
         max_query_patches=8 * 64,
-        max_candidate_patches=8 * 20 * 64,
+        max_candidate_patches=8 * 10 * 64,
     )
 
 
 #: Steps and learning rates of the demo chain's stages (the M-BEIR stage's rate is the top level's, 1e-3).
-DEMO_STEPS = {"text": 40, "caption": 40, "mbeir": 300, "hardneg": 60, "reranker": 60, "distill": 20}
+DEMO_STEPS = {"text": 40, "caption": 40, "mbeir": 300, "hardneg": 60, "reranker": 40, "distill": 20}
 DEMO_LR = {"text": 1e-3, "caption": 1e-3, "hardneg": 2e-4, "reranker": 1e-3, "distill": 1e-4}

@@ -173,3 +173,54 @@ def test_umarvels_distillation_teacher_is_the_retrievers_local_top_k_rescored_by
         np.testing.assert_allclose(flat, cache, atol=1e-6)  # the rerank mode's scores of these lists
     metrics = [json.loads(line) for line in (workdir / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in m and np.isfinite(m["kl"]) for m in metrics)
+
+
+def test_the_chains_reranker_and_a_zero_shot_one_rerank_the_distilled_retrievers_run(runs, tiny_mbeir, tmp_path):
+    """``--mode=rerank`` through the entry point from the configs: the U-MARVEL chain's trained reranker stage
+    (w = 1) and MM-Embed's zero-shot preset (the untrained model, True/False, P(True) alone) rerank the distilled
+    retriever's local runs of the two tasks (top 3); each writes the reranked TREC files and its report."""
+    from mmret.eval.metrics import read_trec
+    from mmret.recipe import config_to_json
+
+    workdir, cfg, result = runs["umarvel"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    retrieval = workdir / "distill" / "eval" / "1" / "local"
+    c = config_to_json(cfg)  # the chain's config, the reranker stage's run to rerank with
+    c["rerank"] = {**c["rerank"], "retrieval": str(retrieval), "weight": 1.0, "top_k": 3}
+    (tmp_path / "rerank.py").write_text(CONFIG_PY.format(text=json.dumps(c)))
+    assert helpers.load_tool("make_tiny_model").main(["--out", str(tmp_path / "model")]) == 0
+    env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1), JAX_PLATFORMS="cpu")
+    launch = [sys.executable, "-m", "mmret.launch"]
+    trained = [
+        *launch,
+        f"--config={tmp_path / 'rerank.py'}",
+        f"--workdir={workdir}",
+        "--stage=reranker",
+        "--mode=rerank",
+    ]
+    zero_shot = [
+        *launch,
+        "--config=configs/mmembed.py:zeroshot_demo",
+        f"--workdir={tmp_path / 'zs'}",
+        "--mode=rerank",
+        "--step=0",
+        f"--config.model.hf_dir={tmp_path / 'model'}",
+        f"--config.data.root={tiny_mbeir}",
+        f"--config.rerank.retrieval={retrieval}",
+        f"--config.eval.tasks={tuple(TASKS)!r}",
+        "--config.rerank.top_k=3",
+    ]
+    results = helpers.run_at_once(trained, zero_shot, env=env, cwd=REPO)
+    outs = [
+        workdir / "reranker" / "rerank" / str(chain.done(workdir, "reranker")["final_step"]),
+        tmp_path / "zs" / "rerank" / "0",
+    ]
+    for r, out, prompt in zip(results, outs, ["umarvel", "mmembed"], strict=True):
+        assert r.returncode == 0, r.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        assert set(report["tasks"]) == set(TASKS) and report["prompt"] == prompt and report["top_k"] == 3
+        assert "| **average** |" in r.stdout
+        for task in TASKS:
+            before, after = read_trec(retrieval / f"{task}.trec"), read_trec(out / f"{task}.trec")
+            assert set(after) == set(before)  # every query, its top 3 reordered
+            assert all(sorted(d for d, _ in after[q]) == sorted(d for d, _ in before[q][:3]) for q in before)
