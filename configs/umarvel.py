@@ -222,6 +222,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # M-BEIR test evaluation (--mode=eval, or eval.at_end): the 16 tasks, local and global pools.
     c.eval = dict(
         root=c.data.get_ref("root"),  # the M-BEIR root, for every stage (the text and caption stages' data is not)
+        split="test",  # val: a validation run (eval/val/<step>/), e.g. the lists rerank.select_on chooses w on
         pools=("local", "global"),
         tasks=ml_collections.FieldReference(None, field_type=tuple),  # None: the 16; or e.g. "('cirr_task7',)"
         # Stage 3's shapes, fixed here so that every stage of a chain evaluates alike (0 would take each stage's).

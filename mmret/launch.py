@@ -178,8 +178,13 @@ def rerank(cfg: Any, workdir: str, step: int | None) -> None:
         raise ValueError(f"--mode=rerank needs a reranker config (task='reranker'), got task={cfg.task!r}")
     if not cfg.rerank.retrieval:
         raise ValueError("rerank.retrieval: give the retrieval run to rerank (a directory of <task>.trec files)")
+    from mmret import build
+    from mmret.data.processor import Processor
+
     step = 0 if step == 0 else resolve_step(workdir, step)
-    model = load_trained_reranker(cfg, workdir if step else None, step)
+    # the vision tower attends within each image's block of patches (not across the batch's: the same scores)
+    patches = Processor(build.processor_dir(cfg), cfg.data.processor).patcher.max_patches
+    model = load_trained_reranker(cfg, workdir if step else None, step, max_image_patches=patches)
     label = (
         f"{workdir} step {step}"
         if step
