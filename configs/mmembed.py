@@ -54,9 +54,10 @@ def _zeroshot(umarvel, demo: bool) -> ml_collections.ConfigDict:
     c.unlock()
     c.task = "reranker"
     c.lora.rank = 0  # nothing trains
+    c.grad_cache_chunk = None  # a reranker config has no GradCache (the retriever's preset it starts from has)
     c.rerank.update(prompt="mmembed", top_k=10, cosine=False, weight=1.0)
     if demo:
-        c.rerank.update(max_length=256, max_patches=8 * 2 * 64)
+        c.rerank.update(max_length=320, max_patches=8 * 2 * 64)
     c.lock()
     return c
 

@@ -17,7 +17,7 @@ Presets (the ``:arg`` suffix):
   reranker, distilled into the ``hardneg`` model (:mod:`mmret.distill.teacher`, :mod:`mmret.tasks.distill`).
 - ``mbeir``: stage 3 alone (one run in ``DIR``), from the model source.
 - ``demo``: the same chain on the tiny random model and synthetic data (tools/make_tiny_model.py,
-  tools/make_synthetic_mbeir.py, tools/make_synthetic_pairs.py), evaluated after every stage: what the
+  tools/make_synthetic_mbeir.py, tools/make_synthetic_pairs.py), every retriever stage evaluated: what the
   README's first command runs.
 - ``mbeir_demo``: stage 3 alone on the tiny model (600 steps; benchmarks/RESULTS.md's demo table).
 

@@ -147,7 +147,8 @@ def test_a_registered_task_is_found_by_name(tmp_path, capsys):
         del tasks.TASKS["least_squares"]
     assert summary["final_step"] == 4
     assert "least squares: 4 batches read" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"task must be one of \('bi_encoder', 'reranker'\), got 'least_squares'"):
+    known = r"\('bi_encoder', 'reranker', 'distill'\)"
+    with pytest.raises(ValueError, match=rf"task must be one of {known}, got 'least_squares'"):
         tasks.get("least_squares")
 
 
