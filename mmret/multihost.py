@@ -21,3 +21,13 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def max_over_processes(values: list[int]) -> list[int]:
+    """Per position, the largest of ``values`` any process has (every process calls it)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        gathered = np.asarray(multihost_utils.process_allgather(np.array(values, np.int32)))
+        values = [int(v) for v in gathered.reshape(-1, len(values)).max(axis=0)]
+    return list(values)

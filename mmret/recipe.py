@@ -21,6 +21,7 @@ import dacite
 
 from mmret.data.bad_records import OnBadRecord
 from mmret.data.images import DEFAULT_MAX_PIXELS
+from mmret.data.packing import PackingConfig
 from mmret.data.pipeline import PipelineConfig
 from mmret.data.processor import ProcessorConfig
 from mmret.lora import ALSO_TRAIN, LLM_LINEARS
@@ -285,6 +286,7 @@ class EvalConfig:
     check_exact: int = 0
     on_bad_record: OnBadRecord = "error"
     search: SearchConfig = SearchConfig()
+    packing: PackingConfig = PackingConfig()  # rows of max_length tokens per batch (mmret.data.packing)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length", "max_patches", "check_exact"):
@@ -379,6 +381,8 @@ class RerankConfig:
     weight: float | None = None
     weight_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
     cosine: bool = True  # False: the reranker's P(yes) alone orders the top_k (MM-Embed's zero-shot reranking)
+    # Pairs packed into rows of max_length tokens (mmret.data.packing), in training and in --mode=rerank.
+    packing: PackingConfig = PackingConfig()
 
     def __post_init__(self) -> None:
         from mmret.data.rerank_prompts import get_prompt

@@ -40,9 +40,11 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mmret.data import packing
 from mmret.data.bad_records import BAD_IMAGE, BadRecordError, BadRecords, OnBadRecord
 from mmret.data.example import Example, Part, encode_part
 from mmret.data.images import DEFAULT_MAX_PIXELS, BadImageError
+from mmret.data.packing import PackingConfig
 from mmret.data.processor import PaddingSide, ProcessedExample, Processor
 from mmret.data.sources.mbeir import as_store
 from mmret.data.stores import Store
@@ -90,6 +92,10 @@ class PipelineConfig:
     on_bad_record: OnBadRecord = "error"
     max_decode_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap
     grad_cache_chunk: int | None = None  # queries per chunk: collate in chunks for a GradCache step
+    # Sequence packing per side (mmret.data.packing): the row counts a batch (a GradCache chunk) may take, rows
+    # of max_query_length / max_candidate_length tokens; rows=() pads one example a row.
+    query_packing: PackingConfig = PackingConfig()
+    candidate_packing: PackingConfig = PackingConfig()
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_query_length", "max_candidate_length"):
@@ -201,27 +207,20 @@ def collate_train(examples: Sequence[TrainExample], processor: Processor, cfg: P
     n = 1 if cfg.grad_cache_chunk is None else len(examples) // cfg.grad_cache_chunk
     per = len(examples) // n
 
-    def side(pick: Callable[[TrainExample], list[ProcessedExample]], length: int, patches: int) -> dict[str, Any]:
+    def side(
+        pick: Callable[[TrainExample], list[ProcessedExample]], length: int, patches: int, packs: PackingConfig
+    ) -> dict[str, Any]:
         groups = [[e for ex in examples[i * per : (i + 1) * per] for e in pick(ex)] for i in range(n)]
-        # Grid rows: one per image plus the filler, rounded to 2x the sequences so the rows split evenly
-        # over the batch shards wherever the sequences do (hosts concatenate their blocks).
-        chunks = [
-            processor.collate(
-                group,
-                max_length=length,
-                max_patches=patches // n,
-                max_images=2 * len(group),
-                padding_side=cfg.padding_side,
-            )
-            for group in groups
-        ]
+        chunks = [collate_side(g, processor, packs, max_length=length, max_patches=patches // n) for g in groups]
         if cfg.grad_cache_chunk is None:
             return chunks[0]
-        return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
+        return packing.stack_chunks(chunks, processor.pad_token_id)
 
     batch: dict[str, Any] = {
-        "query": side(lambda ex: [ex.query], cfg.max_query_length, cfg.max_query_patches),
-        "candidates": side(lambda ex: ex.candidates, cfg.max_candidate_length, cfg.max_candidate_patches),
+        "query": side(lambda ex: [ex.query], cfg.max_query_length, cfg.max_query_patches, cfg.query_packing),
+        "candidates": side(
+            lambda ex: ex.candidates, cfg.max_candidate_length, cfg.max_candidate_patches, cfg.candidate_packing
+        ),
         "positive_mask": np.array([[d in ex.positives for d in dids] for ex in examples], dtype=bool),
     }
     batch["meta"] = {
@@ -230,6 +229,34 @@ def collate_train(examples: Sequence[TrainExample], processor: Processor, cfg: P
         "bad_records": BadRecords(cfg.on_bad_record).merge(ex.bad for ex in examples),
     }
     return batch
+
+
+def collate_side(
+    examples: Sequence[ProcessedExample],
+    processor: Processor,
+    packs: PackingConfig | None,
+    *,
+    max_length: int,
+    max_patches: int,
+    padding_side: PaddingSide = "right",
+) -> dict[str, Any]:
+    """One side of a batch: packed rows when ``packs`` is enabled, else one padded row an example. Grid rows:
+    one per image plus the filler, rounded to 2x the sequences so that they split evenly over the batch shards
+    wherever the sequences do (hosts concatenate their blocks)."""
+    if packs is not None and packs.enabled:
+        return packing.pack(
+            examples,
+            packs,
+            row_length=max_length,
+            max_patches=max_patches,
+            max_images=2 * len(examples),
+            pad_token_id=processor.pad_token_id,
+            patch_dim=processor.patcher.patch_dim,
+        )
+    images = 2 * len(examples)
+    return processor.collate(
+        examples, max_length=max_length, max_patches=max_patches, max_images=images, padding_side=padding_side
+    )
 
 
 def _host_slice(ds: grain.MapDataset, process_index: int | None, process_count: int | None) -> grain.MapDataset:
@@ -365,9 +392,11 @@ def encode_dataset(
     num_workers: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    packs: PackingConfig | None = None,
 ) -> grain.IterDataset:
     """Ordered, static-shape batches of ``encode(item) -> (id, processed)`` for embedding queries or a
-    pool: every item exactly once (this host's slice), the last batch padded with copies flagged ``valid = 0``.
+    pool: every item exactly once (this host's slice), the last batch padded with copies flagged ``valid = 0``;
+    packed rows of ``max_length`` tokens when ``packs`` is enabled.
 
     An item may be ``None``: a padding slot (``valid = 0``), so that callers can give every host the
     same number of batches. ``meta["ids"]`` lists the ids of the valid rows, in row order."""
@@ -388,12 +417,8 @@ def encode_dataset(
         real = [e for _, e in chunk if e is not None]
         pad = real[-1] if real else fill()
         examples = [pad if e is None else e for _, e in chunk] + [pad] * (batch_size - len(chunk))
-        out = processor.collate(  # 2 image rows per example (as in training): divisible like the batch
-            examples,
-            max_length=max_length,
-            max_patches=max_patches,
-            max_images=2 * batch_size,
-            padding_side=padding_side,
+        out = collate_side(
+            examples, processor, packs, max_length=max_length, max_patches=max_patches, padding_side=padding_side
         )
         out["valid"] = np.array([i is not None for i, _ in chunk] + [False] * (batch_size - len(chunk)))
         out["meta"] = {"ids": [i for i, _ in chunk if i is not None]}

@@ -534,22 +534,18 @@ def collate(
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     batch = len(examples)
-    max_images = batch + 1 if max_images is None else max_images
-    if max_patches % 4:
-        raise ValueError(f"max_patches={max_patches} must be a multiple of 4 (the 2x2 patch merger)")
     input_ids = np.full((batch, max_length), pad_token_id, dtype=np.int32)
     attention = np.zeros((batch, max_length), dtype=np.int32)
     pool = np.zeros((batch, max_length), dtype=np.int32)
     positions = np.zeros((3, batch, max_length), dtype=np.int32)
     lengths = np.zeros(batch, dtype=np.int32)
-    pixels = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
-    grids = [ex.image_grid_thw for ex in examples if ex.image_grid_thw is not None]
-    n_patches = sum(p.shape[0] for p in pixels)
-    n_images = sum(g.shape[0] for g in grids)
-    if n_patches > max_patches:
-        raise ValueError(f"batch has {n_patches} image patches, more than max_patches={max_patches}")
-    if n_images > max_images:
-        raise ValueError(f"batch has {n_images} images, more than max_images={max_images}")
+    images = collate_images(
+        examples,
+        max_patches=max_patches,
+        max_images=batch + 1 if max_images is None else max_images,
+        pixel_dtype=pixel_dtype,
+        patch_dim=patch_dim,
+    )
     for b, ex in enumerate(examples):
         n = ex.length
         if n > max_length:
@@ -560,6 +556,44 @@ def collate(
         pool[b, span] = ex.pool_mask
         positions[:, b, span] = ex.position_ids
         lengths[b] = n
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "pool_mask": pool,
+        "position_ids": positions,
+        **images,
+        "lengths": lengths,
+        "text_tokens": text_tokens(examples),
+    }
+
+
+def text_tokens(examples: Sequence[ProcessedExample]) -> np.ndarray:
+    """[B] int32 free-text plus instruction tokens per example (0: an image-only input)."""
+    return np.array([ex.num_text_tokens + ex.num_instruction_tokens for ex in examples], np.int32)
+
+
+def collate_images(
+    examples: Sequence[ProcessedExample],
+    *,
+    max_patches: int,
+    max_images: int,
+    pixel_dtype: Any = np.float32,
+    patch_dim: int = 3 * 2 * 14 * 14,
+) -> dict[str, np.ndarray]:
+    """The image part of a batch, the examples' images in the order given (the order their image tokens
+    come in the batch's rows): ``pixel_values`` [max_patches, patch_dim], ``patch_mask`` [max_patches],
+    ``image_grid_thw`` [max_images, 3] with the filler row covering the padding patches, ``image_mask``
+    [max_images] (see :func:`collate`)."""
+    if max_patches % 4:
+        raise ValueError(f"max_patches={max_patches} must be a multiple of 4 (the 2x2 patch merger)")
+    pixels = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
+    grids = [ex.image_grid_thw for ex in examples if ex.image_grid_thw is not None]
+    n_patches = sum(p.shape[0] for p in pixels)
+    n_images = sum(g.shape[0] for g in grids)
+    if n_patches > max_patches:
+        raise ValueError(f"batch has {n_patches} image patches, more than max_patches={max_patches}")
+    if n_images > max_images:
+        raise ValueError(f"batch has {n_images} images, more than max_images={max_images}")
     patch_dim = pixels[0].shape[1] if pixels else patch_dim
     pixel_values = np.zeros((max_patches, patch_dim), dtype=pixel_dtype)
     if pixels:
@@ -574,14 +608,8 @@ def collate(
         image_grid_thw[n_images] = (1, 2, (max_patches - n_patches) // 2)
     image_mask = (np.arange(max_images) < n_images).astype(np.int32)
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "pool_mask": pool,
-        "position_ids": positions,
         "pixel_values": pixel_values,
         "patch_mask": patch_mask,
         "image_grid_thw": image_grid_thw,
         "image_mask": image_mask,
-        "lengths": lengths,
-        "text_tokens": np.array([ex.num_text_tokens + ex.num_instruction_tokens for ex in examples], np.int32),
     }

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mmret.data.packing import PackingConfig, pack
 from mmret.data.processor import ImageInput, ProcessedExample, Processor, collate
 from mmret.data.rerank_prompts import RerankPrompt
 
@@ -203,17 +204,36 @@ def collate_pairs(
     max_targets: int = 8,
     pad_token_id: int,
     patch_dim: int,
+    packing: PackingConfig | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`mmret.data.processor.collate` of the pairs (right padding, up to two images each) plus
-    ``answer_index`` [B] and ``target_positions`` / ``target_ids`` / ``target_mask`` [B, max_targets]."""
-    batch = collate(
-        [p.example for p in pairs],
-        max_length=max_length,
-        max_patches=max_patches,
-        max_images=3 * len(pairs),  # two images a pair at most, the filler, rows divisible as the pairs are
-        pad_token_id=pad_token_id,
-        patch_dim=patch_dim,
-    )
+    ``answer_index`` [B] and ``target_positions`` / ``target_ids`` / ``target_mask`` [B, max_targets].
+
+    ``packing`` (enabled): the pairs packed (:func:`mmret.data.packing.pack`), rows of ``max_length``; the
+    positions then are columns of each row's segments, ``answer_index`` [R, S] and ``target_positions``
+    [R, S, max_targets] (the model gathers them row by row, then per pair through ``slot``).
+    """
+    examples = [p.example for p in pairs]
+    images = 3 * len(pairs)  # two images a pair at most, the filler, rows divisible as the pairs are
+    if packing is not None and packing.enabled:
+        batch = pack(
+            examples,
+            packing,
+            row_length=max_length,
+            max_patches=max_patches,
+            max_images=images,
+            pad_token_id=pad_token_id,
+            patch_dim=patch_dim,
+        )
+    else:
+        batch = collate(
+            examples,
+            max_length=max_length,
+            max_patches=max_patches,
+            max_images=images,
+            pad_token_id=pad_token_id,
+            patch_dim=patch_dim,
+        )
     positions = np.zeros((len(pairs), max_targets), np.int32)
     ids = np.zeros((len(pairs), max_targets), np.int32)
     mask = np.zeros((len(pairs), max_targets), np.int32)
@@ -222,10 +242,14 @@ def collate_pairs(
         if n > max_targets:
             raise ValueError(f"pair {b} has {n} trained targets, more than max_targets={max_targets}")
         positions[b, :n], ids[b, :n], mask[b, :n] = p.target_positions, p.target_ids, 1
-    batch.update(
-        answer_index=np.array([p.answer_index for p in pairs], np.int32),
-        target_positions=positions,
-        target_ids=ids,
-        target_mask=mask,
-    )
+    answer = np.array([p.answer_index for p in pairs], np.int32)
+    if "slot" in batch:  # columns in the rows, laid out per segment
+        rows, segments = batch["segment_lengths"].shape
+        start = batch["starts"]
+        row_answer = np.zeros(rows * segments, np.int32)
+        row_answer[batch["slot"]] = answer + start
+        row_positions = np.zeros((rows * segments, max_targets), np.int32)
+        row_positions[batch["slot"]] = positions + start[:, None]
+        answer, positions = row_answer.reshape(rows, segments), row_positions.reshape(rows, segments, max_targets)
+    batch.update(answer_index=answer, target_positions=positions, target_ids=ids, target_mask=mask)
     return batch

@@ -62,6 +62,7 @@ from mmret import sharding
 from mmret.atomic_dir import PathLike, absolute, as_path, is_local, stamp, write_atomic
 from mmret.build import processor_dir
 from mmret.checkpoints import load_trained, resolve_step, step_dir
+from mmret.data import packing
 from mmret.data.bad_records import BadRecords
 from mmret.data.mbeir import EVAL_TASKS, dataset_task, input_files, pool_tasks
 from mmret.data.pipeline import candidate_dataset, query_dataset
@@ -227,6 +228,8 @@ class Embedder:
     def __call__(self, host_batch: dict[str, Any]) -> jax.Array:
         """Embeddings [hosts * batch, D] of the global batch (every host's block, host-major), replicated."""
         arrays = {k: v for k, v in host_batch.items() if k not in ("meta", "valid")}
+        if packing.is_packed(arrays):  # every process's block takes the most rows any needs
+            arrays = packing.globalize(arrays)
         with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
             batch = sharding.put_batch(arrays, self.mesh, self.rules)
             return self._fn(self.state, batch)
@@ -278,6 +281,7 @@ def embed_group(
         max_decode_pixels=ecfg.max_decode_pixels,
         process_index=0,
         process_count=1,
+        packs=ecfg.packing,
     )
     if group.kind == "query":
         ds = query_dataset(store, processor, queries=slots, instruction_seed=ecfg.instruction_seed, **kw)

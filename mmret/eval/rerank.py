@@ -37,6 +37,7 @@ from flax import nnx
 
 from mmret import build, sharding
 from mmret.atomic_dir import PathLike, absolute, as_path, write_atomic
+from mmret.data import packing
 from mmret.data.bad_records import BadRecords
 from mmret.data.mbeir import dataset_task
 from mmret.data.processor import Processor
@@ -120,6 +121,8 @@ class Scorer:
 
     def __call__(self, host_batch: dict[str, Any]) -> jax.Array:
         arrays = {k: v for k, v in host_batch.items() if k != "meta"}
+        if packing.is_packed(arrays):  # every process's block takes the most rows any needs
+            arrays = packing.globalize(arrays)
         with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
             return self._fn(self.state, sharding.put_batch(arrays, self.mesh, self.rules))
 
@@ -159,6 +162,7 @@ def score_run(run: Run, store: EvalStore, renderer: PairRenderer, scorer: Scorer
             max_targets=1,
             pad_token_id=processor.pad_token_id,
             patch_dim=processor.patcher.patch_dim,
+            packing=rcfg.packing,
         )
         scores = np.asarray(scorer(host_batch).addressable_data(0)).reshape(hosts, batch)
         for h in range(hosts):

@@ -69,7 +69,8 @@ class BackboneModel(Protocol):
 
     ``pixel_values`` / ``image_grid_thw`` are the processor's patch rows and per-image grids;
     ``position_ids`` [3, batch, length] (None: computed from ``input_ids`` and the grids);
-    ``image_mask`` marks the grid rows that are real images; ``causal`` overrides the attention mode.
+    ``image_mask`` marks the grid rows that are real images; ``causal`` overrides the attention mode;
+    ``segment_ids`` [batch, length] keeps attention inside each packed example (:mod:`mmret.data.packing`).
     """
 
     @property
@@ -85,6 +86,7 @@ class BackboneModel(Protocol):
         *,
         image_mask: jax.Array | None = None,
         causal: bool | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> BackboneOutput: ...
 
     def embed_inputs(

@@ -19,9 +19,14 @@ from mmret.models.encoder import forward
 from mmret.models.interface import BackboneModel
 
 
-def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
-    """``hidden`` [B, L, D] at ``positions`` [B, K] -> [B, K, D]."""
-    return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+def gather_positions(hidden: jax.Array, positions: jax.Array, slot: jax.Array | None = None) -> jax.Array:
+    """``hidden`` [B, L, D] at ``positions`` [B, K] -> [B, K, D]. Packed rows (``slot`` given): ``hidden``
+    [R, L, D] at the columns ``positions`` [R, S, K] of each row's segments, then per example -> [B, K, D]."""
+    if slot is None:
+        return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+    r, s, k = positions.shape
+    picked = jnp.take_along_axis(hidden, positions.reshape(r, s * k, 1).astype(jnp.int32), axis=1)
+    return picked.reshape(r * s, k, hidden.shape[-1])[slot]
 
 
 def yes_probability(logits: jax.Array, yes_id: int, no_id: int) -> jax.Array:
@@ -41,13 +46,13 @@ class Reranker(nnx.Module):
         return forward(self.backbone, batch, causal=True).last_hidden_state
 
     def logits_at(self, batch: dict[str, Any], positions: jax.Array) -> jax.Array:
-        """Full-vocabulary logits [B, K, V] at ``positions`` [B, K] (float32)."""
-        picked = gather_positions(self.hidden(batch), positions)
+        """Full-vocabulary logits [B, K, V] at ``positions`` [B, K] (packed rows: [R, S, K]) (float32)."""
+        picked = gather_positions(self.hidden(batch), positions, batch.get("slot"))
         return self.backbone.logits(picked).astype(jnp.float32)
 
     def answer_logits(self, batch: dict[str, Any]) -> jax.Array:
         """Logits [B, V] at each pair's ``answer_index`` (the first answer token's)."""
-        return self.logits_at(batch, batch["answer_index"][:, None])[:, 0]
+        return self.logits_at(batch, batch["answer_index"][..., None])[:, 0]
 
     def score(self, batch: dict[str, Any], yes_id: int, no_id: int) -> jax.Array:
         """P(yes) [B] of each pair."""

@@ -8,15 +8,18 @@ import jax.numpy as jnp
 from mmret.models.options import AttentionImpl
 
 
-def padding_mask(attention_mask: jax.Array, *, causal: bool) -> jax.Array:
+def padding_mask(attention_mask: jax.Array, *, causal: bool, segment_ids: jax.Array | None = None) -> jax.Array:
     """[batch, 1, length, length] boolean mask from a [batch, length] padding mask.
 
     Pads (left or right) are never attended to. A pad query attends to itself alone, so its row is
-    never empty (its output is ignored, but stays finite).
+    never empty (its output is ignored, but stays finite). ``segment_ids`` [batch, length] (packed rows,
+    :mod:`mmret.data.packing`): a token attends only within its own segment.
     """
     valid = attention_mask.astype(bool)
     length = valid.shape[1]
     mask = valid[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     if causal:
         mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
     return mask | jnp.eye(length, dtype=bool)[None, None]

@@ -126,9 +126,12 @@ class Qwen2VL(nnx.Module):
         *,
         image_mask: jax.Array | None = None,
         causal: bool | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> Qwen2VLOutput:
         """``causal`` overrides the configured attention mode (True: causal, False: bidirectional).
-        ``image_mask``: see :meth:`embed_inputs` (static batches with filler grid rows)."""
+        ``image_mask``: see :meth:`embed_inputs` (static batches with filler grid rows). ``segment_ids``
+        [B, L]: packed rows (:mod:`mmret.data.packing`), attention stays inside a segment; they need the
+        examples' own ``position_ids``."""
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -136,11 +139,13 @@ class Qwen2VL(nnx.Module):
             raise ValueError("pixel_values and image_grid_thw come together")
         t = self.cfg.text
         if position_ids is None:
+            if segment_ids is not None:
+                raise ValueError("packed rows (segment_ids) need position_ids: each example's own, from the processor")
             position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_mask)
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         causal = self.cfg.attention == "causal" if causal is None else causal
-        mask = padding_mask(attention_mask, causal=causal)
+        mask = padding_mask(attention_mask, causal=causal, segment_ids=segment_ids)
         hidden = self.language_model(embeds, cos.astype(embeds.dtype), sin.astype(embeds.dtype), mask)
         logits = self.logits(hidden) if self.cfg.with_lm_head else None
         return Qwen2VLOutput(last_hidden_state=hidden, logits=logits)

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from mmret import build, checkpoints, sharding
+from mmret.data import packing
 from mmret.data.bad_records import BadRecords
 from mmret.data.pipeline import mixed_epoch_length, mixed_train_dataset
 from mmret.models.retriever import Retriever
@@ -138,6 +139,9 @@ class BiEncoder:
         """Chunked batches (GradCache) have their examples on axis 1 (``position_ids``: 2)."""
         n_chunks = chunks(host_batch)
         arrays = {k: v for k, v in host_batch.items() if k != "meta"}
+        for side in ("query", "candidates"):
+            if packing.is_packed(arrays[side]):  # every process's block takes the most rows any needs
+                arrays[side] = packing.globalize(arrays[side])
         arrays["positive_mask"] = global_positive_mask(
             arrays["positive_mask"], n_chunks, jax.process_index(), jax.process_count()
         )

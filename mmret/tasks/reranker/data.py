@@ -81,6 +81,7 @@ def collate_rerank(
         max_targets=rerank.max_targets,
         pad_token_id=processor.pad_token_id,
         patch_dim=processor.patcher.patch_dim,
+        packing=rerank.packing,
     )
     batch["labels"] = np.array([1] * len(examples) + [0] * len(examples), np.int32)
     batch["meta"] = {

@@ -28,8 +28,8 @@ def lm_loss(logits: jax.Array, target_ids: jax.Array, target_mask: jax.Array) ->
 def reranker_loss(model: Reranker, batch: dict[str, Any], yes_id: int, no_id: int) -> tuple[jax.Array, dict]:
     """(loss, metrics) of a collated batch of training pairs (:func:`mmret.tasks.reranker.data.collate_rerank`)."""
     hidden = model.hidden(batch)
-    positions = jnp.concatenate([batch["target_positions"], batch["answer_index"][:, None]], axis=1)
-    logits = model.backbone.logits(gather_positions(hidden, positions)).astype(jnp.float32)
+    positions = jnp.concatenate([batch["target_positions"], batch["answer_index"][..., None]], axis=-1)
+    logits = model.backbone.logits(gather_positions(hidden, positions, batch.get("slot"))).astype(jnp.float32)
     loss = lm_loss(logits[:, :-1], batch["target_ids"], batch["target_mask"])
     p_yes = yes_probability(logits[:, -1], yes_id, no_id)
     accuracy = jnp.mean(((p_yes > 0.5).astype(jnp.int32) == batch["labels"]).astype(jnp.float32))

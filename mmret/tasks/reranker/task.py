@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from mmret import build, sharding
+from mmret.data import packing
 from mmret.data.processor import Processor
 from mmret.models.reranker import Reranker
 from mmret.recipe import TrainerConfig, step_pipeline
@@ -69,6 +70,8 @@ class RerankerTask:
 
     def global_arrays(self, host_batch: dict[str, Any], mesh: jax.sharding.Mesh, rules: Any) -> dict[str, Any]:
         arrays = {k: v for k, v in host_batch.items() if k != "meta"}
+        if packing.is_packed(arrays):  # every process's block takes the most rows any needs
+            arrays = packing.globalize(arrays)
         return sharding.put_batch(arrays, mesh, rules, sharding.BATCH_AXES)
 
     def tokens(self, host_batch: dict[str, Any]) -> int:
