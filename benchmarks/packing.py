@@ -75,6 +75,13 @@ TASKS: dict[str, tuple[int, Side, Side]] = {
     "oven_task8": (157, Side(text=(10, 0.3), image=PHOTO), Side(text=(110, 0.6), image=PHOTO)),
     "infoseek_task8": (143, Side(text=(12, 0.3), image=PHOTO), Side(text=(110, 0.6), image=PHOTO)),
 }
+#: The first two stages' data (``--mix``): SimCSE's NLI sentence pairs (text only) and CC3M captions -> images;
+#: no instruction in either (U-MARVEL's stages 1 and 2).
+MIXES: dict[str, dict[str, tuple[int, Side, Side]]] = {
+    "mbeir": TASKS,
+    "nli": {"nli": (1, Side(text=(14, 0.4)), Side(text=(12, 0.4)))},
+    "cc3m": {"cc3m": (1, Side(text=(13, 0.35)), Side(image=PHOTO))},
+}
 INSTRUCTION = (12, 0.25)
 MAX_TEXT = 480
 
@@ -133,12 +140,14 @@ def template_tokens() -> dict[tuple[bool, bool, bool], int]:
 class LengthModel:
     """Draws (query, candidates) inputs of M-BEIR's training mix (the module docstring's assumptions)."""
 
-    def __init__(self, template: dict[tuple[bool, bool, bool], int], seed: int, max_length: int):
+    def __init__(self, template: dict[tuple[bool, bool, bool], int], seed: int, max_length: int, mix: str = "mbeir"):
         self.template = template
         self.max_length = max_length
         self.rng = np.random.default_rng(seed)
-        self.tasks = list(TASKS)
-        weights = np.array([TASKS[t][0] for t in self.tasks], np.float64)
+        self.mix = MIXES[mix]
+        self.instructions = mix == "mbeir"
+        self.tasks = list(self.mix)
+        weights = np.array([self.mix[t][0] for t in self.tasks], np.float64)
         self.p = weights / weights.sum()
 
     def _tokens(self, median_sigma: tuple[float, float]) -> int:
@@ -155,6 +164,7 @@ class LengthModel:
     def side(self, side: Side, query: bool) -> Input:
         text = self._tokens(side.text) if side.text else 0
         grid = self._grid(side.image) if side.image else None
+        query = query and self.instructions
         instruction = self._tokens(INSTRUCTION) if query else 0
         key = (query, side.text is not None, side.image is not None)
         x = Input(self.template[key], instruction, text, grid)
@@ -163,7 +173,7 @@ class LengthModel:
 
     def example(self, negatives: int) -> tuple[Input, list[Input]]:
         task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.p))]
-        _, q, c = TASKS[task]
+        _, q, c = self.mix[task]
         return self.side(q, True), [self.side(c, False) for _ in range(1 + negatives)]
 
 
@@ -183,16 +193,22 @@ def _up(x: float, m: int) -> int:
 
 
 def choose_buckets(
-    draws: list[list[Input]], length: int, segments: int, multiple: int, percentiles: tuple[float, ...]
+    draws: list[list[Input]],
+    row_length: int,
+    segments: int,
+    multiple: int,
+    percentiles: tuple[float, ...],
+    margin: float = 1.0,
 ) -> PackingConfig:
-    """Buckets at ``percentiles`` of the rows and patch rows the calibration batches need (a bucket of all the
-    rows is dropped: one example a row is the last resort anyway)."""
-    rows, patches = zip(*(needed(d, length, segments) for d in draws), strict=True)
+    """Buckets at ``percentiles`` of the rows and patch rows the calibration batches need, the last times
+    ``margin`` (a bucket of all the rows is dropped: one example a row is the last resort anyway)."""
+    rows, patches = zip(*(needed(d, row_length, segments) for d in draws), strict=True)
     n = len(draws[0])
     out_rows: list[int] = []
     out_patches: list[int] = []
-    for q in percentiles:
-        r, pt = _up(np.percentile(rows, q), multiple), _up(np.percentile(patches, q), 4 * multiple)
+    for i, q in enumerate(percentiles):
+        m = margin if i == len(percentiles) - 1 else 1.0
+        r, pt = _up(m * np.percentile(rows, q), multiple), _up(m * np.percentile(patches, q), 4 * multiple)
         if r >= n:
             continue
         if out_rows and r == out_rows[-1]:
@@ -200,7 +216,7 @@ def choose_buckets(
         else:
             out_rows.append(r)
             out_patches.append(pt)
-    return PackingConfig(rows=tuple(out_rows), patches=tuple(out_patches), max_segments=segments)
+    return PackingConfig(rows=tuple(out_rows), patches=tuple(out_patches), max_segments=segments, row_length=row_length)
 
 
 def fractions(draws: list[list[Input]], cfg: PackingConfig, length: int, patch_budget: int) -> dict:
@@ -208,12 +224,13 @@ def fractions(draws: list[list[Input]], cfg: PackingConfig, length: int, patch_b
     real = sum(x.length for d in draws for x in d)
     real_patches = sum(x.patches for d in draws for x in d)
     n = len(draws[0])
-    ideal = sum(needed(d, length, cfg.max_segments)[0] for d in draws) * length
+    row = cfg.row_length or length
+    ideal = sum(needed(d, row, cfg.max_segments)[0] for d in draws) * row
     computed = computed_patches = 0
     taken: dict[str, int] = {}
     for d in draws:
-        bins, budget = packing.plan([x.length for x in d], cfg, length, sum(x.patches for x in d), patch_budget)
-        computed += len(bins) * length
+        bins, budget = packing.plan([x.length for x in d], cfg, row, sum(x.patches for x in d), patch_budget)
+        computed += len(bins) * row
         computed_patches += budget
         key = "padded" if len(bins) == n and budget == patch_budget else f"{len(bins)}x{budget}"
         taken[key] = taken.get(key, 0) + 1
@@ -224,7 +241,7 @@ def fractions(draws: list[list[Input]], cfg: PackingConfig, length: int, patch_b
         "padded_real_patches": real_patches / (len(draws) * patch_budget),
         "packed_real_patches": real_patches / computed_patches,
         "mean_length": real / (len(draws) * n),
-        "buckets": {"rows": list(cfg.rows), "patches": list(cfg.patches)},
+        "buckets": {"rows": list(cfg.rows), "patches": list(cfg.patches), "row_length": row},
         "taken": taken,
     }
 
@@ -285,10 +302,12 @@ def step_benchmark(args, template) -> dict:
         proc = Processor(d, ProcessorConfig(template="umarvel", max_pixels=UMARVEL_MAX_PIXELS))
     chunk, n_chunks, neg, length = args.step_chunk, 2, args.negatives, args.length
     batch = chunk * n_chunks
-    model_lengths = LengthModel(template, seed=args.seed + 7, max_length=length)
+    model_lengths = LengthModel(template, seed=args.seed + 7, max_length=length, mix=args.mix)
     calib = [[model_lengths.example(neg) for _ in range(chunk)] for _ in range(args.calibration)]
-    q_cfg = choose_buckets([[q for q, _ in d] for d in calib], length, args.segments, 1, args.percentiles)
-    c_cfg = choose_buckets([[c for _, cs in d for c in cs] for d in calib], length, args.segments, 1, args.percentiles)
+    row = args.row_length or length
+    pick_q, pick_c = (lambda d: [q for q, _ in d]), (lambda d: [c for _, cs in d for c in cs])
+    q_cfg = choose_buckets([pick_q(d) for d in calib], row, args.segments, 1, args.percentiles, args.margin)
+    c_cfg = choose_buckets([pick_c(d) for d in calib], row, args.segments, 1, args.percentiles, args.margin)
     base = PipelineConfig(
         batch_size=batch,
         num_negatives=neg,
@@ -374,15 +393,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chunk", type=int, default=60, help="queries per GradCache chunk (U-MARVEL's 60 per device)")
     p.add_argument("--negatives", type=int, default=0)
+    p.add_argument("--mix", default="mbeir", choices=sorted(MIXES), help="M-BEIR's training mix, or stage 1's / 2's")
     p.add_argument("--length", type=int, default=800, help="tokens per row (the paper config's max length)")
     p.add_argument("--segments", type=int, default=16)
+    p.add_argument("--row_length", type=int, default=0, help="tokens per packed row (0: --length)")
     p.add_argument("--multiple", type=int, default=1, help="row counts rounded up to a multiple (batch shards)")
     p.add_argument(
         "--percentiles",
         type=lambda v: tuple(float(x) for x in v.split(",")),
-        default=(30.0, 60.0, 90.0, 99.9),
+        default=(30.0, 60.0, 90.0, 100.0),
         help="the buckets: these percentiles of the calibration batches' needs",
     )
+    p.add_argument("--margin", type=float, default=1.05, help="the last bucket: its percentile times this")
     p.add_argument("--batches", type=int, default=500)
     p.add_argument("--calibration", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -395,7 +417,8 @@ def main() -> None:
     args = p.parse_args()
 
     template = template_tokens()
-    model = LengthModel(template, seed=args.seed, max_length=args.length)
+    model = LengthModel(template, seed=args.seed, max_length=args.length, mix=args.mix)
+    row = args.row_length or args.length
     calib = [[model.example(args.negatives) for _ in range(args.chunk)] for _ in range(args.calibration)]
     draws = [[model.example(args.negatives) for _ in range(args.chunk)] for _ in range(args.batches)]
     res: dict = {"template_tokens": {str(k): v for k, v in template.items()}}
@@ -403,7 +426,7 @@ def main() -> None:
         ("query", lambda d: [q for q, _ in d]),
         ("candidates", lambda d: [c for _, cs in d for c in cs]),
     ):
-        cfg = choose_buckets([pick(d) for d in calib], args.length, args.segments, args.multiple, args.percentiles)
+        cfg = choose_buckets([pick(d) for d in calib], row, args.segments, args.multiple, args.percentiles, args.margin)
         n = len(pick(draws[0]))
         res[side] = fractions([pick(d) for d in draws], cfg, args.length, n * 1200)
     sides = [(res[s], n) for s, n in (("query", args.chunk), ("candidates", args.chunk * (1 + args.negatives)))]

@@ -81,11 +81,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             max_candidate_length=96,
             max_query_patches=16 * 64,
             max_candidate_patches=16 * (1 + negatives) * 64,
+            **umarvel.demo_packing((6, 7), (22, 24)),
         )
         text_root, chunk = "/tmp/mmret_demo/pairs/beir", 16
     else:
-        hardneg_pipeline = umarvel._pipeline(17 * per_host, negatives=negatives)
-        text_root, chunk = ml_collections.FieldReference(None, field_type=str), 17
+        # packing: benchmarks/packing.py --chunk 136 --negatives 4 --multiple 8 --row_length 1024
+        packing = (
+            umarvel._packing((40, 48), (122592, 133152)),
+            umarvel._packing((168, 176, 184, 200), (391712, 409376, 442560, 497920)),
+        )
+        hardneg_pipeline = umarvel._pipeline(17 * per_host, negatives=negatives, packing=packing)
+        text_root, chunk = ml_collections.FieldReference(None, field_type=str), 17 * per_host  # the plain step
     mining = dict(rule="mmembed", negatives=negatives, top_k=50, modality_top=50, rank_cut=45, modality_share=0.5)
     c.stages = ml_collections.ConfigDict(
         dict(

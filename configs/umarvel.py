@@ -43,11 +43,17 @@ PAPER_BATCH_PER_HOST = 60 * DEVICES_PER_HOST
 
 
 def _pipeline(
-    batch: int, negatives: int = 0, length: int = 800, query_patches: int = 1200, patches: int = 1200
+    batch: int,
+    negatives: int = 0,
+    length: int = 800,
+    query_patches: int = 1200,
+    patches: int = 1200,
+    packing: tuple[dict, dict] | None = None,
 ) -> dict:
     """A paper pipeline of ``batch`` queries per host, each with one positive and ``negatives`` negatives;
-    ``query_patches`` / ``patches``: the patch budget per query / candidate (1200 = 300 visual tokens)."""
-    return dict(
+    ``query_patches`` / ``patches``: the patch budget per query / candidate (1200 = 300 visual tokens);
+    ``packing``: the query and candidate sides' packing (:func:`_packing`)."""
+    out = dict(
         batch_size=batch,
         num_negatives=negatives,
         max_query_length=length,
@@ -55,6 +61,25 @@ def _pipeline(
         max_query_patches=batch * query_patches,
         max_candidate_patches=batch * (1 + negatives) * patches,
     )
+    if packing is not None:
+        out.update(query_packing=packing[0], candidate_packing=packing[1])
+    return out
+
+
+def _packing(rows: tuple[int, ...], patches: tuple[int, ...], row_length: int = 1024) -> dict:
+    """Sequence packing (mmret.data.packing): rows of ``row_length`` tokens, the buckets (rows, patch rows) a host
+    batch may take. The paper stages' buckets are benchmarks/packing.py's for their shapes on its M-BEIR, NLI and
+    CC3M length models (30th, 60th, 90th and 105% of the 100th percentile, multiples of 8 devices; 86-94% of the
+    computed tokens real, against 17-45% padded: benchmarks/RESULTS.md)."""
+    return dict(rows=rows, patches=patches, row_length=row_length)
+
+
+#: Stage 3's packing (480 queries and 480 candidates per host, rows of 1,024): benchmarks/packing.py --chunk 480
+#: --multiple 8 --row_length 1024.
+MBEIR_PACKING = (
+    _packing((128, 136, 144), (401312, 420192, 450464)),
+    _packing((120, 128, 136), (277760, 298176, 324736)),
+)
 
 
 def _stages() -> ml_collections.ConfigDict:
@@ -67,19 +92,38 @@ def _stages() -> ml_collections.ConfigDict:
     text = dict(
         overrides=dict(
             data=dict(
-                layout="nli", root=root(), pipeline=_pipeline(72 * per_host, length=256, query_patches=4, patches=4)
+                layout="nli",
+                root=root(),
+                # benchmarks/packing.py --mix nli --chunk 576 --length 256 --row_length 256 --multiple 8
+                pipeline=_pipeline(
+                    72 * per_host,
+                    length=256,
+                    query_patches=4,
+                    patches=4,
+                    packing=(_packing((112, 120), (32, 32), 256), _packing((104, 112), (32, 32), 256)),
+                ),
             ),
             lora=dict(rank=64, alpha=128.0),
             temperature=dict(learnable=False),
             optimizer=dict(learning_rate=2e-4),
             epochs=2.0,
-            grad_cache_chunk=72,
+            grad_cache_chunk=72 * per_host,  # 72 a device at once: the whole host batch, the plain step
         )
     )
     caption = dict(
         init_from="text",
         overrides=dict(
-            data=dict(layout="caption", root=root(), pipeline=_pipeline(60 * per_host, length=400, query_patches=4)),
+            data=dict(
+                layout="caption",
+                root=root(),
+                # benchmarks/packing.py --mix cc3m --chunk 480 --length 400 --row_length 1024 --multiple 8
+                pipeline=_pipeline(
+                    60 * per_host,
+                    length=400,
+                    query_patches=4,
+                    packing=(_packing((32,), (32,)), _packing((160, 168), (539552, 567616))),
+                ),
+            ),
             temperature=dict(learnable=False),
             symmetric=True,  # caption -> image and image -> caption, summed (symmetric_reduction="sum")
             optimizer=dict(learning_rate=1e-4),
@@ -93,8 +137,18 @@ def _stages() -> ml_collections.ConfigDict:
         overrides=dict(
             mining=dict(rule="umarvel", negatives=5, top_k=100, pool="global"),
             # 17 queries per device, each with its positive and 5 mined negatives: 7 sequences per query
-            data=dict(pipeline=_pipeline(17 * per_host, negatives=5)),
-            grad_cache_chunk=17,
+            # (packing: benchmarks/packing.py --chunk 136 --negatives 5 --multiple 8 --row_length 1024)
+            data=dict(
+                pipeline=_pipeline(
+                    17 * per_host,
+                    negatives=5,
+                    packing=(
+                        _packing((40, 48), (122528, 135616)),
+                        _packing((200, 208, 224, 248), (465600, 494464, 544320, 618112)),
+                    ),
+                )
+            ),
+            grad_cache_chunk=17 * per_host,  # 17 queries (119 sequences) a device at once: the plain step
             optimizer=dict(learning_rate=1.5e-5),
             epochs=1.0,
         ),
@@ -133,7 +187,20 @@ def _stages() -> ml_collections.ConfigDict:
         overrides=dict(
             task="distill",
             distill=dict(fraction=0.1, top_k=50, weight=1.0, teacher_scale=0.5, infonce_weight=0.0),
-            data=dict(pipeline=dict(_pipeline(2 * per_host, negatives=49), num_negatives=0)),  # budgets: 50 each
+            # budgets: 50 each (packing: benchmarks/packing.py --chunk 16 --negatives 49 --multiple 8 --row_length 1024)
+            data=dict(
+                pipeline=dict(
+                    _pipeline(
+                        2 * per_host,
+                        negatives=49,
+                        packing=(
+                            _packing((8,), (19040,)),
+                            _packing((192, 208, 240, 280), (392640, 501536, 614912, 815168)),
+                        ),
+                    ),
+                    num_negatives=0,
+                )
+            ),
             grad_cache_chunk=None,
             optimizer=dict(learning_rate=1e-5),
             epochs=1.0,
@@ -178,12 +245,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         query_file="auto",  # the union file: query/union_train/mbeir_union_up_train.jsonl (1.33M lines)
         negatives_file=ml_collections.FieldReference(None, field_type=str),
         processor=dict(template="umarvel", max_pixels=300 * 28 * 28, max_text_tokens=480),
-        pipeline=dict(**_pipeline(PAPER_BATCH_PER_HOST), num_workers=8, on_bad_record="skip"),
+        pipeline=dict(**_pipeline(PAPER_BATCH_PER_HOST, packing=MBEIR_PACKING), num_workers=8, on_bad_record="skip"),
     )
     # One epoch: steps = lines of the union file // global batch (1.33M / 3840 = 346 on 8 hosts of 8 devices).
     c.epochs = ml_collections.FieldReference(1.0, field_type=float)
     c.optimizer = dict(learning_rate=4e-4, warmup_ratio=0.03, weight_decay=0.0)
-    c.grad_cache_chunk = 60
+    # GradCache chunks are per host: U-MARVEL's 60 sequences a device at once are the whole host batch (the plain
+    # step; the loss is over the global batch either way). A smaller chunk (a multiple of the 8 devices) caches.
+    c.grad_cache_chunk = PAPER_BATCH_PER_HOST
     c.mesh = dict(data=-1, fsdp=8, tensor=1)
     c.log_every = 10
     c.checkpoint = dict(every=500, keep=3)
@@ -229,6 +298,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=PAPER_BATCH_PER_HOST,
         max_length=800,
         max_patches=PAPER_BATCH_PER_HOST * 1200,
+        # Packed rows of 1,024: a batch holds one kind of input (a task's queries, or a pool); about 24 rows of
+        # short texts, 70-90 of passages, 160-176 of images (3 a row), 240-320 of image+text; text-only batches
+        # take no patch budget.
+        packing=dict(
+            rows=(32, 96, 176, 320),
+            patches=(64, 64, PAPER_BATCH_PER_HOST * 1200, PAPER_BATCH_PER_HOST * 1200),
+            row_length=1024,
+        ),
         shard_size=65536,
         num_workers=8,
         at_start=False,
@@ -277,6 +354,9 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
         max_candidate_patches=64 * 64,
         num_workers=0,
         on_bad_record="error",
+        # packed rows of 192 tokens; per GradCache chunk of 32 the demo corpus's queries take 11-12 rows, their
+        # candidates 9 (first fit over 40 batches; padded: 64% and 47% of the tokens real, packed 85% and 83%)
+        **demo_packing((11, 12), (9, 10)),
     )
     c.optimizer.learning_rate = 1e-3
     c.epochs = None  # fixed lengths: 600 steps of 64 are ~11.5 epochs of the demo corpus's 3,328-line union file
@@ -294,6 +374,8 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
         batch_size=64,
         max_length=96,
         max_patches=64 * 64,
+        # 64 inputs of one kind a batch: short candidate texts take about 8 rows of 192, image+text queries 24
+        packing=dict(rows=(8, 16, 24), patches=(), row_length=192),
     )
     if not chain:
         return
@@ -304,7 +386,12 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
     s = c.stages
     s.text.overrides.data.root = "/tmp/mmret_demo/pairs/nli"
     s.text.overrides.data.pipeline = dict(
-        batch_size=64, max_query_length=96, max_candidate_length=96, max_query_patches=64, max_candidate_patches=64
+        batch_size=64,
+        max_query_length=96,
+        max_candidate_length=96,
+        max_query_patches=64,
+        max_candidate_patches=64,
+        **demo_packing((10, 11), (10, 11)),
     )
     for name in ("text", "caption", "hardneg"):  # every weight trains (as above), a fixed length
         s[name].overrides.lora = dict(rank=0)
@@ -314,7 +401,12 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
     s.text.overrides.eval = dict(at_start=True)  # the model before the chain, for the table's first row
     s.caption.overrides.data.root = "/tmp/mmret_demo/pairs/caption"
     s.caption.overrides.data.pipeline = dict(
-        batch_size=64, max_query_length=96, max_candidate_length=96, max_query_patches=64, max_candidate_patches=64 * 64
+        batch_size=64,
+        max_query_length=96,
+        max_candidate_length=96,
+        max_query_patches=64,
+        max_candidate_patches=64 * 64,
+        **demo_packing((10, 11), (8, 9)),
     )
     s.hardneg.overrides.data.pipeline = dict(
         batch_size=16,
@@ -323,6 +415,7 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
         max_candidate_length=96,
         max_query_patches=16 * 64,
         max_candidate_patches=16 * 6 * 64,
+        **demo_packing((6, 7), (26, 28)),
     )
     s.hardneg.overrides.grad_cache_chunk = 16
     # The reranker on the mbeir model's local top-100 lists, every weight trained (random tiny model), 8 queries
@@ -332,7 +425,12 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
     s.reranker.overrides.optimizer = dict(learning_rate=DEMO_LR["reranker"], total_steps=DEMO_STEPS["reranker"])
     s.reranker.overrides.data.pipeline = dict(batch_size=8, num_negatives=0)
     # (batch_size: the pairs per scoring batch of the distillation teacher, which scores with the reranker's config)
-    s.reranker.overrides.rerank = dict(max_length=320, max_patches=32 * 2 * 64, batch_size=32)
+    s.reranker.overrides.rerank = dict(
+        max_length=320,
+        max_patches=32 * 2 * 64,
+        batch_size=32,
+        packing=dict(rows=(8, 12, 20)),  # pairs of about 100-200 tokens: 16 (training) or 32 (scoring) a batch
+    )
     s.distill.overrides.lora = dict(rank=0)
     s.distill.overrides.epochs = None
     s.distill.overrides.optimizer = dict(learning_rate=DEMO_LR["distill"], total_steps=DEMO_STEPS["distill"])
@@ -344,6 +442,16 @@ def _demo(c: ml_collections.ConfigDict, *, chain: bool) -> None:
         max_candidate_length=96,
         max_query_patches=8 * 64,
         max_candidate_patches=8 * 10 * 64,
+        **demo_packing((3, 4), (22, 24)),  # lists of 10: 80 candidates
+    )
+
+
+def demo_packing(query_rows: tuple[int, ...], candidate_rows: tuple[int, ...], row_length: int = 192) -> dict:
+    """The demo's packing (mmret.data.packing): rows of ``row_length`` tokens, the row counts a batch (a GradCache
+    chunk) may take per side, the whole patch budget in each."""
+    return dict(
+        query_packing=dict(rows=query_rows, patches=(), row_length=row_length),
+        candidate_packing=dict(rows=candidate_rows, patches=(), row_length=row_length),
     )
 
 

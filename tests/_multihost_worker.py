@@ -4,7 +4,10 @@
 
 Trains 3 SGD steps of the tiny retriever on a fixed global batch of 4 queries + 4 candidates, built
 as hosts build it: each host collates its own block of 2 and the blocks are concatenated. With one
-process the same blocks are collated locally and concatenated; the results must agree.
+process the same blocks are collated locally (padded) and concatenated; the results must agree. The two
+processes pack their blocks (mmret.data.packing) into rows of 128 tokens and take different row counts (host 0
+one row, host 1 one example a row: its bucket has no room for its images), so the global batch is the hosts' agreement
+(``packing.globalize``: the larger count, slots offset per host).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from mmret import sharding  # noqa: E402
+from mmret.data import packing  # noqa: E402
+from mmret.data.packing import PackingConfig  # noqa: E402
 from mmret.data.processor import Processor, ProcessorConfig  # noqa: E402
 from mmret.losses import Temperature  # noqa: E402
 from mmret.models import qwen2_vl  # noqa: E402
@@ -38,7 +43,15 @@ BLOCK, LENGTH, PATCHES = 2, 64, 2 * 64
 
 
 def block(proc: Processor, exs: list) -> dict:
-    return proc.collate(exs, max_length=LENGTH, max_patches=PATCHES, max_images=2 * len(exs))
+    if nproc == 1:
+        return proc.collate(exs, max_length=LENGTH, max_patches=PATCHES, max_images=2 * len(exs))
+    # host 1's bucket has no room for its images: it falls back to one example a row
+    cfg = PackingConfig(rows=(1,), patches=() if pid == 0 else (4,), row_length=2 * LENGTH)
+    side = packing.pack(
+        exs, cfg, row_length=LENGTH, max_patches=PATCHES, max_images=2 * len(exs), pad_token_id=proc.pad_token_id
+    )
+    assert packing.num_rows(side) == (1 if pid == 0 else 2), packing.num_rows(side)
+    return packing.globalize(side)
 
 
 def main() -> None:

@@ -10,9 +10,17 @@ import pytest
 
 from mmret import chain
 from mmret.losses import info_nce
-from mmret.recipe import as_trainer_config, with_epochs
+from mmret.recipe import as_trainer_config, step_pipeline, with_epochs
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(recipe: str, arg: str | None = None):
+    """``configs/<recipe>.py``'s ``get_config(arg)`` (a ConfigDict)."""
+    spec = importlib.util.spec_from_file_location(f"{recipe}_config", REPO / "configs" / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def umarvel(arg: str | None = None):
@@ -42,6 +50,35 @@ def test_paper_config_has_umarvels_loss_lora_and_exact_search():
     assert umarvel("mbeir").stages == () and umarvel("mbeir").lora == cfg.lora  # stage 3 alone
 
 
+def test_every_shipped_recipe_packs_and_its_paper_shapes_split_over_8_devices_a_host():
+    """Sequence packing is on in every trained stage of the paper and demo presets; the paper presets' batch
+    shapes (GradCache chunks, packed rows and patch rows, evaluation rows) divide over a host's 8 devices."""
+    for recipe in ("umarvel", "mmembed", "jfe"):
+        for arg in (None, "demo"):
+            c = load_config(recipe, arg)
+            c.unlock()
+            c.model.hf_dir, c.data.root = "/models/m", "/data/mbeir"
+            for source in c.stages.get("adapt", {}).get("overrides", {}).get("data", {}).get("mix", {}).values():
+                source.root = "/data/nli"
+            for stage in c.stages.values():
+                data = stage.get("overrides", {}).get("data", {})
+                if "root" in data and data["root"] is None:
+                    data["root"] = "/data/pairs"
+            cfg = as_trainer_config(c)
+            for stage in cfg.stages:
+                s = chain.stage_config(cfg, stage.name, "/run")
+                where = f"{recipe}:{arg} {stage.name}"
+                if s.task == "reranker":
+                    continue
+                p = step_pipeline(s)
+                assert p.query_packing.enabled and p.candidate_packing.enabled, where
+                if arg is not None:
+                    continue
+                assert p.grad_cache_chunk is None or p.grad_cache_chunk % 8 == 0, where
+                for packs in (p.query_packing, p.candidate_packing, s.eval.packing):
+                    assert all(r % 8 == 0 for r in packs.rows) and all(x % 32 == 0 for x in packs.patches), where
+
+
 def test_paper_chain_follows_the_stage_table():
     """RECIPES.md s.3's table: data, LoRA, per-device batch (x 8 devices per host), LR, epochs, temperature."""
     cfg = umarvel()
@@ -56,7 +93,9 @@ def test_paper_chain_follows_the_stage_table():
     for name, (layout, rank, alpha, per_device, lr, epochs) in table.items():
         s = stages[name]
         assert (s.data.layout, s.lora.rank, s.lora.alpha) == (layout, rank, alpha), name
-        assert s.data.pipeline.batch_size == 8 * per_device and s.grad_cache_chunk == per_device, name
+        # per_device sequences a device at once: GradCache chunks are per host, the whole host batch is the plain step
+        assert s.data.pipeline.batch_size == 8 * per_device and s.grad_cache_chunk == 8 * per_device, name
+        assert step_pipeline(s).grad_cache_chunk is None, name
         assert (s.optimizer.learning_rate, s.epochs, s.optimizer.warmup_ratio) == (lr, epochs, 0.03), name
         assert s.lora.dropout == 0.05 and s.optimizer.weight_decay == 0.0 and s.model.dtype == "bfloat16", name
     assert [stages[n].temperature.learnable for n in table] == [False, False, True, True]

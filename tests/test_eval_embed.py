@@ -86,6 +86,33 @@ def test_sharded_embeddings_equal_single_example_forwards(env, embedded):
         np.testing.assert_allclose(cv[row].astype(np.float32), ref, atol=2e-3)
 
 
+def test_packed_embedding_equals_the_padded_one(env, embedded, tmp_path, monkeypatch):
+    """eval.packing: batches of 16 in 8 rows of 192 tokens (sharded over the 8 devices) give the padded batches'
+    embeddings, every query and candidate."""
+    from mmret.data import packing
+
+    rows = []
+    real_pack = packing.pack
+
+    def counting(examples, cfg, **kw):
+        side = real_pack(examples, cfg, **kw)
+        rows.append((len(examples), packing.num_rows(side)))
+        return side
+
+    monkeypatch.setattr(packing, "pack", counting)
+    out = tmp_path / "packed"
+    embed(trainer_cfg(env, batch_size=16, packing={"rows": (8,), "row_length": 192}), out)
+    assert rows and all(n == 16 for n, _ in rows) and sum(r == 8 for _, r in rows) >= len(rows) // 2
+    padded, packed = Embeddings(embedded), Embeddings(out)
+    for task in TASKS:
+        (a_ids, a), (b_ids, b) = padded.queries(task), packed.queries(task)
+        assert a_ids == b_ids
+        np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), atol=2e-3)
+        (a_ids, a), (b_ids, b) = padded.local_pool(task), packed.local_pool(task)
+        assert a_ids == b_ids
+        np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), atol=2e-3)
+
+
 def test_rerun_redoes_only_missing_shards(env, embedded, tmp_path):
     out = tmp_path / "emb"
     for p in embedded.rglob("*"):  # a copy of a finished run
