@@ -369,6 +369,7 @@ def step_benchmark(args, template) -> dict:
         for b in batches[k]:
             jax.block_until_ready(jitted(state0, b)[1]["loss"])
         compile_s[k] = time.perf_counter() - t0
+        print(f"{k}: first pass over the batches {compile_s[k]:.1f}s", file=sys.stderr, flush=True)
     for _ in range(args.iters):
         for i in range(len(draws)):
             for k in cfgs:
@@ -410,9 +411,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-step", dest="step", action="store_false")
     p.add_argument("--step_preset", default="small")
-    p.add_argument("--step_chunk", type=int, default=8)
-    p.add_argument("--step_batches", type=int, default=3)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--step_chunk", type=int, default=4)
+    p.add_argument("--step_batches", type=int, default=2)
+    p.add_argument("--iters", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = p.parse_args()
 
