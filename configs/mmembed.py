@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             max_candidate_length=96,
             max_query_patches=16 * 64,
             max_candidate_patches=16 * (1 + negatives) * 64,
-            **umarvel.demo_packing((6, 7), (22, 24)),
+            **umarvel.demo_packing((7,), (24,)),
         )
         text_root, chunk = "/tmp/mmret_demo/pairs/beir", 16
     else:
