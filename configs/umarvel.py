@@ -20,6 +20,9 @@ Presets (the ``:arg`` suffix):
   tools/make_synthetic_mbeir.py, tools/make_synthetic_pairs.py), every retriever stage evaluated: what the
   README's first command runs.
 - ``mbeir_demo``: stage 3 alone on the tiny model (600 steps; benchmarks/RESULTS.md's demo table).
+- ``qwen3vl_4b``: the chain for U-MARVEL's Qwen3-VL-4B run (``--config.model.hf_dir=/path/to/Qwen3-VL-4B-Instruct``):
+  the same stages and settings (RECIPES.md s.3: "the same stages"), images capped at 300 visual tokens as on
+  Qwen2-VL, which is 300 * 32 * 32 pixels at Qwen3-VL's 16-pixel patches (the patch rows per image, 1,200, stay).
 
 The top-level fields are stage 3's (and every stage's defaults); a stage's ``overrides`` change what
 differs in it (the table of RECIPES.md s.3: data, LoRA rank, per-device batch, learning rate, epochs,
@@ -211,12 +214,14 @@ def _stages() -> ml_collections.ConfigDict:
 
 
 #: The ``:arg`` presets (None: the paper's).
-PRESETS = (None, "mbeir", "demo", "mbeir_demo")
+PRESETS = (None, "mbeir", "demo", "mbeir_demo", "qwen3vl_4b")
+#: U-MARVEL's image cap, 300 visual tokens, in pixels: Qwen2-VL's tokens are 28 x 28 pixels, Qwen3-VL's 32 x 32.
+MAX_PIXELS = {"qwen2_vl": 300 * 28 * 28, "qwen3_vl": 300 * 32 * 32}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in PRESETS:
-        raise ValueError(f"configs/umarvel.py: unknown preset {arg!r} (known: mbeir, demo, mbeir_demo)")
+        raise ValueError(f"configs/umarvel.py: unknown preset {arg!r} (known: mbeir, demo, mbeir_demo, qwen3vl_4b)")
     c = ml_collections.ConfigDict()
     c.task = "bi_encoder"  # the reranker stage: "reranker"; the distillation: "distill"
     c.model = dict(
@@ -244,7 +249,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         split="train",
         query_file="auto",  # the union file: query/union_train/mbeir_union_up_train.jsonl (1.33M lines)
         negatives_file=ml_collections.FieldReference(None, field_type=str),
-        processor=dict(template="umarvel", max_pixels=300 * 28 * 28, max_text_tokens=480),
+        processor=dict(
+            template="umarvel",
+            # None: the model directory's preprocessor_config.json (Qwen2-VL 56 x 56, Qwen3-VL 256 x 256 pixels)
+            min_pixels=ml_collections.FieldReference(None, field_type=int),
+            max_pixels=MAX_PIXELS["qwen2_vl"],
+            max_text_tokens=480,
+        ),
         pipeline=dict(**_pipeline(PAPER_BATCH_PER_HOST, packing=MBEIR_PACKING), num_workers=8, on_bad_record="skip"),
     )
     # One epoch: steps = lines of the union file // global batch (1.33M / 3840 = 346 on 8 hosts of 8 devices).
@@ -321,8 +332,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         },
     )
     c.eval.search.method = "exact"
-    if arg in (None, "demo"):
+    if arg in (None, "demo", "qwen3vl_4b"):
         c.stages = _stages()
+    if arg == "qwen3vl_4b":
+        c.data.processor.max_pixels = MAX_PIXELS["qwen3_vl"]
     if arg in ("demo", "mbeir_demo"):
         _demo(c, chain=arg == "demo")
     c.lock()

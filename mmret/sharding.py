@@ -98,6 +98,7 @@ DEFAULT_RULES: Rules = (
     ("vision_mlp", "tensor"),
     ("vision_mlp", "fsdp"),
     ("vision_patch", None),
+    ("vision_positions", None),
     ("merger_mlp", "tensor"),
     ("merger_mlp", "fsdp"),
     ("lora_rank", None),  # LoRA adapters: small; their other dim follows the layer they adapt

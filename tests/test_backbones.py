@@ -36,7 +36,7 @@ from mmret.models.qwen2_vl.processor_files import write_processor_files  # noqa:
 
 REPO = Path(__file__).resolve().parents[1]
 
-FAMILY_WORDS = ("qwen2_vl", "Qwen2VL")
+FAMILY_WORDS = ("qwen2_vl", "Qwen2VL", "qwen2_5_vl", "Qwen2_5_VL", "qwen3_vl", "Qwen3VL")
 
 
 # --- Qwen2-VL's spec, against transformers -------------------------------------------------------
@@ -149,7 +149,10 @@ def test_unknown_model_type_names_the_known_ones(tmp_path: Path) -> None:
     llava = _config_dir(tmp_path / "llava", {"model_type": "llava"})
     with pytest.raises(models.UnknownBackboneError, match=rf"^{llava / 'config.json'}: .*'llava'.*'qwen2_vl'"):
         models.backbone_of(llava)
-    with pytest.raises(models.UnknownBackboneError, match="names no model_type; known model types: 'qwen2_vl'"):
+    with pytest.raises(
+        models.UnknownBackboneError,
+        match="names no model_type; known model types: 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'$",
+    ):
         models.backbone_of(_config_dir(tmp_path / "none", {"hidden_size": 8}))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         models.backbone_of(tmp_path)

@@ -221,7 +221,7 @@ def test_every_shipped_config_and_preset_parses_with_its_stages():
         module = _load(path)
         for preset in module.PRESETS:
             c = module.get_config(preset)
-            if preset in (None, "mbeir"):  # the paper presets name no paths: give them
+            if preset in (None, "mbeir", "qwen3vl_4b"):  # the paper presets name no paths: give them
                 c = _with_paths(c)
             cfg = as_trainer_config(c)
             chain.check_stages(cfg)  # names, order, and every stage's merged config parses
@@ -230,6 +230,19 @@ def test_every_shipped_config_and_preset_parses_with_its_stages():
                 assert s.data.root and s.eval.root == "/data/M-BEIR" or preset == "demo", (path.name, stage.name)
         with pytest.raises(ValueError, match="unknown preset"):
             module.get_config("nope")
+
+
+def test_umarvels_qwen3_vl_preset_is_the_chain_with_the_image_cap_in_qwen3_tokens():
+    """U-MARVEL trains Qwen3-VL-4B "with the same stages": everything equal to the Qwen2-VL chain but the pixel cap,
+    which keeps 300 visual tokens (and so 1,200 patch rows an image, the budgets' unit) at 32 x 32 pixels a token."""
+    module = _load(REPO / "configs" / "umarvel.py")
+    base, q3 = module.get_config(None).to_dict(), module.get_config("qwen3vl_4b").to_dict()
+    assert q3["data"]["processor"].pop("max_pixels") == 300 * 32 * 32
+    assert base["data"]["processor"].pop("max_pixels") == 300 * 28 * 28
+    assert q3 == base
+    for patch, pixels in ((14, 300 * 28 * 28), (16, 300 * 32 * 32)):
+        assert pixels // patch**2 == 1200  # the per-image patch budget of the paper shapes (eval.max_patches / batch)
+    assert base["eval"]["max_patches"] == module.PAPER_BATCH_PER_HOST * 1200
 
 
 def test_mmembed_and_jfe_follow_their_papers_schedules():

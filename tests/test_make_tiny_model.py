@@ -289,7 +289,21 @@ def test_family_and_preset_resolution(tool: ModuleType) -> None:
     assert tool.resolve(None, None) == (qwen, "tiny")  # the default family's first test preset
     assert tool.resolve(None, "small") == (qwen, "small")  # the family that defines the preset
     assert tool.resolve("qwen2_vl", None) == (qwen, "tiny")
-    assert tool.materialisable_presets() == {"tiny": "qwen2_vl", "small": "qwen2_vl"}
+    assert tool.materialisable_presets() == {
+        "tiny": "qwen2_vl",
+        "small": "qwen2_vl",
+        "qwen2.5vl-tiny": "qwen2_5_vl",
+        "qwen2.5vl-small": "qwen2_5_vl",
+        "qwen3vl-tiny": "qwen3_vl",
+        "qwen3vl-small": "qwen3_vl",
+    }
+    q3 = models.get("qwen3_vl")
+    assert tool.resolve(None, "qwen3vl-small") == (q3, "qwen3vl-small") and tool.resolve("qwen3_vl", None) == (
+        q3,
+        "qwen3vl-tiny",
+    )
+    with pytest.raises(tool.UsageError, match="--preset must be one of"):
+        tool.resolve("qwen3_vl", "tiny")  # another family's preset
     for family, preset, message in (("llava", None, "--family 'llava'"), (None, "qwen2vl-7b", "--preset 'qwen2vl-7b'")):
         with pytest.raises(tool.UsageError, match=message):
             tool.resolve(family, preset)

@@ -9,7 +9,7 @@ import optax
 import pytest
 from PIL import Image
 
-from mmret import sharding
+from mmret import models, sharding
 from mmret.data import packing
 from mmret.data.packing import PackingConfig
 from mmret.data.processor import Processor, ProcessorConfig
@@ -36,6 +36,19 @@ def picture(rng: np.random.Generator, h: int, w: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def proc(processor_dir) -> Processor:
     return Processor(processor_dir, ProcessorConfig(max_pixels=16 * 28 * 28))
+
+
+@pytest.fixture(scope="module")
+def proc3(tmp_path_factory) -> Processor:
+    """Qwen3-VL's processor (patch 16, 32 x 32 pixels a token), images of at most 16 tokens."""
+    spec = models.get("qwen3_vl")
+    out = tmp_path_factory.mktemp("qwen3_processor")
+    spec.write_processor_files(out, spec.preset_config("qwen3vl-tiny"))
+    return Processor(out, ProcessorConfig(min_pixels=32 * 32, max_pixels=16 * 32 * 32), model_type="qwen3_vl")
+
+
+def processor_for(preset: str, proc: Processor, proc3: Processor) -> Processor:
+    return proc3 if preset.startswith("qwen3") else proc
 
 
 def mixed(proc: Processor, n: int, seed: int, *, instruction: bool) -> list:
@@ -65,10 +78,14 @@ def packed(
         max_patches=patches,
         max_images=2 * len(examples),
         pad_token_id=proc.pad_token_id,
+        patch_dim=proc.patcher.patch_dim,
     )
 
 
-def backbone(seed: int = 3, **options):
+def backbone(seed: int = 3, preset: str = "tiny", **options):
+    """A random tiny model: Qwen2-VL's, or another backbone's test preset (``qwen2.5vl-tiny``)."""
+    if preset != "tiny":
+        return models.from_preset(preset, seed=seed, **options)
     return qwen2_vl.create(qwen2_vl.Qwen2VLConfig.from_hf_dict(hf_config("tiny"), **options), seed=seed)
 
 
@@ -163,11 +180,19 @@ def test_grown_rows_are_empty_and_change_nothing_else(proc):
 
 
 @pytest.mark.parametrize(
-    "fusion,pooling,attention",
-    [("joint", "mean", "bidirectional"), ("joint", "last", "causal"), ("late", "mean", "causal")],
+    "fusion,pooling,attention,preset",
+    [
+        ("joint", "mean", "bidirectional", "tiny"),
+        ("joint", "last", "causal", "tiny"),
+        ("late", "mean", "causal", "tiny"),
+        ("joint", "mean", "bidirectional", "qwen2.5vl-tiny"),  # window attention in the vision tower
+        ("joint", "mean", "bidirectional", "qwen3vl-tiny"),  # DeepStack, patch 16
+        ("late", "mean", "causal", "qwen3vl-tiny"),
+    ],
 )
-def test_packed_embeddings_equal_padded_ones(proc, fusion, pooling, attention):
-    enc = Encoder(backbone(), EncoderConfig(pooling=pooling, fusion=fusion, attention=attention))
+def test_packed_embeddings_equal_padded_ones(proc, proc3, fusion, pooling, attention, preset):
+    proc = processor_for(preset, proc, proc3)
+    enc = Encoder(backbone(preset=preset), EncoderConfig(pooling=pooling, fusion=fusion, attention=attention))
     examples = mixed(proc, 9, 2, instruction=True)
     ref = np.asarray(jax.jit(lambda b: enc(b))(padded(proc, examples)))
     total = sum(ex.num_patches for ex in examples)
@@ -176,7 +201,7 @@ def test_packed_embeddings_equal_padded_ones(proc, fusion, pooling, attention):
     assert packing.num_patches(side) == total < PATCHES
     got = np.asarray(jax.jit(lambda b: enc(b))(side))
     np.testing.assert_allclose(got, ref, atol=1e-5)
-    if fusion == "joint" and pooling == "mean":  # and again with room to spare: empty rows, unused patch rows
+    if (fusion, pooling, preset) == ("joint", "mean", "tiny"):  # again with room to spare: empty rows and patch rows
         spare = packing.grow(packed(proc, examples, rows=(5,)), 7, PATCHES + 128, proc.pad_token_id)
         np.testing.assert_allclose(np.asarray(jax.jit(lambda b: enc(b))(spare)), ref, atol=1e-5)
 
@@ -259,7 +284,9 @@ def test_a_packed_step_sharded_over_a_mesh_equals_one_device(proc, train_example
 # --------------------------------------------------------------------------------------------- reranker
 
 
-def test_packed_pairs_give_the_padded_pairs_scores_and_loss(proc):
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5vl-tiny", "qwen3vl-tiny"])
+def test_packed_pairs_give_the_padded_pairs_scores_and_loss(proc, proc3, preset):
+    proc = processor_for(preset, proc, proc3)
     renderer = PairRenderer(proc, UMARVEL)
     rng = np.random.default_rng(6)
     pairs = []
@@ -269,11 +296,17 @@ def test_packed_pairs_give_the_padded_pairs_scores_and_loss(proc):
         q = " ".join(rng.choice(WORDS, int(rng.integers(2, 9))))
         c = " ".join(rng.choice(WORDS, int(rng.integers(0, 9))))
         pairs.append(renderer(q, q_image, c, c_image, answer=bool(i % 2)))
-    kw = dict(max_length=320, max_patches=12 * 64, max_targets=8, pad_token_id=proc.pad_token_id, patch_dim=1176)
+    kw = dict(
+        max_length=320,
+        max_patches=12 * 64,
+        max_targets=8,
+        pad_token_id=proc.pad_token_id,
+        patch_dim=proc.patcher.patch_dim,
+    )
     ref_batch = collate_pairs(pairs, **kw)
     batch = collate_pairs(pairs, **kw, packing=PackingConfig(rows=(2, 3)))
     assert packing.num_rows(batch) < len(pairs)
-    model = Reranker(backbone(seed=5, with_lm_head=True))
+    model = Reranker(backbone(seed=5, preset=preset, with_lm_head=True))
     yes, no = renderer.yes_id, renderer.no_id
     labels = np.array([int(i % 2) for i in range(len(pairs))], np.int32)
 

@@ -10,32 +10,21 @@ from typing import Any
 
 from mmret.convert.table import ConversionTable, Rule
 
-_V = "visual.blocks.{i}"
-_VO = "visual.blocks.layers.{i}"
+VISION = "visual.blocks.{i}"
+VISION_OURS = "visual.blocks.layers.{i}"
 _T = "model.layers.{i}"
 _TO = "language_model.layers.layers.{i}"
 
-RULES: tuple[Rule, ...] = (
-    Rule("visual.patch_embed.proj.weight", "visual.patch_embed.proj.kernel", "patch_embed"),
-    *(
-        Rule(f"{_V}.{hub}.{w}", f"{_VO}.{ours}.{p}", kind)
-        for hub, ours in (
-            ("norm1", "norm1"),
-            ("norm2", "norm2"),
-        )
-        for w, p, kind in (("weight", "scale", "copy"), ("bias", "bias", "copy"))
-    ),
-    *(
-        Rule(f"{_V}.{name}.{w}", f"{_VO}.{name}.{p}", kind)
-        for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-        for w, p, kind in (("weight", "kernel", "linear"), ("bias", "bias", "copy"))
-    ),
-    Rule("visual.merger.ln_q.weight", "visual.merger.ln_q.scale"),
-    Rule("visual.merger.ln_q.bias", "visual.merger.ln_q.bias"),
+#: The merger's two-layer MLP (the same in Qwen2.5-VL).
+MERGER_MLP_RULES: tuple[Rule, ...] = (
     Rule("visual.merger.mlp.0.weight", "visual.merger.mlp_0.kernel", "linear"),
     Rule("visual.merger.mlp.0.bias", "visual.merger.mlp_0.bias"),
     Rule("visual.merger.mlp.2.weight", "visual.merger.mlp_2.kernel", "linear"),
     Rule("visual.merger.mlp.2.bias", "visual.merger.mlp_2.bias"),
+)
+
+#: The Qwen2 decoder and the LM head (the same in Qwen2.5-VL).
+TEXT_RULES: tuple[Rule, ...] = (
     Rule("model.embed_tokens.weight", "language_model.embed_tokens.embedding"),
     *(
         Rule(f"{_T}.self_attn.{p}.{w}", f"{_TO}.self_attn.{p}.{o}", kind)
@@ -50,15 +39,33 @@ RULES: tuple[Rule, ...] = (
     Rule("lm_head.weight", "lm_head.kernel", "linear"),
 )
 
+RULES: tuple[Rule, ...] = (
+    Rule("visual.patch_embed.proj.weight", "visual.patch_embed.proj.kernel", "patch_embed"),
+    *(
+        Rule(f"{VISION}.{name}.{w}", f"{VISION_OURS}.{name}.{p}", kind)
+        for name in ("norm1", "norm2")
+        for w, p, kind in (("weight", "scale", "copy"), ("bias", "bias", "copy"))
+    ),
+    *(
+        Rule(f"{VISION}.{name}.{w}", f"{VISION_OURS}.{name}.{p}", kind)
+        for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+        for w, p, kind in (("weight", "kernel", "linear"), ("bias", "bias", "copy"))
+    ),
+    Rule("visual.merger.ln_q.weight", "visual.merger.ln_q.scale"),
+    Rule("visual.merger.ln_q.bias", "visual.merger.ln_q.bias"),
+    *MERGER_MLP_RULES,
+    *TEXT_RULES,
+)
+
 # transformers >= 5 names the same tensors differently in memory (and may save them so).
 HUB_ALIASES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
 
-def _depth(cfg: Any, hub: str) -> int:
+def depth(cfg: Any, hub: str) -> int:
     return cfg.vision.depth if hub.startswith("visual.") else cfg.text.num_hidden_layers
 
 
-def _patch_embed_shape(cfg: Any) -> tuple[int, ...]:
+def patch_embed_shape(cfg: Any) -> tuple[int, ...]:
     v = cfg.vision
     return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
 
@@ -66,7 +73,7 @@ def _patch_embed_shape(cfg: Any) -> tuple[int, ...]:
 TABLE = ConversionTable(
     name="Qwen2-VL",
     rules=RULES,
-    depth=_depth,
-    patch_embed_shape=_patch_embed_shape,
+    depth=depth,
+    patch_embed_shape=patch_embed_shape,
     hub_aliases=HUB_ALIASES,
 )

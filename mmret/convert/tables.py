@@ -15,6 +15,8 @@ from mmret.convert.table import ConversionTable
 #: model_type -> module defining ``TABLE``.
 BUILTIN: dict[str, str] = {
     "qwen2_vl": "mmret.convert.qwen2_vl_table",
+    "qwen2_5_vl": "mmret.convert.qwen2_5_vl_table",
+    "qwen3_vl": "mmret.convert.qwen3_vl_table",
 }
 
 _registered: dict[str, ConversionTable] = {}

@@ -26,6 +26,7 @@ LOGICAL_AXES = (
     "vision_heads",  # ViT fused qkv / attention width
     "vision_mlp",  # ViT MLP width
     "vision_patch",  # flattened patch (3 * 2 * 14 * 14)
+    "vision_positions",  # rows of a learned position-embedding table (Qwen3-VL)
     "merger_mlp",  # patch merger hidden width
     "lora_rank",  # the low-rank axis of LoRA adapters (mmret.lora)
 )

@@ -26,6 +26,8 @@ DEFAULT_MODEL_TYPE = "qwen2_vl"
 #: model_type -> module defining ``BACKBONE``.
 BUILTIN: dict[str, str] = {
     "qwen2_vl": "mmret.models.qwen2_vl.backbone",
+    "qwen2_5_vl": "mmret.models.qwen2_5_vl.backbone",
+    "qwen3_vl": "mmret.models.qwen3_vl.backbone",
 }
 
 _registered: dict[str, Backbone] = {}

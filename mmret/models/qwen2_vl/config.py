@@ -127,24 +127,12 @@ class Qwen2VLConfig:
     def from_hf_dict(cls, hf: dict[str, Any], **options: Any) -> Qwen2VLConfig:
         """Build from a Hugging Face ``config.json`` dict (classic or transformers-5 layout)."""
         model_type = hf.get("model_type")
-        if model_type not in (None, "qwen2_vl"):
-            raise ValueError(f"unsupported architecture: model_type={model_type!r} (only 'qwen2_vl')")
+        if model_type not in (None, cls.model_type):
+            raise ValueError(f"unsupported architecture: model_type={model_type!r} (only {cls.model_type!r})")
         text = {**hf, **(hf.get("text_config") or {})}
         vis = hf.get("vision_config") or {}
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        vision = VisionConfig(
-            depth=vis.get("depth", 32),
-            embed_dim=vis.get("embed_dim", 1280),
-            num_heads=vis.get("num_heads", 16),
-            mlp_ratio=vis.get("mlp_ratio", 4.0),
-            hidden_act=vis.get("hidden_act", "quick_gelu"),
-            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
-            patch_size=vis.get("patch_size", 14),
-            temporal_patch_size=vis.get("temporal_patch_size", 2),
-            spatial_merge_size=vis.get("spatial_merge_size", 2),
-            out_hidden_size=vis.get("hidden_size", text["hidden_size"]),
-            rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
-        )
+        vision = cls.vision_from_hf(vis, text)
         text_cfg = TextConfig(
             vocab_size=text["vocab_size"],
             hidden_size=text["hidden_size"],
@@ -177,6 +165,23 @@ class Qwen2VLConfig:
         ids = {k: v for k, v in ids.items() if v is not None}
         cfg = cls(vision=vision, text=text_cfg, **ids)
         return cfg.replace(**options) if options else cfg
+
+    @classmethod
+    def vision_from_hf(cls, vis: dict[str, Any], text: dict[str, Any]) -> VisionConfig:
+        """The vision tower's config from config.json's ``vision_config`` (``text``: the text keys)."""
+        return VisionConfig(
+            depth=vis.get("depth", 32),
+            embed_dim=vis.get("embed_dim", 1280),
+            num_heads=vis.get("num_heads", 16),
+            mlp_ratio=vis.get("mlp_ratio", 4.0),
+            hidden_act=vis.get("hidden_act", "quick_gelu"),
+            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+            patch_size=vis.get("patch_size", 14),
+            temporal_patch_size=vis.get("temporal_patch_size", 2),
+            spatial_merge_size=vis.get("spatial_merge_size", 2),
+            out_hidden_size=vis.get("hidden_size", text["hidden_size"]),
+            rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+        )
 
     @classmethod
     def from_hf_dir(cls, hf_dir: str | Path, **options: Any) -> Qwen2VLConfig:

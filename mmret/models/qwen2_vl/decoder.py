@@ -47,10 +47,12 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    attention_class: type[nnx.Module] = Attention
+
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         kw = dict(eps=cfg.text.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.text.hidden_size, **kw)
-        self.self_attn = Attention(cfg, rngs=rngs)
+        self.self_attn = self.attention_class(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.text.hidden_size, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
 

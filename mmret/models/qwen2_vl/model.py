@@ -25,7 +25,9 @@ class Qwen2VLOutput:
 
 
 class LanguageModel(nnx.Module):
-    """Token embedding, decoder layers and the final norm."""
+    """Token embedding, decoder layers (:attr:`layer_class`) and the final norm."""
+
+    layer_class: type[nnx.Module] = DecoderLayer
 
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         t = cfg.text
@@ -38,7 +40,11 @@ class LanguageModel(nnx.Module):
             rngs=rngs,
         )
         self.layers = LayerStack(
-            lambda r: DecoderLayer(cfg, rngs=r), t.num_hidden_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
+            lambda r: self.layer_class(cfg, rngs=r),
+            t.num_hidden_layers,
+            scan=cfg.scan_layers,
+            remat=cfg.remat,
+            rngs=rngs,
         )
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
@@ -49,12 +55,16 @@ class LanguageModel(nnx.Module):
 class Qwen2VL(nnx.Module):
     """The backbone. ``__call__`` takes what the Hugging Face model takes: input_ids [B, L],
     attention_mask [B, L] (1 = token, 0 = pad; left or right padding), pixel_values [patches, 1176]
-    and image_grid_thw [images, 3] as the Hugging Face processor emits them."""
+    and image_grid_thw [images, 3] as the Hugging Face processor emits them. Families that differ only in
+    the vision tower (Qwen2.5-VL) subclass it and set :attr:`vision_tower`."""
+
+    vision_tower: type[nnx.Module] = VisionTransformer
+    language_model_class: type[nnx.Module] = LanguageModel
 
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg, rngs=rngs)
-        self.language_model = LanguageModel(cfg, rngs=rngs)
+        self.visual = self.vision_tower(cfg, rngs=rngs)
+        self.language_model = self.language_model_class(cfg, rngs=rngs)
         if cfg.with_lm_head and not cfg.text.tie_word_embeddings:
             self.lm_head = linear(
                 cfg.text.hidden_size,
@@ -85,6 +95,15 @@ class Qwen2VL(nnx.Module):
         if pixel_values is None:
             return embeds
         feats = self.visual(pixel_values, image_grid_thw, image_mask).astype(embeds.dtype)
+        is_img, idx = self.image_feature_index(input_ids, image_grid_thw, image_mask, feats.shape[0])
+        return jnp.where(is_img[..., None], feats[idx], embeds)
+
+    def image_feature_index(
+        self, input_ids: jax.Array, image_grid_thw: jax.Array, image_mask: jax.Array | None, num_features: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(is_img, idx)`` [B, L]: which tokens are image tokens and the row of the vision tower's merged
+        features [num_features, d] each takes (the k-th image token the k-th feature of the images the
+        tokens refer to, skipping filler grid rows). A ``ValueError`` when the counts disagree (concrete inputs)."""
         is_img = input_ids == self.cfg.image_token_id
         merge = self.cfg.vision.spatial_merge_size**2
         grid = jnp.asarray(image_grid_thw).astype(jnp.int32)
@@ -101,8 +120,7 @@ class Qwen2VL(nnx.Module):
         row = jnp.clip(jnp.searchsorted(token_end, ordinal, side="right"), 0, grid.shape[0] - 1)
         within = ordinal - (token_end[row] - tokens_per_row[row])
         feat_start = jnp.cumsum(feats_per_row) - feats_per_row
-        idx = jnp.clip(feat_start[row] + within, 0, feats.shape[0] - 1)
-        return jnp.where(is_img[..., None], feats[idx], embeds)
+        return is_img, jnp.clip(feat_start[row] + within, 0, num_features - 1)
 
     def position_ids(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, image_grid_thw: jax.Array | None
@@ -137,18 +155,31 @@ class Qwen2VL(nnx.Module):
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw come together")
-        t = self.cfg.text
         if position_ids is None:
             if segment_ids is not None:
                 raise ValueError("packed rows (segment_ids) need position_ids: each example's own, from the processor")
             position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_mask)
-        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         causal = self.cfg.attention == "causal" if causal is None else causal
         mask = padding_mask(attention_mask, causal=causal, segment_ids=segment_ids)
-        hidden = self.language_model(embeds, cos.astype(embeds.dtype), sin.astype(embeds.dtype), mask)
+        hidden = self.hidden_states(input_ids, pixel_values, image_grid_thw, image_mask, position_ids, mask)
         logits = self.logits(hidden) if self.cfg.with_lm_head else None
         return Qwen2VLOutput(last_hidden_state=hidden, logits=logits)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        image_grid_thw: jax.Array | None,
+        image_mask: jax.Array | None,
+        position_ids: jax.Array,
+        mask: jax.Array,
+    ) -> jax.Array:
+        """The decoder's final (normed) hidden states [B, L, hidden] for prepared inputs (``mask``: the
+        [B, 1, L, L] attention mask)."""
+        t = self.cfg.text
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, image_mask)
+        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
+        return self.language_model(embeds, cos.astype(embeds.dtype), sin.astype(embeds.dtype), mask)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is not None:

@@ -245,13 +245,16 @@ def tokenizer_config() -> dict[str, Any]:
     }
 
 
-def write_tokenizer_files(out_dir: str | Path, tiktoken_path: str | Path | None = None) -> list[Path]:
+def write_tokenizer_files(
+    out_dir: str | Path, tiktoken_path: str | Path | None = None, processor_class: str = "Qwen2VLProcessor"
+) -> list[Path]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "tokenizer.json", out / "tokenizer_config.json", out / "chat_template.jinja"]
     build_tokenizer(tiktoken_path).save(str(paths[0]), pretty=False)
-    paths[1].write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = {**tokenizer_config(), "processor_class": processor_class}
+    paths[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths[2].write_text(CHAT_TEMPLATE, encoding="utf-8")
     return paths
 
@@ -285,11 +288,26 @@ def write_processor_files(
     temporal_patch_size: int = 2,
     merge_size: int = 2,
     tiktoken_path: str | Path | None = None,
+    processor_class: str = "Qwen2VLProcessor",
+    image_mean: Sequence[float] = tuple(OPENAI_CLIP_MEAN),
+    image_std: Sequence[float] = tuple(OPENAI_CLIP_STD),
+    min_pixels: int = IMAGE_MIN_PIXELS,
+    max_pixels: int = IMAGE_MAX_PIXELS,
 ) -> list[Path]:
-    """Write the tokenizer files and ``preprocessor_config.json`` into ``out_dir``; return their paths."""
-    paths = write_tokenizer_files(out_dir, tiktoken_path)
+    """Write the tokenizer files and ``preprocessor_config.json`` into ``out_dir``; return their paths.
+    ``processor_class``: the transformers processor the files name (``Qwen2_5_VLProcessor`` for Qwen2.5-VL,
+    same tokenizer and image processor); the image settings default to Qwen2-VL's."""
+    paths = write_tokenizer_files(out_dir, tiktoken_path, processor_class)
     path = Path(out_dir) / "preprocessor_config.json"
-    cfg = preprocessor_config(patch_size, temporal_patch_size, merge_size)
+    cfg = {
+        **preprocessor_config(patch_size, temporal_patch_size, merge_size),
+        "processor_class": processor_class,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "image_mean": list(image_mean),
+        "image_std": list(image_std),
+    }
     path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return [*paths, path]
 

@@ -18,6 +18,24 @@ from mmret.models.qwen2_vl.rope import apply_rotary, vision_cos_sin
 _LN_EPS = 1e-6
 
 
+def check_patches(
+    pixel_values: jax.Array, image_grid_thw: jax.Array, image_mask: jax.Array | None, patch_dim: int, block: int
+) -> None:
+    """A ``ValueError`` when ``pixel_values`` is not [patches, ``patch_dim``], the grids describe more patches
+    than it has, or (concrete grids) an image (a grid row ``image_mask`` marks) has more than ``block`` > 0."""
+    if pixel_values.ndim != 2 or pixel_values.shape[1] != patch_dim:
+        raise ValueError(f"pixel_values must be [patches, {patch_dim}], got {pixel_values.shape}")
+    n = pixel_values.shape[0]
+    if any(isinstance(x, jax.core.Tracer) for x in (image_grid_thw, image_mask)):
+        return
+    sizes = np.prod(np.asarray(image_grid_thw), axis=-1)
+    if int(sizes.sum()) > n:
+        raise ValueError(f"pixel_values has {n} patches, image_grid_thw describes {int(sizes.sum())}")
+    real = sizes if image_mask is None else sizes[np.asarray(image_mask) > 0]
+    if block and real.size and int(real.max()) > block:
+        raise ValueError(f"an image has {int(real.max())} patches, more than max_image_patches={block}")
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         v = cfg.vision
@@ -120,17 +138,8 @@ class VisionTransformer(nnx.Module):
         """``image_mask`` [images]: the grid rows that are images (see ``Qwen2VL.embed_inputs``); only they
         are held to ``max_image_patches`` (a filler row covering batch padding may be longer)."""
         v = self.cfg
-        if pixel_values.ndim != 2 or pixel_values.shape[1] != v.patch_dim:
-            raise ValueError(f"pixel_values must be [patches, {v.patch_dim}], got {pixel_values.shape}")
+        check_patches(pixel_values, image_grid_thw, image_mask, v.patch_dim, self.max_image_patches)
         n = pixel_values.shape[0]
-        if not any(isinstance(x, jax.core.Tracer) for x in (image_grid_thw, image_mask)):
-            sizes = np.prod(np.asarray(image_grid_thw), axis=-1)
-            if int(sizes.sum()) > n:
-                raise ValueError(f"pixel_values has {n} patches, image_grid_thw describes {int(sizes.sum())}")
-            block = self.max_image_patches
-            real = sizes if image_mask is None else sizes[np.asarray(image_mask) > 0]
-            if block and real.size and int(real.max()) > block:
-                raise ValueError(f"an image has {int(real.max())} patches, more than max_image_patches={block}")
         image, rows, cols = vision_patch_positions(image_grid_thw, n, v.spatial_merge_size)
         cos, sin = vision_cos_sin(rows, cols, v.head_dim, v.rope_theta)
         x = self.patch_embed(pixel_values.astype(self.dtype))
