@@ -74,7 +74,8 @@ def main() -> None:
         )
     hf = hf.to(device)
 
-    ids, mask, pv, grid = make_inputs(spec, args.batch, args.length, args.image_tokens, cfg_dict["vocab_size"])
+    vocab = cfg_dict.get("vocab_size") or cfg_dict["text_config"]["vocab_size"]  # flat or nested layout
+    ids, mask, pv, grid = make_inputs(spec, args.batch, args.length, args.image_tokens, vocab)
     graphdef, state = nnx.split(model)
 
     @jax.jit
