@@ -9,15 +9,15 @@ import jax
 import pytest
 from flax import nnx
 
-from mmret.models import qwen2_vl
+from mmret import models
 from mmret.models.partitioning import LOGICAL_AXES, logical, logical_axes
-from mmret.models.qwen2_vl.presets import hf_config
 
 
+@pytest.mark.parametrize("preset", ["qwen2vl-7b", "qwen2.5vl-7b", "qwen3vl-8b"])
 @pytest.mark.parametrize("scan", [True, False])
-def test_every_parameter_has_one_logical_name_per_dim(scan):
-    cfg = qwen2_vl.Qwen2VLConfig.from_hf_dict(hf_config("qwen2vl-7b"), scan_layers=scan, with_lm_head=True)
-    model = qwen2_vl.abstract(cfg)  # shapes only: the 7B is never materialised
+def test_every_parameter_has_one_logical_name_per_dim(scan, preset):
+    spec = models.find_preset(preset)
+    model = spec.abstract(spec.config(models.preset_config(preset), scan_layers=scan, with_lm_head=True))  # shapes only
     params = nnx.state(model, nnx.Param)
     specs = logical_axes(params)
     shapes = jax.tree.leaves(params)
@@ -38,6 +38,7 @@ def test_unknown_logical_name_is_rejected():
 def test_model_code_imports_no_torch_grain_scann_or_tfds():
     code = (
         "import sys; import mmret.models.qwen2_vl as q; from mmret.models.qwen2_vl import hf; "
+        "import mmret.models.qwen2_5_vl, mmret.models.qwen3_vl; "
         "bad = [m for m in ('torch', 'grain', 'scann', 'tensorflow_datasets', 'tensorflow') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -166,16 +166,15 @@ def rel_err(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(got - ref)[valid].max() / np.sqrt(np.mean(ref[valid] ** 2)))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_last_hidden_state_and_logits_match_hf(pair, case):
+def test_last_hidden_state_and_logits_match_hf(pair):
     hf, path = pair
-    b = CASES[case]
-    ref_h, ref_logits = hf_forward(hf, b)
     model = qwen2_vl.from_hf(path, jnp.float32, with_lm_head=True)
-    out = ours(model, b)
-    assert out.last_hidden_state.shape == ref_h.shape
-    assert rel_err(np.asarray(out.last_hidden_state), ref_h, b.mask) < RTOL
-    assert rel_err(np.asarray(out.logits), ref_logits, b.mask) < RTOL
+    for case, b in CASES.items():
+        ref_h, ref_logits = hf_forward(hf, b)
+        out = ours(model, b)
+        assert out.last_hidden_state.shape == ref_h.shape, case
+        assert rel_err(np.asarray(out.last_hidden_state), ref_h, b.mask) < RTOL, case
+        assert rel_err(np.asarray(out.logits), ref_logits, b.mask) < RTOL, case
 
 
 def test_bidirectional_matches_hf_with_padding_only_mask(pair):
@@ -233,18 +232,18 @@ def test_block_local_vision_attention_matches_hf(pair, block):
         )
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "text_only"])
-def test_position_ids_match_hf_get_rope_index(pair, case):
+def test_position_ids_match_hf_get_rope_index(pair):
     hf, _ = pair
-    b = CASES[case]
-    ref = reference_positions(hf, b)
-    valid = np.broadcast_to(b.mask.astype(bool)[None], ref.shape)
-    for xp in (np, jnp):
-        got = np.asarray(mrope_position_ids(b.ids, b.mask, b.grid, image_token_id=IMG, xp=xp))
-        np.testing.assert_array_equal(got[valid], ref[valid])
-    # Inside jit too (shapes static, values traced).
     jitted = jax.jit(lambda i, m, g: mrope_position_ids(i, m, g, image_token_id=IMG, xp=jnp))
-    np.testing.assert_array_equal(np.asarray(jitted(b.ids, b.mask, b.grid))[valid], ref[valid])
+    for case in [c for c in CASES if c != "text_only"]:
+        b = CASES[case]
+        ref = reference_positions(hf, b)
+        valid = np.broadcast_to(b.mask.astype(bool)[None], ref.shape)
+        for xp in (np, jnp):
+            got = np.asarray(mrope_position_ids(b.ids, b.mask, b.grid, image_token_id=IMG, xp=xp))
+            np.testing.assert_array_equal(got[valid], ref[valid], err_msg=case)
+        # Inside jit too (shapes static, values traced).
+        np.testing.assert_array_equal(np.asarray(jitted(b.ids, b.mask, b.grid))[valid], ref[valid], err_msg=case)
 
 
 def test_position_ids_text_continues_after_image_at_max_plus_one():
