@@ -122,8 +122,8 @@ CASES = {
 
 
 def hf_forward(hf, b: Batch, *, causal: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Reference last hidden state and logits. Bidirectional: the same model given an explicit
-    padding-only 4D mask (transformers accepts a prepared mask mapping)."""
+    """Reference last hidden state and logits of any of the Qwen-VL families' transformers models. Bidirectional:
+    the same model given an explicit padding-only 4D mask (transformers takes a prepared 4D mask as it is)."""
     kw = dict(input_ids=torch.tensor(b.ids))
     if b.pixel_values is not None:
         kw.update(
@@ -136,7 +136,7 @@ def hf_forward(hf, b: Batch, *, causal: bool = True) -> tuple[np.ndarray, np.nda
     else:
         length = b.ids.shape[1]
         m = torch.tensor(b.mask).bool()[:, None, None, :].expand(-1, 1, length, -1)
-        kw["attention_mask"] = {"full_attention": m | torch.eye(length, dtype=torch.bool)}
+        kw["attention_mask"] = m | torch.eye(length, dtype=torch.bool)
         kw["position_ids"] = torch.tensor(np.asarray(reference_positions(hf, b)))
     with torch.no_grad():
         out = hf(**kw, output_hidden_states=True)
@@ -148,11 +148,10 @@ def reference_positions(hf, b: Batch) -> np.ndarray:
         pos = np.cumsum(b.mask, axis=1) - 1
         return np.broadcast_to(np.where(b.mask > 0, pos, 0)[None], (3, *b.ids.shape))
     pos, _ = hf.model.get_rope_index(
-        torch.tensor(b.ids),
-        torch.tensor((b.ids == IMG).astype(np.int64)),
-        torch.tensor(b.grid),
-        None,
-        torch.tensor(b.mask),
+        input_ids=torch.tensor(b.ids),
+        mm_token_type_ids=torch.tensor((b.ids == IMG).astype(np.int64)),
+        image_grid_thw=torch.tensor(b.grid),
+        attention_mask=torch.tensor(b.mask),
     )
     return pos.numpy()
 

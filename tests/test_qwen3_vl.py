@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_qwen2_vl import IMG, VE, VS, Batch, batch, image_run, rel_err  # noqa: E402
+from test_qwen2_vl import IMG, VE, VS, Batch, batch, hf_forward, image_run, reference_positions, rel_err  # noqa: E402
 
 from mmret import models  # noqa: E402
 from mmret.convert.checkpoint import convert_from_hf, load_model  # noqa: E402
@@ -115,43 +115,6 @@ def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     return hf, path
-
-
-def mm_types(ids: np.ndarray) -> torch.Tensor:
-    return torch.tensor((ids == IMG).astype(np.int64))
-
-
-def reference_positions(hf, b: Batch) -> np.ndarray:
-    if b.grid is None:
-        pos = np.cumsum(b.mask, axis=1) - 1
-        return np.broadcast_to(np.where(b.mask > 0, pos, 0)[None], (3, *b.ids.shape)).copy()
-    pos, _ = hf.model.get_rope_index(
-        input_ids=torch.tensor(b.ids),
-        mm_token_type_ids=mm_types(b.ids),
-        image_grid_thw=torch.tensor(b.grid),
-        attention_mask=torch.tensor(b.mask),
-    )
-    return pos.numpy()
-
-
-def hf_forward(hf, b: Batch, *, causal: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    kw = dict(input_ids=torch.tensor(b.ids))
-    if b.pixel_values is not None:
-        kw.update(
-            pixel_values=torch.tensor(b.pixel_values),
-            image_grid_thw=torch.tensor(b.grid),
-            mm_token_type_ids=mm_types(b.ids),
-        )
-    if causal:
-        kw["attention_mask"] = torch.tensor(b.mask)
-    else:
-        length = b.ids.shape[1]
-        m = torch.tensor(b.mask).bool()[:, None, None, :].expand(-1, 1, length, -1)
-        kw["attention_mask"] = m | torch.eye(length, dtype=torch.bool)  # a prepared 4D mask is taken as it is
-        kw["position_ids"] = torch.tensor(reference_positions(hf, b))
-    with torch.no_grad():
-        out = hf(**kw, output_hidden_states=True)
-    return out.hidden_states[-1].numpy(), out.logits.numpy()
 
 
 def ones(x: np.ndarray) -> np.ndarray:
