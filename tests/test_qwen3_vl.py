@@ -21,6 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_qwen2_vl import CASES as QWEN2_VL_CASES  # noqa: E402
 from test_qwen2_vl import IMG, VE, VS, Batch, batch, hf_forward, image_run, reference_positions, rel_err  # noqa: E402
 
 from mmret import models  # noqa: E402
@@ -48,24 +49,9 @@ def with_patches(b: Batch, seed: int = 0) -> Batch:
 
 
 CASES = {
-    "text_only": batch([[1, 2, 3, 4, 5, 6, 7]], []),
-    "one_image": batch([[1, 2, *image_run((1, 4, 6)), 3, 4, 5]], [(1, 4, 6)]),
-    "several_images": batch(
-        [[1, *image_run((1, 4, 4)), 2, 3, *image_run((1, 6, 2)), 4, *image_run((1, 2, 8)), 5]],
-        [(1, 4, 4), (1, 6, 2), (1, 2, 8)],
-    ),
-    "padded_batch": batch(
-        [[1, *image_run((1, 4, 4)), 2, 3, 4, 5, 6, 7, 8], [9, 10, 11], [12, *image_run((1, 2, 4)), 13]],
-        [(1, 4, 4), (1, 2, 4)],
-    ),
-    "left_padding": batch(
-        [[1, *image_run((1, 4, 4)), 2, 3, 4, 5, 6, 7, 8], [9, *image_run((1, 4, 2)), 10]],
-        [(1, 4, 4), (1, 4, 2)],
-        left=True,
-    ),
-    "large_image": batch([[1, *image_run((1, 10, 14)), 2, 3]], [(1, 10, 14)]),  # a grid larger than the table
+    **{k: with_patches(b) for k, b in QWEN2_VL_CASES.items()},
+    "large_image": with_patches(batch([[1, *image_run((1, 10, 14)), 2, 3]], [(1, 10, 14)])),  # grid > the table
 }
-CASES = {k: with_patches(b) for k, b in CASES.items()}
 
 
 def hf_config(name: str) -> transformers.Qwen3VLConfig:

@@ -99,15 +99,16 @@ class PatchMerger(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    """The Conv3d with kernel == stride of the reference is a linear map of each flattened patch."""
+    """The Conv3d with kernel == stride of the reference is a linear map of each flattened patch (Qwen3-VL's
+    has a bias)."""
 
-    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs, bias: bool = False):
         v = cfg.vision
         self.proj = linear(
             v.patch_dim,
             v.embed_dim,
             ("vision_patch", "vision_embed"),
-            bias=False,
+            bias=bias,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             rngs=rngs,

@@ -11,33 +11,14 @@ from flax import nnx
 
 from mmret.models.partitioning import logical
 from mmret.models.qwen2_vl.layer_stack import LayerStack
-from mmret.models.qwen2_vl.layers import INIT_STD, layer_norm, linear
+from mmret.models.qwen2_vl.layers import INIT_STD, layer_norm
 from mmret.models.qwen2_vl.position_ids import vision_patch_positions
 from mmret.models.qwen2_vl.rope import vision_cos_sin
-from mmret.models.qwen2_vl.vision import PatchMerger, VisionBlock, check_patches
+from mmret.models.qwen2_vl.vision import PatchEmbed, PatchMerger, VisionBlock, check_patches
 from mmret.models.qwen3_vl.config import Qwen3VLConfig
 from mmret.models.qwen3_vl.position_embedding import interpolation_taps
 
 _EPS = 1e-6
-
-
-class PatchEmbed(nnx.Module):
-    """The Conv3d (kernel == stride, with a bias) as a linear map of each flattened patch."""
-
-    def __init__(self, cfg: Qwen3VLConfig, *, rngs: nnx.Rngs):
-        v = cfg.vision
-        self.proj = linear(
-            v.patch_dim,
-            v.embed_dim,
-            ("vision_patch", "vision_embed"),
-            bias=True,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            rngs=rngs,
-        )
-
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        return self.proj(pixel_values)
 
 
 class DeepStackMerger(PatchMerger):
@@ -63,7 +44,7 @@ class VisionTransformer(nnx.Module):
         self.cfg = v
         self.dtype = cfg.dtype
         self.max_image_patches = cfg.max_image_patches
-        self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs, bias=True)
         self.pos_embed = nnx.Embed(
             v.num_position_embeddings,
             v.embed_dim,
