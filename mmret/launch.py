@@ -1,7 +1,7 @@
 """The one entry point for jobs.
 
     python -m mmret.launch --config=configs/umarvel.py[:preset] --workdir=DIR [--config.a.b=value ...]
-        [--mode=train|embed|eval|mine|rerank] [--step=N] [--stage=NAME]
+        [--mode=train|embed|eval|mine|rerank|export] [--step=N] [--stage=NAME] [--out=DIR]
 
 ``--config`` takes a Python config file exposing ``get_config(arg)`` (a bare name such as
 ``umarvel.py`` resolves to ``configs/umarvel.py``); ``--config.a.b=value`` overrides one field, and
@@ -15,12 +15,15 @@ checkpoint ``--step`` (default: the latest; 0: before training) under ``DIR/eval
 ``eval`` embeds, searches and reports it under ``DIR/eval/<step>/<pool>/`` (see :mod:`mmret.eval`);
 ``mine`` mines hard negatives with it (``mining.*``) into ``DIR/mined/<step>/`` (see :mod:`mmret.mining`);
 ``rerank`` (a reranker config) reranks the retrieval run ``rerank.retrieval`` with it into
-``DIR/rerank/<step>/`` (0: the untrained model source, zero-shot; see :mod:`mmret.eval.rerank`).
+``DIR/rerank/<step>/`` (0: the untrained model source, zero-shot; see :mod:`mmret.eval.rerank`);
+``export`` writes it as a plain Hugging Face directory (``--out``, default ``DIR/export/<step>/``; LoRA
+merged, tokenizer and processor files, ``mmret_embedding.json`` or ``mmret_reranker.json``, a model card;
+see :mod:`mmret.export`).
 
 A config with ``stages`` is a chain (:mod:`mmret.chain`): ``train`` runs its stages in order, each in
 ``DIR/<stage>/`` (mining where a stage says ``mine_from``), skipping finished ones, and closes with a
 table of every stage's evaluation; ``--stage=NAME`` trains only that stage, or names the stage whose run
-``embed`` / ``eval`` / ``mine`` read (default: the last).
+``embed`` / ``eval`` / ``mine`` / ``export`` read (default: the last).
 
 Errors in what the job was given are checked before anything is written to ``DIR`` (config values,
 the paths the config names, the model directory's weights, every record of the training data) and
@@ -151,6 +154,17 @@ def main(argv: list[str]) -> None:
             return
         if mode == "rerank":
             rerank(trainer_cfg, workdir, step)
+            return
+        if mode == "export":
+            from mmret.checkpoints import resolve_step
+            from mmret.export import export_run
+            from mmret.progress import StepsBar
+
+            step = resolve_step(workdir, step)
+            bar = StepsBar("export", out=sys.stdout)
+            out = export_run(workdir, flags.FLAGS.out or as_path(workdir) / "export" / str(step), step, progress=bar)
+            bar.close()
+            print(f"exported step {step} of {workdir} to {out}")
             return
         ecfg = trainer_cfg.eval
         if ecfg.at_start:
@@ -308,9 +322,10 @@ def run() -> None:
     flags.DEFINE_enum(
         "mode",
         "train",
-        ["train", "embed", "eval", "mine", "rerank"],
-        "Train (and evaluate per eval.at_*), or embed/eval/mine/rerank.",
+        ["train", "embed", "eval", "mine", "rerank", "export"],
+        "Train (and evaluate per eval.at_*), or embed/eval/mine/rerank/export.",
     )
+    flags.DEFINE_string("out", None, "--mode=export: the Hugging Face directory to write (default DIR/export/<step>).")
     flags.DEFINE_string("stage", None, "A chained config's stage: run only it (train), or embed/eval/mine its run.")
     flags.DEFINE_integer("step", -1, "Checkpoint to embed/evaluate/mine: -1 the latest, 0 the model before training.")
     flags.DEFINE_bool("verbose", False, "Show the traceback of input errors (else one line on stderr).")

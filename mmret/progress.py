@@ -82,3 +82,23 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class StepsBar:
+    """A ``progress(done, total, name)`` callback (the converters' and the export's) as one bar, made on the
+    first call (nothing with ``quiet``); :meth:`close` writes its final line."""
+
+    def __init__(self, desc: str, *, unit: str = "tensor", quiet: bool = False, out: TextIO | None = None):
+        self.desc, self.unit, self.quiet, self.out, self.bar = desc, unit, quiet, out, None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = progress(total, self.desc, unit=self.unit, out=self.out)
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -23,13 +23,14 @@ LAYERS = [
     {"mmret.sharding", "mmret.convert", "mmret.data"},
     {"mmret.recipe", "mmret.build", "mmret.checkpoints"},  # the shared floor
     {"mmret.tasks", "mmret.eval"},
-    {"mmret.train", "mmret.mining", "mmret.distill"},
+    {"mmret.train", "mmret.mining", "mmret.distill", "mmret.export", "mmret.pretrained"},
     {"mmret.chain"},
     {"mmret.launch"},
 ]
 #: Upward imports that run only when called: (importer, imported, why).
 LAZY_UPWARD = {
     ("mmret.models", "mmret.convert"),  # mmret.models.from_hf: the public entry point of the loader in convert/
+    ("mmret", "mmret.pretrained"),  # mmret.Retriever: the public encode API, imported on first use
 }
 
 

@@ -22,28 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class _Progress:
-    """The converters' ``progress(done, total, name)`` callback as one ``mmret.progress`` bar (made on the
-    first call; nothing with ``quiet``); :meth:`close` writes its final line."""
-
-    def __init__(self, desc: str, quiet: bool):
-        self.desc, self.quiet, self.bar = desc, quiet, None
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is None:
-            from mmret.progress import progress
-
-            self.bar = progress(total, self.desc, unit="tensor", out=sys.stdout)
-        self.bar.set_postfix_str(name, refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
@@ -102,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from mmret.convert.hf import ConversionError
 
     start = time.monotonic()
-    report = _Progress("from_hf" if args.command == "from_hf" else "to_hf", args.quiet)
+    from mmret.progress import StepsBar
+
+    report = StepsBar(args.command, quiet=args.quiet, out=sys.stdout)
     try:
         if args.command == "from_hf":
             from mmret.convert.checkpoint import convert_from_hf

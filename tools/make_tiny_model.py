@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a seeded random-weight Hugging Face model directory of a registered backbone, offline.
 
-    python tools/make_tiny_model.py --out DIR [--family qwen2_vl] [--preset tiny|small] [--seed N] [--force]
+    python tools/make_tiny_model.py --out DIR [--family qwen2_vl] [--preset tiny|small] [--seed N] [--untied] [--force]
 
 ``--family`` is the backbone's Hugging Face ``model_type`` (default: the one defining ``--preset``, else
 qwen2_vl); ``--preset`` one of its test presets (default: its first). DIR gets the preset's ``config.json``
@@ -77,9 +77,18 @@ def resolve(family: str | None, preset: str | None) -> tuple[Backbone, str]:
 
 
 def write_model_dir(
-    out: str | Path, preset: str | None = None, seed: int = 0, force: bool = False, family: str | None = None
+    out: str | Path,
+    preset: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+    family: str | None = None,
+    *,
+    untied: bool = False,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Write a random-weight directory of ``family``'s ``preset`` at ``out`` (atomically); return its path."""
+    """Write a random-weight directory of ``family``'s ``preset`` at ``out`` (atomically); return its path.
+    ``untied``: an LM head of its own (``tie_word_embeddings`` false, as the 7B sizes) instead of the preset's;
+    ``vocab_size``: token rows instead of the preset's (e.g. the tokenizer's own size, so added tokens grow it)."""
     spec, preset = resolve(family, preset)
     if seed < 0:
         raise UsageError(f"--seed must be >= 0, got {seed}")
@@ -89,6 +98,12 @@ def write_model_dir(
     with atomic_output_dir(out, force=force) as tmp:
         config_dict = spec.preset_config(preset)
         config_dict["torch_dtype"] = "float32"  # what is saved
+        for holder in (config_dict, config_dict.get("text_config")):
+            if isinstance(holder, dict):
+                if untied:
+                    holder["tie_word_embeddings"] = False
+                if vocab_size is not None and "vocab_size" in holder:
+                    holder["vocab_size"] = vocab_size
         _write_weights(tmp, spec, config_dict, seed)
         # Our config.json replaces the transformers-5 one: same model, hub layout (flat text keys).
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
@@ -118,6 +133,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "only describe shapes",
     )
     parser.add_argument("--seed", type=int, default=0, help="torch seed for the random weights (default 0)")
+    parser.add_argument("--untied", action="store_true", help="an LM head of its own (tie_word_embeddings false)")
     parser.add_argument("--force", action="store_true", help="replace --out if it is a non-empty directory")
     return parser.parse_args(argv)
 
@@ -128,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         spec, preset = resolve(args.family, args.preset)
-        out = write_model_dir(args.out, preset=preset, seed=args.seed, force=args.force, family=spec.model_type)
+        out = write_model_dir(
+            args.out, preset=preset, seed=args.seed, force=args.force, family=spec.model_type, untied=args.untied
+        )
     except (UsageError, OSError) as e:
         print(f"make_tiny_model: error: {e}", file=sys.stderr)
         return 2

@@ -12,8 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from mmret.convert.checkpoint import (
     HF_FILES,
+    ParamPath,
     Progress,
     atomic_output_dir,
     check_output,
@@ -31,6 +31,7 @@ from mmret.convert.checkpoint import (
     restore_params,
 )
 from mmret.convert.hf import INDEX_FILE, SINGLE_FILE, ConversionError, write_safetensors, write_tensors
+from mmret.convert.table import ConversionTable
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -70,9 +71,8 @@ def shard(plan: Plan, max_bytes: int) -> list[tuple[str, Plan]]:
     return [(f"model-{k:05d}-of-{n:05d}.safetensors", g) for k, g in enumerate(groups, 1)]
 
 
-def _config_bytes(src: Path, dtype: str | None) -> bytes:
-    """The stored config.json, its ``dtype`` / ``torch_dtype`` updated when the written dtype differs."""
-    raw = src.read_bytes()
+def _config_bytes(raw: bytes, dtype: str | None) -> bytes:
+    """A config.json's bytes, its ``dtype`` / ``torch_dtype`` updated when the written dtype differs."""
     if dtype is None:
         return raw
     hf = json.loads(raw)
@@ -101,61 +101,100 @@ def export_to_hf(
     check_output(out, force)
     if out.absolute() == ckpt_dir.absolute():
         raise ConversionError(f"{out}: the output cannot be the checkpoint itself")
-    max_bytes = parse_size(max_shard_size)
-    out_dtype = None if dtype is None else np.dtype(dtype_name(dtype))
     info = read_info(ckpt_dir)
     cfg = info.config(with_lm_head=True)
     table = info.table
-    expected = param_shapes(cfg)
     params = restore_params(ckpt_dir)
+    # A tied model whose source file also held lm_head.weight (= the embedding) gets it back.
+    extra = []
+    if cfg.tie_word_embeddings and table.lm_head in info.source.get("keys", ()):
+        embed = next(e for e in table.entries(cfg) if e.hub == table.embed)
+        extra.append((table.lm_head, params[embed.path]))
+    src = hf_files_dir(ckpt_dir)
+    files: dict[str, bytes | Path] = {name: src / name for name in HF_FILES if (src / name).is_file()}
+    return write_hub_dir(
+        out,
+        params,
+        cfg,
+        table,
+        files=files,
+        extra=extra,
+        where=str(ckpt_dir),
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+        force=force,
+        progress=progress,
+    )
+
+
+def write_hub_dir(
+    out: str | Path,
+    params: Mapping[ParamPath, Any],
+    cfg: Any,
+    table: ConversionTable,
+    *,
+    files: Mapping[str, bytes | Path],
+    extra: Sequence[tuple[str, np.ndarray]] = (),
+    where: str = "model",
+    max_shard_size: str | int = "5GB",
+    dtype: Any | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write ``params`` (flat, our layout, of the backbone ``cfg`` with its LM head where untied) as a hub
+    model directory ``out`` (atomically): safetensors in ``table``'s key layout (sharded above
+    ``max_shard_size``), ``extra`` (hub key, hub-layout array) pairs after them, and ``files`` (name ->
+    content, or a file to copy); ``config.json`` among them gets the written dtype. ``where`` names the
+    parameters' origin in errors."""
+    out = Path(out)
+    check_output(out, force)
+    max_bytes = parse_size(max_shard_size)
+    out_dtype = None if dtype is None else np.dtype(dtype_name(dtype))
+    expected = param_shapes(cfg)
     plan: Plan = []
     for e in table.entries(cfg, with_lm_head=True):
         if e.path not in params:
-            raise ConversionError(f"{ckpt_dir}: no parameter {'.'.join(map(str, e.path))} (for {e.hub!r})")
+            raise ConversionError(f"{where}: no parameter {'.'.join(map(str, e.path))} (for {e.hub!r})")
         x = params[e.path]
         if tuple(x.shape) != tuple(expected[e.path].shape):
             raise ConversionError(
-                f"{ckpt_dir}: parameter {'.'.join(map(str, e.path))} has shape {list(x.shape)}, "
+                f"{where}: parameter {'.'.join(map(str, e.path))} has shape {list(x.shape)}, "
                 f"the config implies {list(expected[e.path].shape)}"
             )
         layer_shape = x.shape[1:] if e.layer is not None else x.shape
         plan.append((e.hub, out_dtype or x.dtype, table.hub_shape(cfg, e, layer_shape)))
-    # A tied model whose source file also held lm_head.weight (= the embedding) gets it back.
-    head = None
-    if cfg.tie_word_embeddings and table.lm_head in info.source.get("keys", ()):
-        embed = next(e for e in table.entries(cfg) if e.hub == table.embed)
-        head = (table.lm_head, params[embed.path])
-        plan.append((head[0], out_dtype or head[1].dtype, head[1].shape))
+    for key, x in extra:
+        plan.append((key, out_dtype or x.dtype, tuple(x.shape)))
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        pairs = write_tensors(params, table, cfg, with_lm_head=True)
-        if head is not None:
-            pairs = itertools.chain(pairs, [head])
+        pairs = itertools.chain(write_tensors(dict(params), table, cfg, with_lm_head=True), extra)
         for n, (key, x) in enumerate(pairs, 1):
+            x = np.asarray(x)
             yield key, x if out_dtype is None else x.astype(out_dtype, copy=False)
             if progress:
                 progress(n, len(plan), key)
 
-    files = shard(plan, max_bytes)
+    shards = shard(plan, max_bytes)
     dtypes = {np.dtype(d).name for _, d, _ in plan}
     config_dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if "config.json" not in files:
+        raise ConversionError(f"{where}: no config.json to write")
     with atomic_output_dir(out, force=force) as tmp:
         stream = tensors()
-        for name, items in files:
+        for name, items in shards:
             write_safetensors(tmp / name, stream, items)
         if next(stream, None) is not None:
             raise ConversionError("internal error: more tensors than planned")
-        if len(files) > 1:
+        if len(shards) > 1:
             total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, d, s in plan)
             index = {
                 "metadata": {"total_size": total, "total_parameters": sum(int(np.prod(s)) for _, _, s in plan)},
-                "weight_map": {key: name for name, items in files for key, _, _ in items},
+                "weight_map": {key: name for name, items in shards for key, _, _ in items},
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        src = hf_files_dir(ckpt_dir)
-        for name in HF_FILES:
+        for name, content in files.items():
+            data = content.read_bytes() if isinstance(content, Path) else content
             if name == "config.json":
-                (tmp / name).write_bytes(_config_bytes(src / name, config_dtype))
-            elif (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+                data = _config_bytes(data, config_dtype)
+            (tmp / name).write_bytes(data)
     return out

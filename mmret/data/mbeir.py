@@ -898,8 +898,16 @@ def query_text_parts(query: Query, instructions: Instructions | None, *, seed: i
     ``(seed, qid, copy, epoch)`` (:meth:`Instructions.for_query`)."""
     if instructions is None:
         return "", format_text(query.text)
-    instruction = format_text(instructions.for_query(query, seed, epoch=epoch))
-    full = format_text(f"{instruction} {query.text or ''}")
+    return format_query(instructions.for_query(query, seed, epoch=epoch), query.text)
+
+
+def format_query(instruction: str | None, text: str | None) -> tuple[str, str]:
+    """``(instruction, text)`` of a query given its raw instruction and text: the formatted instruction and the
+    rest of ``format_text(instruction + " " + text)`` (UniIR's query text; no instruction: the formatted text)."""
+    if not instruction:
+        return "", format_text(text)
+    instruction = format_text(instruction)
+    full = format_text(f"{instruction} {text or ''}")
     if full == instruction:
         return instruction, ""
     if not full.startswith(instruction + " "):
