@@ -264,7 +264,9 @@ class EvalConfig:
     test record (e.g. a query whose own-dataset positive is not in its local pool) stops the run
     (``"error"``) or is skipped and counted (``"skip"``: the report lists the skips and is not complete).
     ``query_fraction`` < 1 keeps a seeded sample of each task's queries (``query_seed``; the distillation
-    teacher's subset of training queries, :func:`mmret.data.stores.sample_queries`).
+    teacher's subset of training queries, :func:`mmret.data.stores.sample_queries`). ``pages``: queries per
+    task shown in the HTML pages of the retrieval beside each report (their top 5; :mod:`mmret.eval.pages`; 0:
+    none).
     """
 
     root: str | None = None
@@ -281,6 +283,7 @@ class EvalConfig:
     query_fraction: float = 1.0
     query_seed: int = 0
     top: int = 50
+    pages: int = 20
     at_start: bool = False
     at_end: bool = False
     check_exact: int = 0

@@ -369,3 +369,64 @@ def test_api_reports_bad_inputs(api, trained, tmp_path):
         api.encode_queries("one string")
     with pytest.raises(FileNotFoundError, match="neither an exported retriever"):
         mmret.Retriever.from_pretrained(tmp_path)
+
+
+# --- retrieval to look at ---------------------------------------------------------------------------
+
+search_tool = load_tool("search")
+
+
+def _hits(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_search_tool_over_the_runs_embeddings_equals_exact_search(api, trained, capsys):
+    """tools/search.py against the run's stored local pool: the query embedded with the run's model (named by
+    the embeddings), the hits those of an exact search written here, with the pool file's contents."""
+    from mmret.eval.embed import Embeddings
+
+    embeddings = trained.workdir / "eval" / "2" / "embeddings"
+    argv = ["--embeddings", str(embeddings), "--pool", "local:mscoco_task0", "--text", "a red square", "--k", "4"]
+    assert search_tool.main([*argv, "--task", "mscoco_task0", "--json"]) == 0
+    hits = _hits(capsys)
+    dids, vectors = Embeddings(embeddings).local_pool("mscoco_task0")
+    q = api.encode_queries(["a red square"], task="mscoco_task0")[0]
+    scores = vectors.astype(np.float32) @ q
+    best = np.argsort(-scores, kind="stable")[:4]
+    assert [h["id"] for h in hits] == [dids[i] for i in best]
+    np.testing.assert_allclose([h["score"] for h in hits], scores[best], atol=1e-4)
+    pool = {
+        json.loads(line)["did"]: json.loads(line)
+        for line in (Path(trained.cfg.data.root) / "cand_pool" / "local" / "mbeir_mscoco_task0_test_cand_pool.jsonl")
+        .read_text()
+        .splitlines()
+    }
+    assert all(h["image"] == pool[h["id"]]["img_path"] for h in hits)
+    assert search_tool.main([*argv, "--task", "mscoco_task0"]) == 0  # the table
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["rank", "score", "id", "content"] and len(table) == 5
+
+
+def test_search_tool_over_a_folder_finds_the_image_itself(trained, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        _image(60 + 10 * i, 70, 10 + i).save(folder / f"img{i}.png")
+    (folder / "texts.txt").write_text("A red square.\n\nA blue circle.\n")
+    argv = ["--model", str(trained.out), "--folder", str(folder), "--image", str(folder / "img1.png"), "--json"]
+    assert search_tool.main(argv) == 0
+    hits = _hits(capsys)
+    assert len(hits) == 5  # 3 images and 2 non-empty lines
+    assert hits[0]["id"] == str(folder / "img1.png") and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert {h["id"] for h in hits} >= {f"{folder / 'texts.txt'}:1", f"{folder / 'texts.txt'}:3"}
+    assert search_tool.main(["--model", str(trained.out), "--folder", str(folder)]) == 2
+    assert "give the query's --text and/or --image" in capsys.readouterr().err
+    assert search_tool.main(["--folder", str(folder), "--text", "x"]) == 2
+    assert "--folder needs --model" in capsys.readouterr().err
+
+
+def test_the_runs_evaluation_wrote_a_page_per_task(trained):
+    page = trained.workdir / "eval" / "2" / "local" / "mscoco_task0.html"
+    text = page.read_text()
+    assert text.count("<b>query ") == 20 and text.count("<td>5</td>") == 20  # eval.pages queries, top 5 each
+    assert text.count('<img src="data:image/jpeg;base64,') > 0

@@ -155,3 +155,25 @@ def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
     assert all(len(m["neg_cand_list"]) == 4 for m in mined)
     summary = json.loads((tmp_path / "run" / "mined" / end / "summary.json").read_text())
     assert summary["rule"] == "umarvel" and summary["checkpoint"].endswith(f"run step {end}")
+    # --mode=export: a plain transformers directory that the encode API reads back to the run's embeddings.
+    r = launch("--config=umarvel.py:mbeir_demo", f"--workdir={tmp_path / 'run'}", *data, "--mode=export", devices=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    export = tmp_path / "run" / "export" / end
+    assert f"exported step {end}" in r.stdout and (export / "mmret_embedding.json").is_file()
+    transformers = pytest.importorskip("transformers")
+    _, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(export, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    import mmret
+    from mmret.data.mbeir import read_local_pool
+
+    dids, stored = (
+        np.load(tmp_path / "run" / "eval" / end / "embeddings/pools/local/cirr_task7/shard-00000.npz")[k]
+        for k in ("ids", "embeddings")
+    )
+    pool = read_local_pool(tiny_mbeir, "cirr_task7")
+    items = [
+        {"text": pool[d].text, "image": None if pool[d].image_path is None else tiny_mbeir / pool[d].image_path}
+        for d in dids[:8]
+    ]
+    got = mmret.Retriever.from_pretrained(export).encode_candidates(items)
+    assert np.abs(got - stored[:8].astype(np.float32)).max() < 2e-3

@@ -35,6 +35,7 @@ from mmret.data.mbeir import dataset_task, global_pool_path, iter_jsonl, qrels_p
 from mmret.eval.embed import Embeddings, file_stamps, key_of
 from mmret.eval.index import ExactIndex, ScannIndex, build_index, exact_search, recall_against_exact
 from mmret.eval.metrics import TaskResult, evaluate_task, hits_at_k, write_trec, wrong_modality_share
+from mmret.eval.pages import write_pages
 from mmret.eval.report import write_report
 from mmret.recipe import POOLS, SearchConfig
 
@@ -42,6 +43,8 @@ log = logging.getLogger("mmret.eval")
 
 #: Neighbours retrieved per query: enough for Recall@10 and the TREC files.
 MIN_DEPTH = 10
+#: Hits per query on the HTML pages (:mod:`mmret.eval.pages`).
+PAGE_TOP = 5
 
 
 def positives_for(root: PathLike, split: str, tasks: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -190,8 +193,10 @@ def evaluate(
     check_exact_queries: int = 0,
     tasks: Sequence[str] | None = None,
     tag: str = "mmret",
+    pages: int = 0,
 ) -> dict[str, Any]:
-    """Search, score and report one pool; returns the report (as written to ``out/report.json``)."""
+    """Search, score and report one pool; returns the report (as written to ``out/report.json``). ``pages``:
+    queries shown per task in the HTML pages ``out/<task>.html`` (:mod:`mmret.eval.pages`; 0: none)."""
     if pool not in POOLS:
         raise ValueError(f"pool must be 'local' or 'global', got {pool!r}")
     search = SearchConfig() if search is None else search
@@ -211,6 +216,7 @@ def evaluate(
     results: dict[str, TaskResult] = {}
     searches: dict[str, dict[str, Any]] = {}
     tops: dict[str, list[list[str]]] = {}  # the global pool's top k per query, for the modality bias
+    shown: dict[str, tuple[list[str], list[list[str]], list[Any]]] = {}  # for the pages
 
     def run(name: str, index: Any, vectors: np.ndarray, ids: list[str], task_list: list[str]) -> None:
         info = searches[name] = search_info(index)
@@ -223,6 +229,8 @@ def evaluate(
             ranked = _rankings(ids, neighbours)
             cut = [s[: len(r)] for s, r in zip(scores, ranked, strict=True)]
             write_trec(out / f"{task}.trec", qids, ranked, cut, tag=tag, top=top)
+            if pages:
+                shown[task] = (qids, [r[:PAGE_TOP] for r in ranked], [c[:PAGE_TOP].tolist() for c in cut])
             results[task] = evaluate_task(task, qids, ranked, positives)
             if pool == "global":
                 tops[task] = [r[: dataset_task(task).recall_k] for r in ranked]
@@ -247,6 +255,7 @@ def evaluate(
         vectors = vectors.astype(np.float32)
         run("global", build_index(vectors, search, k=depth), vectors, ids, tasks)
         results = with_modality_bias(results, tops, global_pool_path(mbeir_root, emb.manifest["split"]))
+    write_pages(out, mbeir_root, emb.manifest["split"], pool, shown, positives, queries_per_task=pages, top=PAGE_TOP)
     skipped = emb.manifest.get("skipped") or {}
     skipped = {
         **({"queries": q} if (q := {t: v for t, v in skipped.get("queries", {}).items() if t in tasks}) else {}),

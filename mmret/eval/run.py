@@ -62,6 +62,7 @@ def evaluate_run(cfg: TrainerConfig, workdir: PathLike, step: int | None = None)
                     top=ecfg.top,
                     check_exact_queries=ecfg.check_exact,
                     tasks=ecfg.tasks,
+                    pages=ecfg.pages,
                 )
             else:
                 reports[pool] = read_report(out / pool)
