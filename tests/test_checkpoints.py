@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import helpers
+import pytest
 
 from mmret import checkpoints
 
@@ -61,7 +62,7 @@ save_model(base / "tiny", from_preset("tiny", seed=0), hf_files_from=base / "hf_
 """
 
 
-def test_a_checkpoint_from_before_the_redesign_resumes_bitwise(tmp_path):
+def test_a_checkpoint_from_before_the_redesign_resumes_where_it_stopped(tmp_path):
     from mmret.data.synthetic import write_synthetic_mbeir
 
     # Everything that computes runs with XLA's default options, as the stored run was made (the suite's
@@ -79,11 +80,15 @@ def test_a_checkpoint_from_before_the_redesign_resumes_bitwise(tmp_path):
     expected = json.loads((OLD_RUN / "expected_step_6.json").read_text())
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["final_step"] == 6
-    assert summary["loss"] == expected["loss"] and summary["grad_norm"] == expected["grad_norm"]
+    # Bitwise on the machine that stored the run; another CPU (its vector width) rounds XLA's sums differently
+    # (seen: loss 1.7478256 stored on the earlier box, 1.7478251 on an AVX-512 EPYC), so within 1e-5: a wrong
+    # restore (optimiser state, data position, frozen weights) moves these by far more.
+    assert summary["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert summary["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
     assert checkpoints.steps(workdir) == [4, 6]
     params = _trainable(workdir / "checkpoints" / "6" / "state", env)
     assert params["count"] == expected["params"]
-    assert params["sum_of_squares"] == expected["params_sum_of_squares"]
+    assert params["sum_of_squares"] == pytest.approx(expected["params_sum_of_squares"], rel=1e-6)
 
 
 def _trainable(state_dir: Path, env: dict) -> dict:

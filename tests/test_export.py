@@ -430,3 +430,43 @@ def test_the_runs_evaluation_wrote_a_page_per_task(trained):
     text = page.read_text()
     assert text.count("<b>query ") == 20 and text.count("<td>5</td>") == 20  # eval.pages queries, top 5 each
     assert text.count('<img src="data:image/jpeg;base64,') > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_backbones_export_to_their_own_class(family, tiny_mbeir, tmp_path):
+    """Qwen2.5-VL and Qwen3-VL runs export to their transformers classes (no missing or unexpected keys), the
+    run's pixel bounds in the image processor, and a text input's embedding equal to mmret's."""
+    model_dir = make_tiny.write_model_dir(tmp_path / "tiny", family=family)
+    cfg = _config(tiny_mbeir, model_dir)
+    if family == "qwen3_vl":  # 32-pixel merged patches: bounds that hold its minimum of 64 of them
+        pixels = dataclasses.replace(cfg.data.processor, min_pixels=64 * 32 * 32, max_pixels=96 * 32 * 32)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, processor=pixels))
+    out = export_run(_unrun(cfg, tmp_path / "run"), tmp_path / "export", step=0)
+    spec = json.loads((out / "mmret_embedding.json").read_text())
+    assert spec["model_type"] == family
+    cls = getattr(
+        transformers,
+        {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}[family],
+    )
+    hf, info = cls.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    proc = Processor(processor_dir(cfg), cfg.data.processor)
+    image = _image(300, 200, 7)
+    theirs = transformers.AutoImageProcessor.from_pretrained(out)(images=[image], return_tensors="np")
+    np.testing.assert_array_equal(theirs["image_grid_thw"][0], proc.patcher(image)[1][0])
+    ex = proc(text="A dog.", instruction="Find the image.", for_eval=True)
+    ids = torch.tensor(ex.input_ids[None], dtype=torch.long)
+    length = ids.shape[1]
+    with torch.no_grad():
+        out_hf = hf(
+            input_ids=ids,
+            attention_mask=torch.ones(1, 1, length, length, dtype=torch.bool),
+            position_ids=torch.arange(length)[None, None].expand(3, 1, -1),
+            output_hidden_states=True,
+        )
+    hidden = out_hf.hidden_states[-1][0].numpy()
+    ref = hidden[ex.pool_mask > 0].mean(axis=0)
+    ref /= np.linalg.norm(ref)
+    batch = proc.collate([ex], max_length=ex.length, max_patches=8)
+    got = np.asarray(load_trained(cfg, None, 0).encoder(batch))[0]
+    assert np.abs(got - ref).max() < 1e-4
