@@ -138,3 +138,46 @@ def run_trainer(
     command = [sys.executable, "-m", "mmret.train.trainer", "--config", str(config_file), "--workdir", str(workdir)]
     repo = Path(__file__).resolve().parents[1]
     return subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)
+
+
+def chromium() -> str | None:
+    """The headless browser on PATH (Debian's ``chromium``), or None: under ``CI=true`` a missing browser fails
+    the calling test (``.ci/run`` installs it), elsewhere it skips it with a one-line reason."""
+    import os
+    import shutil
+
+    import pytest
+
+    found = next((b for b in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if b), None)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no chromium on PATH (.ci/run installs Debian's chromium package)")
+        pytest.skip("no chromium on PATH (apt-get install chromium to run this test)")
+    return found
+
+
+def thumbnails_loaded(page: Path, profile: Path) -> tuple[int, int]:
+    """Open ``page`` in headless Chromium (a fresh profile in ``profile``) and read the retrieval page's own count
+    of the thumbnails the browser decoded (``data-loaded`` on ``<body>``: loaded, total)."""
+    import re
+    import subprocess
+
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+    ]
+    r = subprocess.run([chromium(), *flags, page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = re.search(r'data-loaded="(\d+)/(\d+)"', r.stdout)
+    assert found, r.stdout[:2000]
+    return int(found.group(1)), int(found.group(2))

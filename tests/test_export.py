@@ -470,3 +470,16 @@ def test_other_backbones_export_to_their_own_class(family, tiny_mbeir, tmp_path)
     batch = proc.collate([ex], max_length=ex.length, max_patches=8)
     got = np.asarray(load_trained(cfg, None, 0).encoder(batch))[0]
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_the_readme_snippet_runs_on_an_export(trained, capsys):
+    """README's encode-API block, its demo paths pointed at this module's export and the tiny corpus."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("tests/test_export.py` runs this block", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = block.replace("/tmp/mmret_demo/export", str(trained.out))
+    code = code.replace("/tmp/mmret_demo/mbeir", str(trained.cfg.data.root))
+    assert code != block and str(trained.out) in code
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["scores"].shape == (2, 2) and np.all(np.abs(namespace["scores"]) <= 1 + 1e-5)
+    assert capsys.readouterr().out.count("[") == 3  # the printed 2 x 2 matrix

@@ -177,3 +177,8 @@ def test_demo_preset_trains_through_the_entry_point(tiny_mbeir, tmp_path):
     ]
     got = mmret.Retriever.from_pretrained(export).encode_candidates(items)
     assert np.abs(got - stored[:8].astype(np.float32)).max() < 2e-3
+    # The evaluation's pages (one a task beside report.md) render in a real browser, every thumbnail loaded.
+    for task in EVAL_TASKS:
+        page = tmp_path / "run" / "eval" / end / "local" / f"{task}.html"
+        loaded, total = helpers.thumbnails_loaded(page, tmp_path / "browser" / task)
+        assert loaded == total == page.read_text().count("<img ") > 0

@@ -224,3 +224,39 @@ def test_the_chains_reranker_and_a_zero_shot_one_rerank_the_distilled_retrievers
             before, after = read_trec(retrieval / f"{task}.trec"), read_trec(out / f"{task}.trec")
             assert set(after) == set(before)  # every query, its top 3 reordered
             assert all(sorted(d for d, _ in after[q]) == sorted(d for d, _ in before[q][:3]) for q in before)
+
+
+def test_the_chains_trained_reranker_exports_to_transformers(runs, tmp_path):
+    """The U-MARVEL chain's reranker stage (trained a step from the preset) exports to a directory that
+    transformers loads with no missing or unexpected keys, and its P(yes) there equals the trained run's."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from mmret.build import pair_renderer, processor_dir
+    from mmret.checkpoints import load_trained_reranker, run_config
+    from mmret.data.processor import Processor
+    from mmret.data.rerank_pairs import collate_pairs
+    from mmret.export import export_run
+
+    workdir, _, result = runs["umarvel"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = workdir / "reranker"
+    out = export_run(run, tmp_path / "export")
+    meta = json.loads((out / "mmret_reranker.json").read_text())
+    hf, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    cfg = run_config(run)
+    proc = Processor(processor_dir(cfg), cfg.data.processor)
+    pair = pair_renderer(proc, cfg.rerank)("Find a photo of a red circle.", None, "A red circle.", None)
+    batch = collate_pairs(
+        [pair],
+        max_length=pair.example.length,
+        max_patches=8,
+        pad_token_id=proc.pad_token_id,
+        patch_dim=proc.patcher.patch_dim,
+    )
+    yes, no = meta["yes_token_id"], meta["no_token_id"]
+    trained = float(np.asarray(load_trained_reranker(cfg, run, 1).score(batch, yes, no))[0])
+    with torch.no_grad():
+        logits = hf.eval()(input_ids=torch.tensor(pair.example.input_ids[None], dtype=torch.long)).logits[0, -1]
+    ref = torch.softmax(logits[[yes, no]], dim=0)[0].item()
+    assert abs(ref - trained) < 1e-4
