@@ -65,9 +65,26 @@ def multihost() -> bool:
     """Whether the environment describes a job over several hosts."""
     if any(os.environ.get(k) for k in _COORDINATOR_ENV):
         return True
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        return True
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return True
     return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def distributed_options() -> dict[str, int]:
+    """``jax.distributed.initialize``'s process count and id from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` where
+    the environment sets them (a Kubernetes JobSet: ``launch/k8s_jobset.yaml``); else none, and JAX detects them
+    (SLURM's variables, a TPU pod's metadata)."""
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    out = {}
+    for key, var in names.items():
+        if os.environ.get(var):
+            try:
+                out[key] = int(os.environ[var])
+            except ValueError:
+                raise ValueError(f"{var}={os.environ[var]!r} is not an integer") from None
+    return out
 
 
 _started = False  # set once flags are parsed: later errors are the job's own, not the command line's
@@ -79,7 +96,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     if multihost():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**distributed_options())
     from absl import flags, logging
 
     from mmret import tasks
