@@ -31,3 +31,13 @@ def max_over_processes(values: list[int]) -> list[int]:
         gathered = np.asarray(multihost_utils.process_allgather(np.array(values, np.int32)))
         values = [int(v) for v in gathered.reshape(-1, len(values)).max(axis=0)]
     return list(values)
+
+
+def gather(values: np.ndarray) -> np.ndarray:
+    """``values`` (the same shape on every process) of every process, stacked [processes, ...] (every process
+    calls it; one process: ``values[None]``)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+    return np.asarray(values)[None]

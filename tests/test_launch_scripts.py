@@ -164,3 +164,121 @@ def test_k8s_jobset_renders_indexed_pods_that_find_their_coordinator(monkeypatch
         launch.distributed_options()
     with pytest.raises(KeyError, match="IMAGE"):
         _render_jobset(**{k: v for k, v in values.items() if k != "IMAGE"})
+
+
+# --- the whole trainer across processes, started as the SLURM script starts them ------------------------------
+
+STEPS = 6
+
+
+def _params(state_dir: Path) -> dict:
+    """A checkpoint's trainable parameters as host numpy arrays (flat path -> array)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(state_dir)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        params = ckptr.restore(state_dir, restore_args=args)["params"]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_the_trainer_across_two_slurm_tasks_is_killed_resumes_and_equals_one_process(tiny_mbeir, tmp_path):
+    """The demo preset on 2 tasks of 2 CPU devices each (gloo), started by launch/slurm_gpu.sbatch through a
+    stand-in srun (tests/_fake_srun.py: SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NODELIST as srun sets them):
+    killed (SIGKILL to both) after its first checkpoints, started again the same way, it resumes and ends with the
+    parameters and losses of ONE process of 4 devices given the same global batch (8 a host x 2 = 16)."""
+    import signal
+    import sys
+    import time
+
+    import numpy as np
+    from helpers import load_tool, xla_flags
+
+    from mmret.checkpoints import steps
+
+    model = tmp_path / "model"
+    assert load_tool("make_tiny_model").main(["--out", str(model)]) == 0
+    common = [
+        f"--config.model.hf_dir={model}",
+        f"--config.data.root={tiny_mbeir}",
+        "--config.eval.at_start=False",
+        "--config.eval.at_end=False",
+        f"--config.optimizer.total_steps={STEPS}",
+        "--config.log_every=1",
+        "--config.checkpoint.every=1",
+        "--config.checkpoint.keep=10",
+        # packed rows that divide over 2 devices a host and over 4 in one process (the demo's 12 / 10 are for 1)
+        "--config.data.pipeline.query_packing.rows=(8,)",
+        "--config.data.pipeline.candidate_packing.rows=(8,)",
+    ]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").symlink_to(REPO / "tests" / "_fake_srun.py")
+    two = tmp_path / "two"
+    env = _env(
+        WORKDIR=str(two),
+        CONFIG="umarvel.py:mbeir_demo",
+        ARGS=" ".join([*common, "--config.data.pipeline.batch_size=8", "--config.grad_cache_chunk=8"]),
+        PYTHON=sys.executable,
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_JOB_ID=str(1000 + os.getpid() % 3000),  # the coordinator's port derives from it
+        SLURM_NTASKS="2",
+        SLURM_JOB_NODELIST="localhost",
+        JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        XLA_FLAGS=xla_flags(2),
+        JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", ""),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    sbatch = ["bash", str(LAUNCH / "slurm_gpu.sbatch")]
+    first = subprocess.Popen(sbatch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (two.exists() and steps(two) and steps(two)[-1] >= 2):
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # both tasks and the srun stand-in, mid-run
+    first.wait()
+    reached = steps(two)[-1]
+    assert 2 <= reached < STEPS, f"killed at step {reached}: too late to test the resume"
+    second = subprocess.run(sbatch, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming from step {reached}" in second.stdout + second.stderr
+    one = tmp_path / "one"
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmret.launch",
+            "--config=umarvel.py:mbeir_demo",
+            f"--workdir={one}",
+            *common,
+            "--config.data.pipeline.batch_size=16",
+            "--config.grad_cache_chunk=16",
+        ],
+        env={**{k: v for k, v in env.items() if not k.startswith("SLURM_")}, "XLA_FLAGS": xla_flags(4)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert steps(two)[-1] == steps(one)[-1] == STEPS
+    ours, theirs = _losses(two), _losses(one)
+    assert sorted(ours) == sorted(theirs) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([ours[s] for s in sorted(ours)], [theirs[s] for s in sorted(theirs)], rtol=1e-4)
+    a, b = _params(two / "checkpoints" / str(STEPS) / "state"), _params(one / "checkpoints" / str(STEPS) / "state")
+    assert a.keys() == b.keys() and len(a) > 10
+    moved = max(np.abs(b[k] - _params(one / "checkpoints" / "1" / "state")[k]).max() for k in list(b)[:5])
+    assert moved > 1e-4  # the steps after the first changed the weights
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-5, err_msg=k)

@@ -103,3 +103,27 @@ def test_two_process_embedding_export_equals_one_process(processor_dir, tiny_mbe
     assert same >= 0.9 * len(train_qids)
     summary = json.loads((tmp_path / "two" / "mined" / "summary.json").read_text())
     assert summary["queries"] == len(train_qids) and summary["negatives"] == 3 * len(train_qids)
+
+
+def test_exchanged_positive_mask_marks_a_positive_another_process_holds():
+    """The global mask built from every process's candidate ids: where each process's positives are its own it
+    equals the local-only layout; a copy of a query's positive on the other process is marked as well."""
+    from mmret.tasks.bi_encoder.task import exchanged_positive_mask, global_positive_mask, id_hashes
+
+    # 2 processes, 2 GradCache chunks of 1 query with 2 candidates each (the positive first)
+    dids = [["a", "x", "b", "y"], ["c", "z", "a", "w"]]  # process 1's last chunk holds a copy of "a"
+    positives = [[frozenset({"a"}), frozenset({"b"})], [frozenset({"c"}), frozenset({"a"})]]
+    every = np.stack([id_hashes(d) for d in dids])
+    for pid in (0, 1):
+        local = np.array([[d in pos for d in dids[pid]] for pos in positives[pid]])
+        exchanged = exchanged_positive_mask(positives[pid], every, n_chunks=2)
+        old = global_positive_mask(local, 2, pid, 2)
+        assert exchanged.shape == old.shape == (2, 1, 2, 4)
+        flat, flat_old = exchanged.reshape(2, 8), old.reshape(2, 8)
+        # global candidate order: chunk 0 (process 0: a x, process 1: c z), chunk 1 (process 0: b y, process 1: a w)
+        order = ["a", "x", "c", "z", "b", "y", "a", "w"]
+        expect = np.array([[d in pos for d in order] for pos in positives[pid]])
+        np.testing.assert_array_equal(flat, expect)
+        assert (flat >= flat_old).all()  # the local-only layout misses only the other process's copies
+    # process 0's query "a": both copies marked, the other process's among them
+    assert exchanged_positive_mask(positives[0], every, 2).reshape(2, 8)[0].tolist() == [1, 0, 0, 0, 0, 0, 1, 0]

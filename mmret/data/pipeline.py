@@ -226,6 +226,7 @@ def collate_train(examples: Sequence[TrainExample], processor: Processor, cfg: P
     batch["meta"] = {
         "qids": [ex.qid for ex in examples],
         "dids": dids,
+        "positives": [ex.positives for ex in examples],  # across processes (mmret.tasks.bi_encoder.task)
         "bad_records": BadRecords(cfg.on_bad_record).merge(ex.bad for ex in examples),
     }
     return batch
@@ -304,14 +305,16 @@ def _source_examples(
     example_fn: ExampleFn,
 ) -> grain.MapDataset:
     """One store's training examples on this host: its shuffled query order for ``seed``, repeated for
-    ``cfg.num_epochs``, this host's slice, each example encoded from grain's per-index generator."""
+    ``cfg.num_epochs``, each example encoded from grain's generator of its index in that global order, then
+    this host's slice (so an example's draws, its positive and negatives, do not depend on the number of hosts:
+    N hosts' batches together are one host's)."""
     n = len(store.queries)
     ds = grain.MapDataset.source(range(n)).seed(seed)
     if cfg.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(cfg.num_epochs).map_with_index(_WithEpoch(n))  # (query index, epoch)
-    ds = _host_slice(ds, process_index, process_count)
-    return ds.random_map(example_fn(store, processor, cfg))
+    ds = ds.random_map(example_fn(store, processor, cfg))
+    return _host_slice(ds, process_index, process_count)
 
 
 def _check_sources(sources: Sequence[tuple[Store, float]]) -> None:

@@ -13,6 +13,7 @@ The step itself is :mod:`mmret.tasks.bi_encoder.step`.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mmret import build, checkpoints, sharding
+from mmret import build, checkpoints, multihost, sharding
 from mmret.data import packing
 from mmret.data.bad_records import BadRecords
 from mmret.data.pipeline import mixed_epoch_length, mixed_train_dataset
@@ -36,13 +37,34 @@ def global_positive_mask(local: np.ndarray, n_chunks: int, process_index: int, p
     """This process's block of the global ``positive_mask``, laid out [chunks, queries, chunks,
     candidates] so that the blocks of all processes, concatenated along axis 1 (the query rows) and
     reshaped to 2-D, index queries and candidates in the order of the global embeddings: chunk-major,
-    then process, then row (with one chunk: process-major). Other processes' candidates get False
-    (only this process knows its own labelled positives)."""
+    then process, then row (with one chunk: process-major). Other processes' candidates get False: the
+    layout of a batch without its queries' positives in ``meta`` (:func:`exchanged_positive_mask` marks them)."""
     rows, cols = local.shape
     qc, cc = rows // n_chunks, cols // n_chunks
     out = np.zeros((n_chunks, qc, n_chunks, process_count, cc), dtype=bool)
     out[:, :, :, process_index] = local.reshape(n_chunks, qc, n_chunks, cc)
     return out.reshape(n_chunks, qc, n_chunks, process_count * cc)
+
+
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """A 64-bit hash of each id (int64), to compare ids across processes as numbers."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little", signed=True) for i in ids],
+        dtype=np.int64,
+    )
+
+
+def exchanged_positive_mask(positives: list[frozenset[str]], every_did: np.ndarray, n_chunks: int) -> np.ndarray:
+    """This process's block of the global ``positive_mask`` from its queries' labelled ``positives`` and every
+    process's candidate ids (``every_did`` [processes, candidates]: :func:`id_hashes`), in
+    :func:`global_positive_mask`'s layout; a positive another process holds (a copy of the same candidate) is
+    marked too, as one process would mark it."""
+    procs, cols = every_did.shape
+    cc = cols // n_chunks
+    order = every_did.reshape(procs, n_chunks, cc).transpose(1, 0, 2).reshape(-1)  # chunk, process, row
+    wanted = [set(id_hashes(sorted(p)).tolist()) for p in positives]
+    rows = np.array([[h in w for h in order.tolist()] for w in wanted], dtype=bool)
+    return rows.reshape(n_chunks, len(positives) // n_chunks, n_chunks, procs * cc)
 
 
 def chunks(host_batch: dict[str, Any]) -> int:
@@ -142,9 +164,14 @@ class BiEncoder:
         for side in ("query", "candidates"):
             if packing.is_packed(arrays[side]):  # every process's block takes the most rows any needs
                 arrays[side] = packing.globalize(arrays[side])
-        arrays["positive_mask"] = global_positive_mask(
-            arrays["positive_mask"], n_chunks, jax.process_index(), jax.process_count()
-        )
+        meta = host_batch.get("meta", {})
+        if jax.process_count() > 1 and "positives" in meta:  # the processes' candidate ids, exchanged
+            every = multihost.gather(id_hashes(meta["dids"]))
+            arrays["positive_mask"] = exchanged_positive_mask(meta["positives"], every, n_chunks)
+        else:
+            arrays["positive_mask"] = global_positive_mask(
+                arrays["positive_mask"], n_chunks, jax.process_index(), jax.process_count()
+            )
         batch_axes = {"positive_mask": 1, **sharding.BATCH_AXES}
         if n_chunks > 1:
             batch_axes |= {k: 1 for k in arrays["query"]} | {"position_ids": 2}
