@@ -62,8 +62,13 @@ def exchanged_positive_mask(positives: list[frozenset[str]], every_did: np.ndarr
     procs, cols = every_did.shape
     cc = cols // n_chunks
     order = every_did.reshape(procs, n_chunks, cc).transpose(1, 0, 2).reshape(-1)  # chunk, process, row
-    wanted = [set(id_hashes(sorted(p)).tolist()) for p in positives]
-    rows = np.array([[h in w for h in order.tolist()] for w in wanted], dtype=bool)
+    columns: dict[int, list[int]] = {}  # id hash -> its columns (a candidate may stand in several places)
+    for j, h in enumerate(order.tolist()):
+        columns.setdefault(h, []).append(j)
+    rows = np.zeros((len(positives), order.size), dtype=bool)
+    for q, pos in enumerate(positives):  # O(candidates + positives) a step, not their product
+        for h in id_hashes(sorted(pos)).tolist():
+            rows[q, columns.get(h, [])] = True
     return rows.reshape(n_chunks, len(positives) // n_chunks, n_chunks, procs * cc)
 
 
