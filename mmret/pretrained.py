@@ -33,11 +33,11 @@ from mmret.atomic_dir import PathLike
 from mmret.build import processor_dir
 from mmret.checkpoints import CONFIG, load_trained, resolve_step, run_config
 from mmret.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
-from mmret.data.mbeir import format_query, format_text, instructions_path, read_instructions
+from mmret.data.mbeir import format_query, format_text
 from mmret.data.pipeline import collate_side
 from mmret.data.processor import ProcessedExample, Processor
 from mmret.eval.embed import Embedder
-from mmret.export.files import EMBEDDING_FILE, instruction_table, read_embedding_json
+from mmret.export.files import EMBEDDING_FILE, read_embedding_json, run_instructions
 from mmret.losses import l2_normalize
 from mmret.models.encoder import Encoder
 from mmret.recipe import TrainerConfig
@@ -109,14 +109,11 @@ class Retriever:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype, param_dtype=dtype))
             step = resolve_step(path, step)
             model = load_trained(cfg, path if step else None, step)
-            root = cfg.eval.root or cfg.data.root
-            table = instructions_path(root) if root else None
-            instructions = instruction_table(read_instructions(table)) if table and table.is_file() else {}
             return cls(
                 model.encoder,
                 Processor(processor_dir(cfg), cfg.data.processor),
                 temperature=float(model.temperature()),
-                instructions=instructions,
+                instructions=run_instructions(cfg),
                 batch_size=batch_size,
             )
         raise FileNotFoundError(f"{path}: neither an exported retriever ({EMBEDDING_FILE}) nor a run ({CONFIG})")

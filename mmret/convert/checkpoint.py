@@ -152,15 +152,22 @@ def _checkpointer() -> Any:
     return ocp.Checkpointer(handler)
 
 
-def _set_vocab_size(hf_dir: Path, vocab_size: int) -> None:
-    """Write ``vocab_size`` into ``hf_dir/config.json`` where it differs (top level and/or ``text_config``)."""
-    hf = read_hf_config(hf_dir)
+def with_vocab_size(hf: dict[str, Any], vocab_size: int) -> bool:
+    """Set ``vocab_size`` in a config.json dict where it says one (top level and/or ``text_config``); whether
+    anything changed."""
     holders = [d for d in (hf, hf.get("text_config")) if isinstance(d, dict) and "vocab_size" in d] or [hf]
     if all(d.get("vocab_size") == vocab_size for d in holders):
-        return
+        return False
     for d in holders:
         d["vocab_size"] = vocab_size
-    (hf_dir / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
+def _set_vocab_size(hf_dir: Path, vocab_size: int) -> None:
+    """Write ``vocab_size`` into ``hf_dir/config.json`` where it differs (:func:`with_vocab_size`)."""
+    hf = read_hf_config(hf_dir)
+    if with_vocab_size(hf, vocab_size):
+        (hf_dir / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def add_tokens_to_files(hf_dir: str | Path, tokens: Sequence[str]) -> dict[str, int]:

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmret.data.mbeir import EVAL_TASKS, Instructions, read_instructions
+from mmret.data.mbeir import EVAL_TASKS, Instructions, instructions_path, read_instructions
 from mmret.data.processor import Processor, ProcessorConfig
 from mmret.data.rerank_prompts import RerankPrompt
 from mmret.models.encoder import EncoderConfig
-from mmret.recipe import parse
+from mmret.recipe import TrainerConfig, parse
 
 EMBEDDING_FILE = "mmret_embedding.json"
 RERANKER_FILE = "mmret_reranker.json"
@@ -79,17 +79,25 @@ def instruction_table(instructions: Instructions) -> dict[str, list[str]]:
     return out
 
 
+def run_instructions(cfg: TrainerConfig) -> dict[str, list[str]]:
+    """The instruction table of a run's M-BEIR root (``eval.root``, else ``data.root``); empty without one."""
+    root = cfg.eval.root or cfg.data.root
+    path = instructions_path(root) if root else None
+    return instruction_table(read_instructions(path)) if path is not None and path.is_file() else {}
+
+
 def embedding_json(
     processor: Processor,
     encoder: EncoderConfig,
     temperature: float,
     *,
     model_type: str,
-    instructions_file: Path | None = None,
+    instructions: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """The ``mmret_embedding.json`` of a retriever (``processor``: the run's, with its effective pixel bounds)."""
+    """The ``mmret_embedding.json`` of a retriever (``processor``: the run's, with its effective pixel bounds;
+    ``instructions``: task -> query instructions, :func:`run_instructions`)."""
     pcfg = processor.config
-    table = instruction_table(read_instructions(instructions_file)) if instructions_file is not None else {}
+    table = {k: list(v) for k, v in (instructions or {}).items()}
     return {
         "format": EMBEDDING_FORMAT,
         "version": VERSION,

@@ -29,16 +29,15 @@ from mmret.atomic_dir import PathLike
 from mmret.build import load_backbone, pair_renderer, processor_dir
 from mmret.checkpoints import load_trained, load_trained_reranker, resolve_step, run_config
 from mmret.convert import tables
-from mmret.convert.checkpoint import HF_FILES, Progress, add_tokens_to_files, hf_files_dir
+from mmret.convert.checkpoint import HF_FILES, Progress, add_tokens_to_files, hf_files_dir, with_vocab_size
 from mmret.convert.export import write_hub_dir
 from mmret.convert.hf import SafetensorsCheckpoint
 from mmret.convert.load import read_hf_config
 from mmret.convert.table import to_ours
-from mmret.data.mbeir import instructions_path
 from mmret.data.processor import Processor
 from mmret.data.rerank_prompts import get_prompt
 from mmret.export.card import model_card
-from mmret.export.files import EMBEDDING_FILE, RERANKER_FILE, embedding_json, reranker_json
+from mmret.export.files import EMBEDDING_FILE, RERANKER_FILE, embedding_json, reranker_json, run_instructions
 from mmret.models import preset_config, registry
 from mmret.models.params import flat_params
 from mmret.recipe import ModelConfig, TrainerConfig
@@ -56,14 +55,6 @@ def source_config(m: ModelConfig) -> dict[str, Any]:
     if m.preset:
         return preset_config(m.preset)
     raise ValueError("model: no model source (hf_dir, checkpoint or preset)")
-
-
-def set_vocab_size(hf: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    """``hf`` with ``vocab_size`` where it says one (top level and/or ``text_config``)."""
-    holders = [d for d in (hf, hf.get("text_config")) if isinstance(d, dict) and "vocab_size" in d] or [hf]
-    for d in holders:
-        d["vocab_size"] = int(vocab_size)
-    return hf
 
 
 def source_lm_head(cfg: TrainerConfig, table: Any, bcfg: Any, rows: int) -> np.ndarray:
@@ -137,12 +128,13 @@ def export_run(
         )
         extra_name = RERANKER_FILE
     else:
-        root = cfg.eval.root or cfg.data.root
-        instr = instructions_path(root) if root and instructions_path(root).is_file() else None
         temperature = float(model.temperature())
-        extra = embedding_json(processor, cfg.encoder, temperature, model_type=spec.model_type, instructions_file=instr)
+        extra = embedding_json(
+            processor, cfg.encoder, temperature, model_type=spec.model_type, instructions=run_instructions(cfg)
+        )
         extra_name = EMBEDDING_FILE
-    config = set_vocab_size(source_config(cfg.model), rows)
+    config = source_config(cfg.model)
+    with_vocab_size(config, rows)
     files: dict[str, bytes | Path] = {"config.json": (json.dumps(config, indent=2) + "\n").encode()}
     with tempfile.TemporaryDirectory() as staging:
         staged = Path(staging)
