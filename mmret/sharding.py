@@ -513,20 +513,25 @@ def batch_shardings(batch: Any, mesh: Mesh, rules: Any = None, batch_axes: Mappi
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
+def global_shapes(batch: Any, processes: int, batch_axes: Mapping[str, int] | None = None) -> Any:
+    """``jax.ShapeDtypeStruct`` s of the global batch whose per-process parts are ``batch`` (arrays or shapes):
+    each leaf's batch dim (``batch_axes``, default :data:`BATCH_AXES`, else 0) times ``processes``."""
+    axes_by_name = BATCH_AXES if batch_axes is None else batch_axes
+
+    def one(path: tuple[Any, ...], x: Any) -> jax.ShapeDtypeStruct:
+        shape = list(np.shape(x))
+        if shape:
+            shape[axes_by_name.get(_key_name(path[-1]) if path else "", 0)] *= processes
+        return jax.ShapeDtypeStruct(tuple(shape), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+
+    return jax.tree_util.tree_map_with_path(one, batch)
+
+
 def put_batch(batch: Any, mesh: Mesh, rules: Any = None, batch_axes: Mapping[str, int] | None = None) -> Any:
     """Global ``jax.Array`` s from this process's part of the batch (numpy), sharded per
     :func:`batch_shardings`; on several hosts the parts are concatenated along the batch dims in
     process order (``jax.make_array_from_process_local_data``)."""
-    axes_by_name = BATCH_AXES if batch_axes is None else batch_axes
-    hosts = jax.process_count()
-
-    def global_shape(path: tuple[Any, ...], x: Any) -> jax.ShapeDtypeStruct:
-        shape = list(np.shape(x))
-        if shape:  # the divisibility check applies to the global batch: hosts' parts concatenated
-            shape[axes_by_name.get(_key_name(path[-1]) if path else "", 0)] *= hosts
-        return jax.ShapeDtypeStruct(tuple(shape), np.asarray(x).dtype)
-
-    shardings = batch_shardings(jax.tree_util.tree_map_with_path(global_shape, batch), mesh, rules, batch_axes)
+    shardings = batch_shardings(global_shapes(batch, jax.process_count(), batch_axes), mesh, rules, batch_axes)
     return jax.tree.map(
         lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)), shardings, batch, is_leaf=_is_sharding
     )

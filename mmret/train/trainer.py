@@ -109,20 +109,12 @@ def train(
     del model
     tx = make_optimizer(cfg.optimizer)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    p_sh = jax.tree.map(lambda x: x.sharding, params)
-    abstract_opt = jax.eval_shape(tx.init, params)  # nothing allocated until we know there is no checkpoint
-    o_sh = sharding.opt_state_shardings(abstract_opt, p_sh, mesh)
-    state_sh = TrainState(replicated, p_sh, jax.tree.map(lambda x: x.sharding, rest), o_sh)
-    abstract_state = TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        params,
-        rest,
-        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, o_sh),
-    )
+    state_sh, abstract_state = state_layout(params, rest, tx, mesh)  # nothing allocated before the restore
+    o_sh = state_sh.opt_state
     n_train, n_all = _count(params), _count(params) + _count(rest)
 
     # ---------------------------------------------------------------------------------------- step
-    guarded = _guarded_step(task.step(graphdef, tx, cfg), graphdef, wrt, lr_schedule(cfg.optimizer), cfg)
+    guarded = guarded_step(task.step(graphdef, tx, cfg), graphdef, wrt, lr_schedule(cfg.optimizer), cfg)
     jitted: Callable[..., Any] | None = None  # built at the first batch (its shardings come from the batch)
 
     # ---------------------------------------------------------------------------------- checkpoint
@@ -205,10 +197,7 @@ def train(
                 host_batch = next(data)
                 batch = task.global_arrays(host_batch, mesh, rules)
                 if jitted is None:
-                    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-                    jitted = jax.jit(
-                        guarded, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
-                    )
+                    jitted = jit_step(guarded, state_sh, jax.tree.map(lambda x: x.sharding, batch))
                 state, metrics = jitted(state, batch)
                 if pending is not None:
                     absorb(*pending)
@@ -245,7 +234,32 @@ def train(
     }
 
 
-def _guarded_step(
+def state_layout(
+    params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[TrainState, TrainState]:
+    """The train state's shardings and its abstract value (``jax.ShapeDtypeStruct`` s carrying them: a restore
+    target, or what :func:`mmret.train.aot` compiles for) from ``params`` / ``rest`` placed on ``mesh`` (arrays,
+    or ``ShapeDtypeStruct`` s with shardings); the optimiser state follows its parameters' shardings."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    p_sh = jax.tree.map(lambda x: x.sharding, params)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    o_sh = sharding.opt_state_shardings(abstract_opt, p_sh, mesh)
+    state_sh = TrainState(replicated, p_sh, jax.tree.map(lambda x: x.sharding, rest), o_sh)
+    abstract_state = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), rest),
+        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, o_sh),
+    )
+    return state_sh, abstract_state
+
+
+def jit_step(guarded: StepFn, state_sh: TrainState, batch_sh: Any) -> Callable[..., Any]:
+    """The jitted step the loop runs (the state donated): one definition for the trainer and the fit check."""
+    return jax.jit(guarded, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+
+def guarded_step(
     step_fn: StepFn,
     graphdef: nnx.GraphDef,
     wrt: Any,

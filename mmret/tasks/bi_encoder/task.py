@@ -72,6 +72,15 @@ def exchanged_positive_mask(positives: list[frozenset[str]], every_did: np.ndarr
     return rows.reshape(n_chunks, len(positives) // n_chunks, n_chunks, procs * cc)
 
 
+def batch_axes(arrays: dict[str, Any], n_chunks: int) -> dict[str, int]:
+    """The batch axis of each array of a batch (``positive_mask``: its query rows, axis 1 of the
+    :func:`global_positive_mask` layout); GradCache chunks put the examples on axis 1 (``position_ids``: 2)."""
+    axes = {"positive_mask": 1, **sharding.BATCH_AXES}
+    if n_chunks > 1:
+        axes |= {k: 1 for k in arrays["query"]} | {"position_ids": 2}
+    return axes
+
+
 def chunks(host_batch: dict[str, Any]) -> int:
     """GradCache chunks of a host batch (1: unchunked): the leading axis of a chunked query array."""
     ids = host_batch["query"]["input_ids"]
@@ -177,10 +186,7 @@ class BiEncoder:
             arrays["positive_mask"] = global_positive_mask(
                 arrays["positive_mask"], n_chunks, jax.process_index(), jax.process_count()
             )
-        batch_axes = {"positive_mask": 1, **sharding.BATCH_AXES}
-        if n_chunks > 1:
-            batch_axes |= {k: 1 for k in arrays["query"]} | {"position_ids": 2}
-        return sharding.put_batch(arrays, mesh, rules, batch_axes)
+        return sharding.put_batch(arrays, mesh, rules, batch_axes(arrays, n_chunks))
 
     def tokens(self, host_batch: dict[str, Any]) -> int:
         return int(np.sum(host_batch["query"]["attention_mask"])) + int(
