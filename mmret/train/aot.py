@@ -148,7 +148,7 @@ class _ShapeOnlyProcessor:
         return collate(examples, pad_token_id=self.pad_token_id, **kwargs)
 
 
-def _stand_in(patch_dim: int) -> ProcessedExample:
+def _stand_in() -> ProcessedExample:
     """A one-token text example: the smallest input (a packed side is grown to its largest bucket after)."""
     one = np.ones(1, np.int32)
     return ProcessedExample(
@@ -178,7 +178,7 @@ def host_batch(cfg: TrainerConfig, patcher: ImagePatcher, pad_token_id: int = 0)
     """One process's batch as the pipeline collates it for ``cfg`` (static shapes; packed sides at their largest
     bucket), ``meta`` dropped."""
     p = step_pipeline(cfg)
-    ex = _stand_in(patcher.patch_dim)
+    ex = _stand_in()
     examples = [
         TrainExample(
             ex,
