@@ -256,6 +256,15 @@ def grow(side: dict[str, Any], rows: int, patches: int, pad_token_id: int = 0) -
     return grow_patches(grow_rows(side, rows, pad_token_id), patches)
 
 
+def grow_chunks(side: dict[str, Any], rows: int, patches: int, pad_token_id: int = 0) -> dict[str, Any]:
+    """:func:`grow` of a side, or of each GradCache chunk of a chunked side (a leading chunk axis)."""
+    if side["input_ids"].ndim != 3:
+        return grow(side, rows, patches, pad_token_id)
+    n = len(side["input_ids"])
+    parts = [grow({k: v[i] for k, v in side.items()}, rows, patches, pad_token_id) for i in range(n)]
+    return {k: np.stack([p[k] for p in parts]) for k in side}
+
+
 def stack_chunks(chunks: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Chunks of a GradCache side stacked on a leading axis, packed chunks first grown to the rows and patch
     rows of the largest."""
@@ -274,12 +283,7 @@ def globalize(side: dict[str, Any], pad_token_id: int = 0) -> dict[str, Any]:
     from mmret.multihost import max_over_processes
 
     rows, patches = max_over_processes([num_rows(side), num_patches(side)])
-    if side["input_ids"].ndim == 3:  # GradCache chunks: grow each
-        n = side["input_ids"].shape[0]
-        parts = [grow({k: v[i] for k, v in side.items()}, rows, patches, pad_token_id) for i in range(n)]
-        out = {k: np.stack([p[k] for p in parts]) for k in side}
-    else:
-        out = grow(side, rows, patches, pad_token_id)
+    out = grow_chunks(side, rows, patches, pad_token_id)
     offset = jax.process_index() * rows * side["segment_lengths"].shape[-1]
     return {**out, "slot": out["slot"] + np.int32(offset)} if offset else out
 

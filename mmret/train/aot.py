@@ -166,12 +166,7 @@ def _largest_bucket(side: dict[str, Any], packs: Any, patch_budget: int, pad: in
         return side
     rows = packs.rows[-1]
     patches = packs.patches[-1] if packs.patches else patch_budget
-    if side["input_ids"].ndim == 3:
-        parts = [
-            packing.grow({k: v[i] for k, v in side.items()}, rows, patches, pad) for i in range(len(side["input_ids"]))
-        ]
-        return {k: np.stack([p[k] for p in parts]) for k in side}
-    return packing.grow(side, rows, patches, pad)
+    return packing.grow_chunks(side, rows, patches, pad)
 
 
 def host_batch(cfg: TrainerConfig, patcher: ImagePatcher, pad_token_id: int = 0) -> dict[str, Any]:
