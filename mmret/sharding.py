@@ -46,6 +46,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmret.models import partitioning
 from mmret.models.partitioning import LOGICAL_AXES
 
 M = TypeVar("M", bound=nnx.Module)
@@ -268,13 +269,35 @@ _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("mmret_sha
 
 @contextlib.contextmanager
 def axis_rules(rules: Any) -> Iterator[Rules]:
-    """Make ``rules`` the default of :func:`with_logical_constraint` (and the others) within the block.
-    A jitted function traced under one table keeps it: retrace (a new jit) after changing tables."""
-    token = _RULES.set(make_rules(rules))
+    """Make ``rules`` the default of :func:`with_logical_constraint` (and the others) within the block, and
+    install them as the models' activation layout (:func:`mmret.models.partitioning.constrain`, on the mesh
+    of ``jax.set_mesh``). A jitted function traced under one table keeps it: retrace (a new jit) after
+    changing tables."""
+    table = make_rules(rules)
+    token = _RULES.set(table)
     try:
-        yield _RULES.get()  # type: ignore[misc]
+        with partitioning.activation_layout(_Layout(table)):
+            yield table
     finally:
         _RULES.reset(token)
+
+
+class _Layout:
+    """The models' activation layout under one rules table, on the mesh set by ``jax.set_mesh``."""
+
+    def __init__(self, rules: Rules):
+        self.rules = rules
+
+    def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+        return with_logical_constraint(x, names, self.rules)
+
+    def shards(self, name: str) -> int:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return 1
+        (axes,) = logical_to_mesh((name,), self.rules, mesh=mesh)
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return math.prod(_axis_size(mesh, a) for a in axes)
 
 
 def current_rules() -> Rules:

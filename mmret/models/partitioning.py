@@ -1,13 +1,20 @@
-"""Logical axis names carried by every parameter.
+"""Logical axis names carried by every parameter, and the layout hook for activations.
 
 Model code names axes logically ("embed", "mlp", ...); the sharding module maps those names to
 mesh axes with a rules table from the config (maxtext style). Model code never names a mesh axis.
+
+Activations are laid out the same way: a model calls :func:`constrain` with the logical names of an
+array's dims, and :func:`shards` for how many ways a logical dim is split. Both do nothing (identity, 1)
+until a layout is installed with :func:`activation_layout`, which ``mmret.sharding.axis_rules`` does with
+its rules and the current mesh; so model code runs the same unsharded and never imports the sharding layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import jax
 from flax import nnx
@@ -45,3 +52,44 @@ def logical(init: Initializer, *names: str | None) -> Initializer:
 def logical_axes(state: Any) -> Any:
     """The logical names of every parameter in ``state`` (a pytree of ``PartitionSpec``)."""
     return nnx.get_partition_spec(state)
+
+
+class ActivationLayout(Protocol):
+    """What :func:`activation_layout` installs (``mmret.sharding`` provides one per rules table)."""
+
+    def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array: ...
+
+    def shards(self, name: str) -> int: ...
+
+
+_LAYOUT: contextvars.ContextVar[ActivationLayout | None] = contextvars.ContextVar(
+    "mmret_activation_layout", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_layout(layout: ActivationLayout | None) -> Iterator[None]:
+    """Make ``layout`` the one :func:`constrain` and :func:`shards` consult within the block (None: none).
+    A function traced under a layout keeps its constraints: retrace after changing it."""
+    token = _LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+    """``x`` laid out by the logical names of its dims under the installed layout; ``x`` itself without one."""
+    layout = _LAYOUT.get()
+    if layout is None:
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: {len(names)} logical names {names} for an array of rank {x.ndim}")
+    return layout.constrain(x, names)
+
+
+def shards(name: str) -> int:
+    """How many ways the installed layout splits the logical dim ``name`` (1 without one): a model pads a
+    dim it wants split to a multiple of it."""
+    layout = _LAYOUT.get()
+    return 1 if layout is None else max(1, int(layout.shards(name)))

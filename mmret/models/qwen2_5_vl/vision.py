@@ -21,7 +21,15 @@ from mmret.models.qwen2_vl.layer_stack import LayerStack
 from mmret.models.qwen2_vl.layers import RMSNorm, activation, linear
 from mmret.models.qwen2_vl.position_ids import vision_patch_positions
 from mmret.models.qwen2_vl.rope import apply_rotary, vision_cos_sin
-from mmret.models.qwen2_vl.vision import PatchEmbed, PatchMerger, VisionAttention, check_patches
+from mmret.models.qwen2_vl.vision import (
+    PatchEmbed,
+    PatchMerger,
+    VisionAttention,
+    check_patches,
+    pad_rows,
+    patch_layout,
+    sharded_rows,
+)
 
 _EPS = 1e-6
 
@@ -82,7 +90,7 @@ class VisionBlock(nnx.Module):
         else:
             a = whole_images(h) if bool(full) else windows(h)
         x = x + a
-        return x + self.mlp(self.norm2(x))
+        return patch_layout(x + self.mlp(self.norm2(x)))
 
 
 class RMSPatchMerger(PatchMerger):
@@ -119,9 +127,11 @@ class VisionTransformer(nnx.Module):
         m = v.spatial_merge_size
         if n % (m * m):
             raise ValueError(f"pixel_values has {n} patches, not a multiple of {m * m} (the patch merger)")
-        positions = vision_patch_positions(image_grid_thw, n, m)
+        padded = sharded_rows(n, m, self.max_image_patches, v.window_patches)
+        positions = vision_patch_positions(image_grid_thw, padded, m)
         order, image, window = window_order(image_grid_thw, positions, m, v.window)
-        cos, sin = vision_cos_sin(positions[1][order], positions[2][order], v.head_dim, v.rope_theta)
-        x = self.patch_embed(pixel_values.astype(self.dtype))[order]
+        image, window = patch_layout(image), patch_layout(window)
+        cos, sin = map(patch_layout, vision_cos_sin(positions[1][order], positions[2][order], v.head_dim, v.rope_theta))
+        x = patch_layout(self.patch_embed(pad_rows(pixel_values, padded).astype(self.dtype))[order])
         x = self.blocks(x, cos, sin, image, window, per_layer=np.asarray(self.full))
-        return restore_merged(self.merger(x), order, m)
+        return restore_merged(self.merger(x), order, m)[: n // (m * m)]

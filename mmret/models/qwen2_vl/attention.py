@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mmret.models.options import AttentionImpl
+from mmret.models.partitioning import constrain
 
 
 def padding_mask(attention_mask: jax.Array, *, causal: bool, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -39,7 +40,8 @@ def segment_attention(
     tokens are contiguous and at most ``block`` long (an image's patches, ``block`` = the processor's patch
     cap per image): the sequence is cut into blocks of ``block`` tokens and each block attends to itself and
     its two neighbours, which hold every token of its segments, so the result is the same at a cost of
-    n * 3 * block. Longer segments (batch padding rows) then see only their neighbourhood.
+    n * 3 * block. Longer segments (batch padding rows) then see only their neighbourhood. The blocks are
+    split over ``"vision_tokens"`` under the activation layout (:mod:`mmret.models.partitioning`).
     """
     n = q.shape[0]
     if block <= 0 or n <= 2 * block:
@@ -57,11 +59,14 @@ def segment_attention(
         prev, nxt = jnp.concatenate([edge, x[:-1]]), jnp.concatenate([x[1:], edge])
         return jnp.concatenate([prev, x, nxt], axis=1)
 
-    qb = blocks(q)
-    kb, vb = neighbours(blocks(k), 0), neighbours(blocks(v), 0)
+    def split(x: jax.Array) -> jax.Array:
+        return constrain(x, "vision_tokens", *([None] * (x.ndim - 1)))
+
+    qb = split(blocks(q))
+    kb, vb = split(neighbours(blocks(k), 0)), split(neighbours(blocks(v), 0))
     seg_k = neighbours(seg, -3)
-    mask = (seg[:, :, None] == seg_k[:, None, :])[:, None]  # [nb, 1, block, 3 * block]
-    out = dot_product_attention(qb, kb, vb, mask, impl=impl)
+    mask = split((seg[:, :, None] == seg_k[:, None, :])[:, None])  # [nb, 1, block, 3 * block]
+    out = split(dot_product_attention(qb, kb, vb, mask, impl=impl))
     return out.reshape(nb * block, *out.shape[2:])[:n]
 
 

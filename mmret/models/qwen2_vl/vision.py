@@ -3,11 +3,14 @@ attention, QuickGELU MLPs, and the 2x2 patch merger that projects to the LLM wid
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmret.models.partitioning import constrain, shards
 from mmret.models.qwen2_vl.attention import segment_attention
 from mmret.models.qwen2_vl.config import Qwen2VLConfig
 from mmret.models.qwen2_vl.layer_stack import LayerStack
@@ -34,6 +37,28 @@ def check_patches(
     real = sizes if image_mask is None else sizes[np.asarray(image_mask) > 0]
     if block and real.size and int(real.max()) > block:
         raise ValueError(f"an image has {int(real.max())} patches, more than max_image_patches={block}")
+
+
+def sharded_rows(n: int, merge: int, *blocks: int) -> int:
+    """The patch rows a vision tower computes on: ``n`` when the activation layout does not split
+    ``"vision_tokens"``; split S ways, ``n`` rounded up so that every shard holds whole attention blocks of
+    each of ``blocks`` rows (those > 0) and whole ``merge`` x ``merge`` groups. The added rows are padding
+    (image -1), which no real patch attends to."""
+    s = shards("vision_tokens")
+    if s == 1:
+        return n
+    unit = s * math.lcm(merge * merge, *(b for b in blocks if b > 0))
+    return -(-n // unit) * unit
+
+
+def pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """``x`` [n, ...] with zero rows appended up to ``rows``."""
+    return x if rows == x.shape[0] else jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
+def patch_layout(x: jax.Array) -> jax.Array:
+    """A per-patch array ([patches, ...]) split over ``"vision_tokens"`` under the activation layout."""
+    return constrain(x, "vision_tokens", *([None] * (x.ndim - 1)))
 
 
 class VisionAttention(nnx.Module):
@@ -78,7 +103,7 @@ class VisionBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, image: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x), cos, sin, image)
-        return x + self.mlp(self.norm2(x))
+        return patch_layout(x + self.mlp(self.norm2(x)))
 
 
 class PatchMerger(nnx.Module):
@@ -94,8 +119,8 @@ class PatchMerger(nnx.Module):
         self.mlp_2 = linear(self.merged_dim, v.out_hidden_size, ("merger_mlp", "embed"), bias=True, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.ln_q(x).reshape(-1, self.merged_dim)
-        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+        x = patch_layout(self.ln_q(x).reshape(-1, self.merged_dim))
+        return patch_layout(self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False)))
 
 
 class PatchEmbed(nnx.Module):
@@ -141,8 +166,9 @@ class VisionTransformer(nnx.Module):
         v = self.cfg
         check_patches(pixel_values, image_grid_thw, image_mask, v.patch_dim, self.max_image_patches)
         n = pixel_values.shape[0]
-        image, rows, cols = vision_patch_positions(image_grid_thw, n, v.spatial_merge_size)
-        cos, sin = vision_cos_sin(rows, cols, v.head_dim, v.rope_theta)
-        x = self.patch_embed(pixel_values.astype(self.dtype))
+        padded = sharded_rows(n, v.spatial_merge_size, self.max_image_patches)
+        image, rows, cols = map(patch_layout, vision_patch_positions(image_grid_thw, padded, v.spatial_merge_size))
+        cos, sin = map(patch_layout, vision_cos_sin(rows, cols, v.head_dim, v.rope_theta))
+        x = patch_layout(self.patch_embed(pad_rows(pixel_values, padded).astype(self.dtype)))
         x = self.blocks(x, cos, sin, image)
-        return self.merger(x)
+        return self.merger(x)[: n // v.spatial_merge_size**2]

@@ -14,7 +14,15 @@ from mmret.models.qwen2_vl.layer_stack import LayerStack
 from mmret.models.qwen2_vl.layers import INIT_STD, layer_norm
 from mmret.models.qwen2_vl.position_ids import vision_patch_positions
 from mmret.models.qwen2_vl.rope import vision_cos_sin
-from mmret.models.qwen2_vl.vision import PatchEmbed, PatchMerger, VisionBlock, check_patches
+from mmret.models.qwen2_vl.vision import (
+    PatchEmbed,
+    PatchMerger,
+    VisionBlock,
+    check_patches,
+    pad_rows,
+    patch_layout,
+    sharded_rows,
+)
 from mmret.models.qwen3_vl.config import Qwen3VLConfig
 from mmret.models.qwen3_vl.position_embedding import interpolation_taps
 
@@ -29,8 +37,8 @@ class DeepStackMerger(PatchMerger):
         self.ln_q = layer_norm(self.merged_dim, eps=_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.ln_q(x.reshape(-1, self.merged_dim))
-        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+        x = patch_layout(self.ln_q(x.reshape(-1, self.merged_dim)))
+        return patch_layout(self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False)))
 
 
 class VisionTransformer(nnx.Module):
@@ -87,13 +95,14 @@ class VisionTransformer(nnx.Module):
         v = self.cfg
         check_patches(pixel_values, image_grid_thw, image_mask, v.patch_dim, self.max_image_patches)
         n = pixel_values.shape[0]
-        positions = vision_patch_positions(image_grid_thw, n, v.spatial_merge_size)
-        image, rows, cols = positions
-        cos, sin = vision_cos_sin(rows, cols, v.head_dim, v.rope_theta)
-        indices, weights = interpolation_taps(image_grid_thw, positions, v.grid_side)
-        x = self.patch_embed(pixel_values.astype(self.dtype))
+        padded = sharded_rows(n, v.spatial_merge_size, self.max_image_patches)
+        positions = vision_patch_positions(image_grid_thw, padded, v.spatial_merge_size)
+        image, rows, cols = map(patch_layout, positions)
+        cos, sin = map(patch_layout, vision_cos_sin(rows, cols, v.head_dim, v.rope_theta))
+        indices, weights = map(patch_layout, interpolation_taps(image_grid_thw, positions, v.grid_side))
+        x = self.patch_embed(pad_rows(pixel_values, padded).astype(self.dtype))
         table = self.pos_embed.embedding[...]
-        x = x + (table[indices] * weights[..., None].astype(table.dtype)).sum(1).astype(x.dtype)
+        x = patch_layout(x + (table[indices] * weights[..., None].astype(table.dtype)).sum(1).astype(x.dtype))
         deep = []
         start = 0
         for j, index in enumerate(v.deepstack_visual_indexes if deepstack else ()):
@@ -101,4 +110,5 @@ class VisionTransformer(nnx.Module):
             deep.append(self.deepstack_merger_list.block(j)(x))
             start = index + 1
         x = self.blocks(x, cos, sin, image, start=start)
-        return self.merger(x), (jnp.stack(deep) if deep else None)
+        merged = n // v.spatial_merge_size**2
+        return self.merger(x)[:merged], (jnp.stack(deep)[:, :merged] if deep else None)
