@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from mmret.models.partitioning import constrain
 from mmret.models.qwen2_vl.attention import dot_product_attention
 from mmret.models.qwen2_vl.config import Qwen2VLConfig
 from mmret.models.qwen2_vl.layers import RMSNorm, activation, linear
@@ -43,7 +44,8 @@ class MLP(nnx.Module):
         self.down_proj = linear(t.intermediate_size, t.hidden_size, ("mlp", "embed"), bias=False, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        h = constrain(self.act(self.gate_proj(x)) * self.up_proj(x), "batch", "length", "act_mlp")
+        return self.down_proj(h)
 
 
 class DecoderLayer(nnx.Module):
@@ -57,5 +59,6 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """``x`` [batch, length, embed], split over the batch axes under the activation layout."""
+        x = constrain(x + self.self_attn(self.input_layernorm(x), cos, sin, mask), "batch", "length", "act_embed")
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), "batch", "length", "act_embed")

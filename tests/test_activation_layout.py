@@ -1,5 +1,6 @@
-"""The vision towers split their patch rows over the mesh (logical ``"vision_tokens"``) on 8 simulated CPU
-devices: the same features as on one device, and a fraction of one device's temporaries per device."""
+"""The models lay their activations out by logical names (:mod:`mmret.models.partitioning`) on 8 simulated CPU
+devices: the vision towers split their patch rows (``"vision_tokens"``), the decoder layers their batch rows
+(``"batch"``); the same outputs as on one device, and a fraction of one device's temporaries per device."""
 
 from __future__ import annotations
 
@@ -91,3 +92,34 @@ def test_a_tower_over_8_devices_equals_one_device_and_splits_its_temporaries(pre
     # A device may copy out its shard of the replicated pixel_values (a temporary of rows / 8 x patch_dim).
     own_slice = rows // 8 * pv.shape[1] * pv.itemsize
     assert per_device - own_slice < 0.35 * whole, (per_device, own_slice, whole)
+
+
+def split_and_whole(run, args, mesh):
+    """``(outputs, per-device temporaries)`` of ``run`` on one device and on ``mesh`` (arguments replicated)."""
+    one = jax.devices()[0]
+    single = jax.jit(run).lower(*jax.device_put(args, one)).compile()
+    ref = np.asarray(single(*jax.device_put(args, one)))
+    with jax.set_mesh(mesh), sh.axis_rules(None):
+        rep = jax.device_put(args, NamedSharding(mesh, P()))
+        compiled = jax.jit(run).lower(*rep).compile()
+        got = np.asarray(compiled(*rep))
+    temps = (compiled.memory_analysis().temp_size_in_bytes, single.memory_analysis().temp_size_in_bytes)
+    return (got, ref), temps
+
+
+def test_the_decoder_layers_split_their_batch_rows():
+    model = models.from_preset("tiny", seed=2)
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 400, (16, 128)).astype(np.int32)
+    mask = (np.arange(128)[None] < rng.integers(40, 129, 16)[:, None]).astype(np.int32)
+
+    def run(state, ids, mask):
+        return nnx.merge(graphdef, state)(ids, mask).last_hidden_state
+
+    (got, ref), (per_device, whole) = split_and_whole(run, (state, ids, mask), sh.make_mesh({"data": 8}))
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
+    assert np.abs(ref).max() > 0.1
+    # Replicated arguments give XLA no batch split to propagate: without the layers' constraints every device
+    # computes the whole batch (measured: 1.0 with the constraints removed, 0.09 with them).
+    assert per_device < 0.35 * whole, (per_device, whole)
