@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -206,6 +207,17 @@ def test_embedding_json_and_model_card_describe_the_run(hf_export, trained):
     card = (trained.out / "README.md").read_text()
     report = (trained.workdir / "eval" / "2" / "local" / "report.md").read_text().strip()
     assert report in card and "Qwen2VLForConditionalGeneration" in card and "step 2" in card
+
+
+def test_export_to_an_object_store_writes_the_same_files(trained, bucket):
+    """``export_run`` into ``gs://`` (conftest's fake bucket, where a local-only write fails): every file the
+    local export wrote, byte for byte."""
+    out = export_run(trained.workdir, "gs://bucket/export")
+    assert str(out) == "gs://bucket/export"
+    local = sorted(p.name for p in trained.out.iterdir())
+    assert sorted(os.listdir(bucket / "export")) == local and "model.safetensors" in local
+    for name in local:
+        assert (bucket / "export" / name).read_bytes() == (trained.out / name).read_bytes(), name
 
 
 def test_untied_head_and_added_tokens_carry_over(tiny_mbeir, tmp_path):

@@ -235,47 +235,7 @@ def test_tools_take_gs_paths() -> None:
     assert all(isinstance(p, epath.Path) for p in got)
 
 
-# ------------------------------------------------------------------------------ a fake object store
-
-
-@pytest.fixture
-def bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """``gs://bucket`` served by epath from a local directory (epath.testing.mock_epath), with the working
-    directory an empty one: a local-only call on a ``gs://`` path (``open``, ``np.load``, ``os.rename``)
-    would act on ``./gs:/bucket/...`` and is caught there. Yields the directory behind the bucket."""
-    from etils.epath import testing
-
-    store, cwd = tmp_path / "bucket", tmp_path / "cwd"
-    store.mkdir()
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    prefix = "gs://bucket"
-
-    def local(path: os.PathLike | str) -> str:
-        s = os.fspath(path)
-        return str(store / s.removeprefix(prefix).lstrip("/")) if s.startswith(prefix) else s
-
-    def remote(path: os.PathLike | str) -> str:
-        s = os.fspath(path)
-        return prefix + s.removeprefix(str(store)) if s.startswith(str(store)) else s
-
-    def one(original, path, *args, **kwargs):
-        return original(local(path), *args, **kwargs)
-
-    def two(original, src, dst, *args, **kwargs):
-        return original(local(src), local(dst), *args, **kwargs)
-
-    def walk(original, top, **kwargs):
-        for root, dirs, files in original(local(top), **kwargs):
-            yield remote(root), dirs, files
-
-    def glob(original, pattern):
-        return [remote(p) for p in original(local(pattern))]
-
-    names = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree", "stat")
-    with testing.mock_epath(**dict.fromkeys(names, one), rename=two, replace=two, copy=two, walk=walk, glob=glob):
-        yield store
-    assert os.listdir(cwd) == []  # nothing went through a local-only call
+# ------------------------------------------------- on a fake object store (the bucket fixture of conftest.py)
 
 
 def test_a_corpus_build_and_evaluation_on_an_object_store(root: Path, bucket: Path) -> None:

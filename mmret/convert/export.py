@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from mmret.atomic_dir import PathLike, absolute, as_path
 from mmret.convert.checkpoint import (
     HF_FILES,
     ParamPath,
@@ -86,20 +88,20 @@ def _config_bytes(raw: bytes, dtype: str | None) -> bytes:
 
 def export_to_hf(
     ckpt_dir: str | Path,
-    out: str | Path,
+    out: PathLike,
     *,
     max_shard_size: str | int = "5GB",
     dtype: Any | None = None,
     force: bool = False,
     progress: Progress | None = None,
-) -> Path:
+) -> epath.Path:
     """Write the checkpoint at ``ckpt_dir`` as a hub model directory ``out`` (atomically).
 
     Tensors keep the checkpoint's dtype unless ``dtype`` is given; each is laid out and written on
     its own, so peak host memory is about one copy of the parameters."""
-    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    ckpt_dir, out = Path(ckpt_dir), as_path(out)
     check_output(out, force)
-    if out.absolute() == ckpt_dir.absolute():
+    if absolute(out) == absolute(ckpt_dir):
         raise ConversionError(f"{out}: the output cannot be the checkpoint itself")
     info = read_info(ckpt_dir)
     cfg = info.config(with_lm_head=True)
@@ -128,25 +130,25 @@ def export_to_hf(
 
 
 def write_hub_dir(
-    out: str | Path,
+    out: PathLike,
     params: Mapping[ParamPath, Any],
     cfg: Any,
     table: ConversionTable,
     *,
-    files: Mapping[str, bytes | Path],
+    files: Mapping[str, bytes | PathLike],
     extra: Sequence[tuple[str, np.ndarray]] = (),
     where: str = "model",
     max_shard_size: str | int = "5GB",
     dtype: Any | None = None,
     force: bool = False,
     progress: Progress | None = None,
-) -> Path:
+) -> epath.Path:
     """Write ``params`` (flat, our layout, of the backbone ``cfg`` with its LM head where untied) as a hub
     model directory ``out`` (atomically): safetensors in ``table``'s key layout (sharded above
     ``max_shard_size``), ``extra`` (hub key, hub-layout array) pairs after them, and ``files`` (name ->
     content, or a file to copy); ``config.json`` among them gets the written dtype. ``where`` names the
-    parameters' origin in errors."""
-    out = Path(out)
+    parameters' origin in errors. ``out`` may be on any file system epath reaches (``gs://...``)."""
+    out = as_path(out)
     check_output(out, force)
     max_bytes = parse_size(max_shard_size)
     out_dtype = None if dtype is None else np.dtype(dtype_name(dtype))
@@ -193,7 +195,7 @@ def write_hub_dir(
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for name, content in files.items():
-            data = content.read_bytes() if isinstance(content, Path) else content
+            data = content if isinstance(content, bytes) else as_path(content).read_bytes()
             if name == "config.json":
                 data = _config_bytes(data, config_dtype)
             (tmp / name).write_bytes(data)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import ml_dtypes
 import numpy as np
 
+from mmret.atomic_dir import PathLike, as_path
 from mmret.convert.table import ConversionTable, Entry, to_hub, to_ours
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ class SafetensorsCheckpoint:
 
 
 def write_safetensors(
-    path: Path, tensors: Iterator[tuple[str, np.ndarray]], plan: list[tuple[str, Any, tuple[int, ...]]]
+    path: PathLike, tensors: Iterator[tuple[str, np.ndarray]], plan: list[tuple[str, Any, tuple[int, ...]]]
 ) -> None:
     """Stream tensors into one safetensors file. ``plan`` lists (key, dtype, shape) in the order the
     (key, array) pairs come, so the header goes first and each tensor is written and dropped; exactly
@@ -204,7 +205,7 @@ def write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    with as_path(path).open("wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for key, dtype, shape in plan:

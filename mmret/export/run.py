@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from mmret.atomic_dir import PathLike
 from mmret.build import load_backbone, pair_renderer, processor_dir
@@ -96,9 +97,10 @@ def export_run(
     max_shard_size: str | int = "5GB",
     force: bool = False,
     progress: Progress | None = None,
-) -> Path:
+) -> epath.Path:
     """Write checkpoint ``step`` (None: the latest) of the run in ``workdir`` as a Hugging Face directory
-    ``out`` (atomically); returns ``out``. A retriever run (tasks ``bi_encoder``, ``distill``) or a reranker
+    ``out`` (atomically; on any file system epath reaches, ``gs://...``); returns ``out``. A retriever run
+    (tasks ``bi_encoder``, ``distill``) or a reranker
     run (task ``reranker``). ``dtype``: of the written tensors (default: the parameters')."""
     cfg = run_config(workdir)
     step = resolve_step(workdir, step)
@@ -153,7 +155,7 @@ def export_run(
         cfg, workdir, step, spec=spec, kind="reranker" if reranker else "retriever"
     ).encode()
     return write_hub_dir(
-        Path(out),
+        out,
         params,
         bcfg,
         table,
