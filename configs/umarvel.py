@@ -232,7 +232,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="bfloat16",
         param_dtype="float32",
         scan_layers=True,
-        remat="dots_with_no_batch_dims",
+        # Full remat: the 7B stage-3 step fits a v5p-64 with it (63.75 GiB a chip), not with the dots saved
+        # (386.85 GiB): tools/aot_compile.py, benchmarks/RESULTS.md "Ahead-of-time fit check".
+        remat="full",
         attention_impl="auto",
     )
     # Bidirectional attention, mean pooling with the instruction (and its markers) left out, L2 norm.
