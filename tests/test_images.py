@@ -104,6 +104,24 @@ def test_symlinks_must_stay_inside_the_root(root: Path, tmp_path: Path) -> None:
     assert load_image(root, "mbeir_images/link_in.png", max_pixels=CAP).size == (16, 12)
 
 
+def test_a_directory_swapped_for_a_symlink_after_use_is_resolved_again(root: Path, tmp_path: Path) -> None:
+    """Directories' real paths are remembered (images.py): one replaced by a symlink out of the root after its
+    images were read, or one that now reaches another directory inside the root, is resolved afresh."""
+    _save(root / "sub" / "a.png", size=(16, 12))
+    assert load_image(root, "sub/a.png", max_pixels=CAP).size == (16, 12)
+    _save(tmp_path / "secret" / "a.png", size=(5, 5))
+    os.rename(root / "sub", root / "moved")
+    os.symlink(tmp_path / "secret", root / "sub")
+    with pytest.raises(BadImageError) as e:
+        load_image(root, "sub/a.png", max_pixels=CAP)
+    assert _reason(e) == images.OUTSIDE_ROOT
+    os.remove(root / "sub")
+    _save(root / "other" / "a.png", size=(7, 3))
+    os.symlink(root / "other", root / "sub")
+    assert load_image(root, "sub/a.png", max_pixels=CAP).size == (7, 3)
+    assert resolve_image_path(root, "sub/a.png") == (root / "other" / "a.png").resolve()
+
+
 def test_root_given_through_a_symlink(root: Path, tmp_path: Path) -> None:
     os.symlink(root, tmp_path / "alias")
     assert load_image(tmp_path / "alias", "mbeir_images/a.png", max_pixels=CAP).size == (16, 12)

@@ -74,6 +74,34 @@ def unsafe_path_reason(rel_path: object) -> str | None:
     return None
 
 
+_REAL_DIRS: dict[str, tuple[str, tuple[int, int]]] = {}
+
+
+def _real_dir(path: str) -> str:
+    """``os.path.realpath(path)`` of a directory, remembered while ``path`` and the remembered answer still reach
+    one and the same directory (two ``stat`` calls): pools name millions of images in a few directories, and
+    ``realpath`` walks every component in Python. A directory that was moved or replaced (a symlink now, say)
+    reaches another inode, and is resolved afresh."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)  # missing: the caller's checks name it
+    here = (st.st_dev, st.st_ino)
+    known = _REAL_DIRS.get(path)
+    if known is not None and known[1] == here:
+        try:
+            there = os.stat(known[0])
+        except OSError:
+            there = None
+        if there is not None and (there.st_dev, there.st_ino) == here:
+            return known[0]
+    real = os.path.realpath(path)
+    if len(_REAL_DIRS) >= 65536:
+        _REAL_DIRS.clear()
+    _REAL_DIRS[path] = (real, here)
+    return real
+
+
 def resolve_image_path(root: PathLike, rel_path: str) -> epath.Path:
     """``root / rel_path`` after the safety checks, resolved; raises :class:`BadImageError` when unsafe or missing.
 
@@ -88,8 +116,12 @@ def resolve_image_path(root: PathLike, rel_path: str) -> epath.Path:
         if path.is_dir():
             raise BadImageError(rel_path, NOT_A_FILE)
         return path
-    root_real = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root_real, rel_path))
+    root_real = _real_dir(os.fspath(root))
+    head, name = os.path.split(rel_path)
+    real = os.path.join(_real_dir(os.path.join(root_real, head)) if head else root_real, name)
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    real = os.path.normpath(real)
     if os.path.commonpath([root_real, real]) != root_real:
         raise BadImageError(rel_path, OUTSIDE_ROOT, f"-> {real}")
     if not os.path.exists(real):
