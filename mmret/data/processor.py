@@ -87,6 +87,31 @@ def _backend_of(tokenizer: Any) -> tuple[str, int | None]:
     return backend.to_str(), tokenizer.pad_token_id
 
 
+#: Encoders built in this process: (backend JSON, the template's added tokens) -> (the encoder, the tokens it
+#: added). Parsing the backend takes about half a second; processors of one tokenizer and template share one
+#: encoder, which nothing changes once built (encoding is read-only and thread-safe in tokenizers).
+_ENCODERS: dict[tuple[str, tuple[str, ...]], tuple[tokenizers.Tokenizer, tuple[str, ...]]] = {}
+
+
+def _encoder_of(backend_json: str, added_tokens: tuple[str, ...]) -> tuple[tokenizers.Tokenizer, tuple[str, ...]]:
+    """A copy of the backend that reads special-token strings inside free text literally, with the template's
+    ``added_tokens`` that it lacks added one at a time (as U-MARVEL's loader: ids follow in this order)."""
+    key = (backend_json, added_tokens)
+    if key not in _ENCODERS:
+        from tokenizers import Tokenizer
+
+        encoder = Tokenizer.from_str(backend_json)
+        encoder.encode_special_tokens = True
+        encoder.no_truncation()
+        encoder.no_padding()
+        known = {t.content for t in encoder.get_added_tokens_decoder().values()}
+        missing = [t for t in added_tokens if t not in known]
+        for token in missing:
+            encoder.add_tokens([token])
+        _ENCODERS[key] = (encoder, tuple(missing))
+    return _ENCODERS[key]
+
+
 def _tokenizer_of(model_dir: Path) -> tuple[str, int | None]:
     """``AutoTokenizer.from_pretrained(model_dir)``'s backend and pad id, loaded once per process while the
     directory's files stay as they are."""
@@ -278,8 +303,6 @@ class Processor:
         tokenizer: Any = None,
         model_type: str | None = None,
     ) -> None:
-        from tokenizers import Tokenizer
-
         self.config = config if config is not None else ProcessorConfig()
         self.template = self.config.template_spec()
         if self.config.pool_scope not in _POOLED_KINDS:
@@ -301,16 +324,7 @@ class Processor:
             else registry.backbone_of(model_dir, default=registry.DEFAULT_MODEL_TYPE)
         )
         tokens = self.backbone.tokens
-        # A private copy that reads special-token strings inside free text literally.
-        self._encoder: tokenizers.Tokenizer = Tokenizer.from_str(backend_json)
-        self._encoder.encode_special_tokens = True
-        self._encoder.no_truncation()
-        self._encoder.no_padding()
-        known = {t.content for t in self._encoder.get_added_tokens_decoder().values()}
-        missing = [t for t in self.template.added_tokens() if t not in known]
-        for token in missing:  # one at a time, as U-MARVEL's loader: ids follow in this order
-            self._encoder.add_tokens([token])
-        self.added_tokens: tuple[str, ...] = tuple(missing)
+        self._encoder, self.added_tokens = _encoder_of(backend_json, tuple(self.template.added_tokens()))
         self.vocab_size: int = self._encoder.get_vocab_size(with_added_tokens=True)
         added = {t.content: i for i, t in self._encoder.get_added_tokens_decoder().items()}
         self._special_ids: dict[str, int] = {}
