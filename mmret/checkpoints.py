@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -36,7 +37,7 @@ from mmret.build import build_reranker, build_retriever, trainable_filter
 from mmret.lora import merge_lora
 from mmret.models.reranker import Reranker
 from mmret.models.retriever import Retriever
-from mmret.recipe import CheckpointConfig, TrainerConfig, as_trainer_config
+from mmret.recipe import CheckpointConfig, TrainerConfig, as_trainer_config, config_to_json
 
 log = logging.getLogger("mmret.checkpoints")
 
@@ -119,8 +120,49 @@ def load_trained(
 ) -> Retriever:
     """The retriever of a run of ``cfg`` at ``step`` (0: before training, i.e. the model it started from:
     :func:`initial_model`), LoRA adapters merged into plain weights; in host memory.
-    ``max_image_patches``: the processor's per-image cap (:func:`mmret.build.load_backbone`)."""
-    return _trained(initial_model(cfg, max_image_patches), cfg, workdir, step)
+    ``max_image_patches``: the processor's per-image cap (:func:`mmret.build.load_backbone`).
+
+    The last retriever restored from a checkpoint is kept (one, a copy handed out): a chain's stage k starts
+    from stage k-1's model, which started from k-2's, so without it every stage, its mining and its evaluation
+    would rebuild and restore every stage before it (quadratic in the stages). The kept one is a copy with its
+    own buffers (one more copy of the weights in host memory: :func:`forget_trained` drops it), as is each
+    one handed out from it: a step may donate a model's buffers."""
+    key = _trained_key(cfg, workdir, step, max_image_patches)
+    if key is not None and _LAST_TRAINED and _LAST_TRAINED[0][0] == key:
+        return _copy(_LAST_TRAINED[0][1])
+    model = _trained(initial_model(cfg, max_image_patches), cfg, workdir, step)
+    if key is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(model))):
+        return model  # nothing to key on, or an abstract model (nnx.eval_shape: the fit check)
+    _LAST_TRAINED[:] = [(key, _copy(model))]
+    return model
+
+
+def _copy(model: Retriever) -> Retriever:
+    """``model`` with its own buffers: what is handed out may be donated to a step (on CPU its buffers then go)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state))
+
+
+#: :func:`load_trained`'s last restored retriever: [(key, model)], or empty.
+_LAST_TRAINED: list[tuple[tuple[Any, ...], Retriever]] = []
+
+
+def forget_trained() -> None:
+    """Drop the retriever :func:`load_trained` keeps (its host memory is freed once no copy is in use)."""
+    _LAST_TRAINED.clear()
+
+
+def _trained_key(cfg: TrainerConfig, workdir: PathLike | None, step: int, max_image_patches: int) -> tuple | None:
+    """What a restored retriever depends on: the recipe, the checkpoint (a local one's modification times too:
+    a step rewritten in place is read again) and the image cap; None for step 0 (nothing restored)."""
+    if not step or workdir is None:
+        return None
+    ckpt = step_dir(workdir, step)
+    stamps: tuple[int, ...] = ()
+    if is_local(ckpt):
+        stamps = tuple(os.stat(p).st_mtime_ns for p in (ckpt, ckpt / "state") if p.exists())
+    recipe = json.dumps(config_to_json(cfg), sort_keys=True, default=str)
+    return (str(ckpt), stamps, max_image_patches, recipe)
 
 
 def load_trained_reranker(

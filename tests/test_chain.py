@@ -192,3 +192,42 @@ def test_killed_chain_resumes_to_the_uninterrupted_parameters(runs):
     b = load_trained(run_config(killed / "second"), killed / "second", 6)
     for x, y in zip(all_leaves(a), all_leaves(b), strict=True):
         np.testing.assert_array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
+
+
+def test_a_process_restores_each_stage_once_and_hands_out_copies(runs, monkeypatch):
+    """load_trained keeps the last retriever it restored: loading the second stage after the first restores only
+    the second's checkpoint (not the first's again under it); the result equals a load from nothing, bitwise; a
+    change to a handed-out model does not reach the next; a checkpoint rewritten in place is read again."""
+    from mmret import checkpoints
+
+    whole, _ = runs["whole"]
+    first_dir, second_dir = whole / "first", whole / "second"
+    read: list[str] = []
+    original = checkpoints.restore_params
+    monkeypatch.setattr(checkpoints, "restore_params", lambda m, wrt, d: read.append(str(d)) or original(m, wrt, d))
+    checkpoints.forget_trained()
+    load_trained(run_config(first_dir), first_dir, 2)
+    assert read and all(str(first_dir) in d for d in read)
+    read.clear()
+    second = load_trained(run_config(second_dir), second_dir, 6)
+    assert read and all(str(second_dir) in d for d in read)  # the first stage's model came from the kept one
+    read.clear()
+    again = load_trained(run_config(second_dir), second_dir, 6)
+    assert read == []
+    checkpoints.forget_trained()
+    fresh = load_trained(run_config(second_dir), second_dir, 6)
+    assert any(str(first_dir) in d for d in read)  # from nothing: the first stage restored under the second
+    for x, y, z in zip(all_leaves(second), all_leaves(again), all_leaves(fresh), strict=True):
+        np.testing.assert_array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(z).view(np.uint8))
+        np.testing.assert_array_equal(np.atleast_1d(y).view(np.uint8), np.atleast_1d(z).view(np.uint8))
+    read.clear()
+    for handed_out in (fresh, load_trained(run_config(second_dir), second_dir, 6)):  # restored, then kept
+        log_tau = handed_out.temperature.log_tau
+        log_tau.set_value(log_tau[...] + 1.0)  # a change to a handed-out copy
+        next_one = load_trained(run_config(second_dir), second_dir, 6)
+        assert float(next_one.temperature.log_tau[...]) == float(second.temperature.log_tau[...])
+    assert read == []
+    ckpt = second_dir / "checkpoints" / "6"
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 1000))
+    load_trained(run_config(second_dir), second_dir, 6)
+    assert any(str(second_dir) in d for d in read)
