@@ -48,6 +48,29 @@ def random_pairs(proc, n: int, seed: int = 0) -> tuple[list, list]:
     return [example(i) for i in range(n)], [example(i + 1) for i in range(n)]
 
 
+def with_pools_of(src: Path, dst: Path, tasks: Sequence[str], split: str) -> Path:
+    """A copy at ``dst`` of the M-BEIR root ``src`` (files copied: a symlink out of a root is refused) in which
+    only ``tasks`` keep their ``split`` local pool files and the split's union pool holds only their candidates
+    (in its own order): a global pool of a few hundred candidates instead of the whole union's thousands."""
+    import json
+    import shutil
+
+    from mmret.data.mbeir import EVAL_TASKS, global_pool_path, local_pool_path
+
+    shutil.copytree(src, dst)
+    kept: set[str] = set()
+    for task in EVAL_TASKS:
+        path = local_pool_path(dst, task.name, split)
+        if task.name in tasks:
+            kept |= {json.loads(line)["did"] for line in path.read_text().splitlines() if line.strip()}
+        elif path.exists():
+            path.unlink()
+    union = global_pool_path(dst, split)
+    lines = [line for line in union.read_text().splitlines() if line.strip()]
+    union.write_text("".join(line + "\n" for line in lines if json.loads(line)["did"] in kept))
+    return dst
+
+
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 

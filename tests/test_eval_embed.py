@@ -10,11 +10,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import eval_trainer_config
+from helpers import eval_trainer_config, with_pools_of
 
 from mmret.data.bad_records import BadRecords
 from mmret.data.mbeir import (
-    EVAL_TASKS,
     candidate_text,
     query_text_parts,
     read_global_pool,
@@ -189,14 +188,10 @@ def test_other_settings_replace_the_directory_whole(env, embedded, tmp_path, cap
 
 
 def test_global_pool_reuses_local_embeddings(env, tmp_path):
-    """The union pool plus one candidate found in no local pool: only that one is embedded anew."""
-    root = tmp_path / "mbeir"
-    for p in env["root"].rglob("*"):
-        target = root / p.relative_to(env["root"])
-        if p.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:  # copies: a symlink out of the root is refused (images.py)
-            target.write_bytes(p.read_bytes())
+    """The union pool plus one candidate found in no local pool: only that one is embedded anew. The root keeps
+    three tasks' local pools: the two evaluated and MSCOCO's (its test pool file, read only for the union)."""
+    kept = (*TASKS, "mscoco_task0")
+    root = with_pools_of(env["root"], tmp_path / "mbeir", kept, "test")
     union = root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl"
     extra = {"did": "2:999999", "txt": "An extra passage.", "img_path": None, "modality": "text", "src_content": None}
     union.write_text(union.read_text() + json.dumps(extra) + "\n")
@@ -211,14 +206,14 @@ def test_global_pool_reuses_local_embeddings(env, tmp_path):
     emb = Embeddings(tmp_path / "emb")
     members, vectors = emb.global_pool()
     assert members == list(read_global_pool(root))
-    local_total = sum(len(read_local_pool(root, t)) for t in EVAL_TASKS)
+    local_total = sum(len(read_local_pool(root, t)) for t in kept)
     assert len(members) == local_total + 1
     assert emb.group("pools/global/extra")[0] == ["2:999999"]
     dids, local = emb.local_pool("webqa_task1")
     np.testing.assert_array_equal(vectors[members.index(dids[3])], local[3])
-    # Batches: queries of the 2 tasks + 16 local pools + 1 extra, each group in batches of 8 (no group twice).
+    # Batches: queries of the 2 tasks + 3 local pools + 1 extra, each group in batches of 8 (no group twice).
     expected = sum(-(-len(read_queries(root, "test", t)) // 8) for t in TASKS)
-    expected += sum(-(-len(read_local_pool(root, t)) // 8) for t in EVAL_TASKS) + 1
+    expected += sum(-(-len(read_local_pool(root, t)) // 8) for t in kept) + 1
     assert len(calls) == expected
 
 

@@ -7,12 +7,11 @@ import dataclasses
 import functools
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import eval_trainer_config, load_tool, uniir_format_string
+from helpers import eval_trainer_config, load_tool, uniir_format_string, with_pools_of
 from PIL import Image
 
 from mmret.data.bad_records import BadRecordError, BadRecords
@@ -356,12 +355,13 @@ def assert_mined(path: Path, expected: dict[str, dict]) -> None:
 def test_mine_matches_an_independent_recomputation_and_reuses(tiny_mbeir, processor_dir, tmp_path, capsys):
     from mmret.mining.mine import mine
 
-    base = eval_trainer_config(tiny_mbeir, processor_dir, TASKS)
+    root = with_pools_of(tiny_mbeir, tmp_path / "mbeir", TASKS, "train")  # a union pool of the 3 tasks' pools
+    base = eval_trainer_config(root, processor_dir, TASKS)
     cfg = dataclasses.replace(base, mining=UMARVEL)
     run, out = tmp_path / "run", tmp_path / "mined"
     path = Path(mine(cfg, out, workdir=run, step=0))  # step 0: the model before training
     assert path == out / "negatives.jsonl"
-    expected = expected_negatives(out, tiny_mbeir, UMARVEL)
+    expected = expected_negatives(out, root, UMARVEL)
     assert_mined(path, expected)
     summary = json.loads((out / "summary.json").read_text())
     kinds = [k for e in expected.values() for k in e["kinds"]]
@@ -371,7 +371,7 @@ def test_mine_matches_an_independent_recomputation_and_reuses(tiny_mbeir, proces
     assert summary["fallback_queries"] == sum("random" in e["kinds"] for e in expected.values()) > 0
     assert sum(summary["modalities"].values()) == len(kinds)
     assert set(summary["per_task"]) == set(TASKS)
-    pool = read_global_pool(tiny_mbeir, "train")
+    pool = read_global_pool(root, "train")
     assert read_negatives(path, pool=pool) == {
         q: tuple(e["neg_cand_list"]) for q, e in expected.items()
     }  # training reads it
@@ -385,7 +385,7 @@ def test_mine_matches_an_independent_recomputation_and_reuses(tiny_mbeir, proces
     mine(cfg, out, workdir=run, step=0)
     printed = capsys.readouterr().out
     assert "complete, reused" in printed and "mined negatives" in printed and path.stat().st_mtime_ns != mtime
-    expected = expected_negatives(out, tiny_mbeir, MMEMBED)
+    expected = expected_negatives(out, root, MMEMBED)
     assert_mined(path, expected)
     assert {"modality", "beyond_cut"} <= {k for e in expected.values() for k in e["kinds"]}
 
@@ -417,9 +417,8 @@ def test_mine_filters_copies_of_positives(tiny_mbeir, processor_dir, tmp_path):
     mined, whatever their rank (every candidate is ranked: top_k and negatives cover the pool)."""
     from mmret.mining.mine import mine
 
-    root = tmp_path / "mbeir"
-    shutil.copytree(tiny_mbeir, root)
     tasks = ("cirr_task7", "webqa_task1")
+    root = with_pools_of(tiny_mbeir, tmp_path / "mbeir", tasks, "train")
     union = root / "cand_pool" / "global" / "mbeir_union_train_cand_pool.jsonl"
     copied = {}
     for task, kind, new_did in (("cirr_task7", "image", "8:999999"), ("webqa_task1", "text", "2:999999")):
