@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from PIL import Image
 
 from mmret import models, sharding
@@ -179,6 +180,13 @@ def test_grown_rows_are_empty_and_change_nothing_else(proc):
 # ------------------------------------------------------------------------------------------- embeddings
 
 
+@nnx.jit
+def embed(enc: Encoder, batch: dict):
+    """``enc(batch)`` compiled with the encoder an argument (closed over, its weights would be constants of the
+    program: a tiny model's 151,936-row embedding table made each compile take seconds)."""
+    return enc(batch)
+
+
 @pytest.mark.parametrize(
     "fusion,pooling,attention,preset",
     [
@@ -194,16 +202,16 @@ def test_packed_embeddings_equal_padded_ones(proc, proc3, fusion, pooling, atten
     proc = processor_for(preset, proc, proc3)
     enc = Encoder(backbone(preset=preset), EncoderConfig(pooling=pooling, fusion=fusion, attention=attention))
     examples = mixed(proc, 9, 2, instruction=True)
-    ref = np.asarray(jax.jit(lambda b: enc(b))(padded(proc, examples)))
+    ref = np.asarray(embed(enc, padded(proc, examples)))
     total = sum(ex.num_patches for ex in examples)
     side = packed(proc, examples, rows=(3,), segments=4, budgets=(total,))
     assert packing.num_rows(side) == 3  # really packed: three or more examples a row, no patch to spare
     assert packing.num_patches(side) == total < PATCHES
-    got = np.asarray(jax.jit(lambda b: enc(b))(side))
+    got = np.asarray(embed(enc, side))
     np.testing.assert_allclose(got, ref, atol=1e-5)
     if (fusion, pooling, preset) == ("joint", "mean", "tiny"):  # again with room to spare: empty rows and patch rows
         spare = packing.grow(packed(proc, examples, rows=(5,)), 7, PATCHES + 128, proc.pad_token_id)
-        np.testing.assert_allclose(np.asarray(jax.jit(lambda b: enc(b))(spare)), ref, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(embed(enc, spare)), ref, atol=1e-5)
 
 
 def test_packed_rows_need_each_examples_position_ids(proc):
@@ -310,11 +318,11 @@ def test_packed_pairs_give_the_padded_pairs_scores_and_loss(proc, proc3, preset)
     yes, no = renderer.yes_id, renderer.no_id
     labels = np.array([int(i % 2) for i in range(len(pairs))], np.int32)
 
-    @jax.jit
-    def run(b):
-        return model.score(b, yes, no), reranker_loss(model, {**b, "labels": labels}, yes, no)
+    @nnx.jit  # the model an argument: closed over, its weights would be constants of the program (slow to compile)
+    def run(m, b):
+        return m.score(b, yes, no), reranker_loss(m, {**b, "labels": labels}, yes, no)
 
-    (ref_score, (ref_loss, ref_m)), (got_score, (got_loss, got_m)) = run(ref_batch), run(batch)
+    (ref_score, (ref_loss, ref_m)), (got_score, (got_loss, got_m)) = run(model, ref_batch), run(model, batch)
     np.testing.assert_allclose(np.asarray(got_score), np.asarray(ref_score), atol=1e-5)
     assert float(ref_loss) > 0.1 and np.ptp(np.asarray(ref_score)) > 1e-3
     np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-5)
