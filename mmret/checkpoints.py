@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -32,7 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from mmret.atomic_dir import PathLike, absolute, as_path, is_local
+from mmret.atomic_dir import PathLike, absolute, as_path, is_local, stamp
 from mmret.build import build_reranker, build_retriever, trainable_filter
 from mmret.lora import merge_lora
 from mmret.models.reranker import Reranker
@@ -160,7 +159,7 @@ def _trained_key(cfg: TrainerConfig, workdir: PathLike | None, step: int, max_im
     ckpt = step_dir(workdir, step)
     stamps: tuple[int, ...] = ()
     if is_local(ckpt):
-        stamps = tuple(os.stat(p).st_mtime_ns for p in (ckpt, ckpt / "state") if p.exists())
+        stamps = tuple(stamp(p)[1] for p in (ckpt, ckpt / "state") if p.exists())
     recipe = json.dumps(config_to_json(cfg), sort_keys=True, default=str)
     return (str(ckpt), stamps, max_image_patches, recipe)
 

@@ -55,16 +55,13 @@ def with_pools_of(src: Path, dst: Path, tasks: Sequence[str], split: str) -> Pat
     import json
     import shutil
 
-    from mmret.data.mbeir import EVAL_TASKS, global_pool_path, local_pool_path
+    from mmret.data.mbeir import EVAL_TASKS, global_pool_path, local_pool_path, read_local_pool
 
     shutil.copytree(src, dst)
-    kept: set[str] = set()
+    kept = {did for task in tasks for did in read_local_pool(dst, task, split)}
     for task in EVAL_TASKS:
-        path = local_pool_path(dst, task.name, split)
-        if task.name in tasks:
-            kept |= {json.loads(line)["did"] for line in path.read_text().splitlines() if line.strip()}
-        elif path.exists():
-            path.unlink()
+        if task.name not in tasks and local_pool_path(dst, task.name, split).exists():
+            local_pool_path(dst, task.name, split).unlink()
     union = global_pool_path(dst, split)
     lines = [line for line in union.read_text().splitlines() if line.strip()]
     union.write_text("".join(line + "\n" for line in lines if json.loads(line)["did"] in kept))
