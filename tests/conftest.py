@@ -38,6 +38,12 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# mmret's tokenizer cache (mmret/data/tokenizer_cache.py), one for the session's processes like the JAX cache:
+# the processes that build a Processor of the session's tokenizer files skip importing transformers and torch.
+if not os.environ.get("MMRET_CACHE_DIR"):
+    _MMRET_CACHE = tempfile.mkdtemp(prefix="mmret-tests-cache-")
+    os.environ["MMRET_CACHE_DIR"] = _MMRET_CACHE
+    atexit.register(shutil.rmtree, _MMRET_CACHE, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ inputs shared by the whole session

@@ -57,6 +57,7 @@ from PIL import Image
 
 from mmret.data.smart_resize import UMARVEL_MAX_PIXELS, smart_resize
 from mmret.data.templates import TEXT_KINDS, Piece, TemplateName, TemplateSpec, render_string
+from mmret.data.tokenizer_cache import cached_backend
 from mmret.models import registry
 from mmret.models.backbone import Backbone
 
@@ -112,15 +113,19 @@ def _encoder_of(backend_json: str, added_tokens: tuple[str, ...]) -> tuple[token
     return _ENCODERS[key]
 
 
+def _auto_backend(model_dir: Path) -> tuple[str, int | None]:
+    from transformers import AutoTokenizer
+
+    return _backend_of(AutoTokenizer.from_pretrained(str(model_dir)))
+
+
 def _tokenizer_of(model_dir: Path) -> tuple[str, int | None]:
     """``AutoTokenizer.from_pretrained(model_dir)``'s backend and pad id, loaded once per process while the
-    directory's files stay as they are."""
+    directory's files stay as they are, and kept on disk between processes (:mod:`mmret.data.tokenizer_cache`)."""
     stamps = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model_dir.iterdir()) if p.is_file())
     key = (str(model_dir.resolve()), stamps)
     if key not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[key] = _backend_of(AutoTokenizer.from_pretrained(str(model_dir)))
+        _TOKENIZERS[key] = cached_backend(model_dir, _auto_backend)
     return _TOKENIZERS[key]
 
 

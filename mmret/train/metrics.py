@@ -32,11 +32,25 @@ if TYPE_CHECKING:
     from tensorboardX.proto.event_pb2 import Event
 
 
+def _import_tensorboardx() -> None:
+    """Import tensorboardX without torch. Its package ``__init__`` imports its writer, which imports torch when
+    torch is installed (about 2 s of CPU and a few hundred MB) only to also accept torch tensors; the event
+    writer and protos used here need none of it. While tensorboardX is first imported, ``import torch`` fails
+    (it falls back to numpy); a torch imported before, or after, is untouched."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # the import system's "not importable" marker
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+
+
 def _event_file(logdir: Path | epath.Path, restart_step: int | None) -> EventsWriter:
     """A new event file in ``logdir``; ``restart_step``: a ``SessionLog.START`` there, so TensorBoard drops
     earlier-written points at steps >= it (those of a run killed after its last checkpoint, then resumed)."""
-    # Imported here: tensorboardX imports torch when it is installed (a second), which readers of
-    # format_duration / progress_line need not pay.
+    _import_tensorboardx()
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto.event_pb2 import Event, SessionLog
 
@@ -54,6 +68,7 @@ def _event_file(logdir: Path | epath.Path, restart_step: int | None) -> EventsWr
 
 def _scalar_event(step: int, values: Mapping[str, float]) -> Event:
     """An ``Event`` at ``step`` whose ``Summary`` holds ``values`` as ``simple_value`` scalars."""
+    _import_tensorboardx()
     from tensorboardX.proto.event_pb2 import Event
     from tensorboardX.proto.summary_pb2 import Summary
 
