@@ -322,6 +322,89 @@ def test_make_tiny_model_writes_a_qwen3_vl_directory(tiny_dir: Path) -> None:
     assert rel_err(np.asarray(got.last_hidden_state), ref.numpy(), mask) < RTOL
 
 
+#: Conversations and what Qwen/Qwen3-VL-*-Instruct's released chat template renders for them, written from its
+#: rules: a system turn only when the conversation opens with one (U-MARVEL's Qwen3-VL reranker collator,
+#: ``collators/mbeir_rerank_qwen3_vl.py``: "qwen3 has no system prompt", so its label masking starts at token 0),
+#: an image as the vision triplet, "Picture N: " before it with ``add_vision_id``.
+RELEASED_RENDERINGS = [
+    (
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+        dict(add_generation_prompt=True),
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    (
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+        ],
+        dict(add_vision_id=True),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|>"
+        "<|vision_end|>Picture 2: <|vision_start|><|image_pad|><|vision_end|>Same?<|im_end|>\n"
+        "<|im_start|>assistant\nYes.<|im_end|>\n",
+    ),
+]
+
+
+def test_chat_template_adds_no_system_turn_and_prompts_render_as_it_does(tiny_dir: Path) -> None:
+    """The tiny directory's chat template renders as the released Qwen3-VL one; mmret's prompt templates and
+    reranker pairs on a Qwen3-VL directory render what that template renders (no system turn), token for
+    token as transformers tokenises it, and the reranker trains U-MARVEL's Qwen3-VL labels."""
+    from PIL import Image
+    from test_reranker import IGNORE, hf_inputs, umarvel_messages
+
+    from mmret.data.processor import Processor, ProcessorConfig
+    from mmret.data.rerank_pairs import PairRenderer
+    from mmret.data.rerank_prompts import UMARVEL
+    from mmret.models.qwen2_vl import processor_files as pf
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    for messages, options, want in RELEASED_RENDERINGS:
+        assert tokenizer.apply_chat_template(messages, tokenize=False, **options) == want
+
+    def one_turn(user: str, has_image: bool) -> str:
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": user}]
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
+    pixels = dict(min_pixels=32 * 32, max_pixels=16 * 32 * 32)
+    text, instruction = "a red bus", "Find the image."
+    umarvel = Processor(tiny_dir, ProcessorConfig(**pixels))
+    user = (
+        f"<|object_ref_start|>{instruction}<|object_ref_end|> {text}\nSummarize above image and sentence in one word:"
+    )
+    assert umarvel.render(text, instruction=instruction, has_image=True) == one_turn(user, True) + "<|endoftext|>"
+    last = Processor(tiny_dir, ProcessorConfig(template="last_token", **pixels))
+    assert last.render(text, instruction=instruction, has_image=False) == one_turn(f"{instruction} {text}", False) + (
+        "<|endoftext|>"
+    )
+    exact = Processor(tiny_dir, ProcessorConfig(template="umarvel_exact", **pixels))
+    assert exact.render(text, instruction=instruction, has_image=True).startswith("<|im_start|>user\n")
+    assert umarvel.template.system_prompt is None  # what an export writes into mmret_embedding.json
+
+    hf = pf.ImageTextProcessor(transformers.AutoImageProcessor.from_pretrained(tiny_dir, **pixels), tokenizer)
+    renderer = PairRenderer(umarvel, UMARVEL)
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    for q, qi, c, ci in [
+        ("Identify the landmark.", picture, "The Eiffel Tower.", picture),
+        ("Capital?", None, "Paris.", None),
+    ]:
+        ours = renderer(q, qi, c, ci)
+        ref = hf_inputs(hf, umarvel_messages(q, qi, c, ci), generation=True)["input_ids"][0]
+        np.testing.assert_array_equal(ours.example.input_ids, ref)
+        ours = renderer(q, qi, c, ci, answer=True)
+        ref = hf_inputs(hf, umarvel_messages(q, qi, c, ci, "Yes"), generation=False)["input_ids"][0]
+        np.testing.assert_array_equal(ours.example.input_ids, ref)
+        labels = ref.astype(np.int64).copy()  # U-MARVEL's Qwen3-VL collator: every user turn, from token 0
+        starts = np.nonzero(ref == 151644)[0]
+        for j in range(0, len(starts), 2):
+            labels[starts[j] : starts[j + 1]] = IGNORE
+        (positions,) = np.nonzero(labels[1:] != IGNORE)
+        np.testing.assert_array_equal(ours.target_positions, positions)
+        np.testing.assert_array_equal(ours.target_ids, ref[positions + 1])
+
+
 def test_the_demo_stage_trains_a_qwen3_vl_through_the_entry_point(tiny_dir: Path, tiny_mbeir, tmp_path: Path) -> None:
     """U-MARVEL's M-BEIR demo stage (packed batches, GradCache, LoRA) with ``--config.model.hf_dir`` at the tiny
     Qwen3-VL (images of at least one 32 x 32 token, at most 64): it trains (its loss falls) and checkpoints."""

@@ -328,6 +328,7 @@ class Processor:
             if model_type is not None
             else registry.backbone_of(model_dir, default=registry.DEFAULT_MODEL_TYPE)
         )
+        self.template = self.template.with_default_system(self.backbone.default_system_prompt)
         tokens = self.backbone.tokens
         self._encoder, self.added_tokens = _encoder_of(backend_json, tuple(self.template.added_tokens()))
         self.vocab_size: int = self._encoder.get_vocab_size(with_added_tokens=True)

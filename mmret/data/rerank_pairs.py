@@ -2,7 +2,8 @@
 and, in the training form, the trained targets.
 
 The sequence is the backbone's chat template over one user turn (:mod:`mmret.data.rerank_prompts`) with the
-default system turn before it, as Hugging Face's ``apply_chat_template`` renders U-MARVEL's messages:
+backbone's default system turn before it (Qwen2-VL's and Qwen2.5-VL's; Qwen3-VL's template adds none), as Hugging
+Face's ``apply_chat_template`` renders U-MARVEL's messages:
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n{instruction}{query label}
     [<|vision_start|><|image_pad|>...<|vision_end|>]{query text}{candidate label}[image]{candidate text}
@@ -37,8 +38,7 @@ from mmret.data.rerank_prompts import RerankPrompt
 
 LossOn = Literal["assistant_turn", "answer"]
 
-#: The Qwen2-VL (and Qwen2.5-VL) chat format: the default system turn and a turn's open / close.
-SYSTEM_TURN = "system\nYou are a helpful assistant."
+#: A chat turn's open / close.
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
@@ -120,14 +120,11 @@ class PairRenderer:
         query_text, cut_q = self.cut(query_text)
         candidate_text, cut_c = self.cut(candidate_text)
         # (kind, value): "text" runs are tokenised together up to the next special token
-        parts: list[tuple[str, Any]] = [
-            ("special", "start"),
-            ("text", SYSTEM_TURN),
-            ("special", "end"),
-            ("text", "\n"),
-            ("special", "start"),
-            ("text", "user\n" + p.instruction + p.query_label),
-        ]
+        system = self.processor.backbone.default_system_prompt
+        parts: list[tuple[str, Any]] = []
+        if system is not None:
+            parts += [("special", "start"), ("text", "system\n" + system), ("special", "end"), ("text", "\n")]
+        parts += [("special", "start"), ("text", "user\n" + p.instruction + p.query_label)]
         images = []
         for text, image, tail in (
             (query_text, query_image, p.candidate_label),

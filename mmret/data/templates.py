@@ -5,8 +5,9 @@ token (kinds ``special``, ``image``, ``marker``, ``embed``) or a run of ordinary
 ``instruction``, ``text``); the processor tokenises consecutive text pieces together (exactly as the
 tokenizer would tokenise the whole rendered string) and uses the kinds to build the pool mask and to
 truncate. Four templates (``<image>`` below stands for ``<|vision_start|><|image_pad|><|vision_end|>``
-and is left out when there is no image; ``{system}`` is the system turn, left out when
-``system_prompt`` is None):
+and is left out when there is no image; ``{system}`` is the system turn, by default the one the backbone's
+chat template adds (Qwen2-VL's ``<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n``, none on
+Qwen3-VL), left out when ``system_prompt`` is None):
 
 ``umarvel`` (U-MARVEL's layout on the existing Qwen2-VL vocabulary; bidirectional attention, mean pooling
 without the instruction)::
@@ -45,7 +46,7 @@ without the instruction)::
 
     <image>{instruction} {text}
 
-Everything up to and including ``<|im_start|>assistant\\n`` is what the Qwen2-VL chat template
+Everything up to and including ``<|im_start|>assistant\\n`` is what the backbone's chat template
 (``apply_chat_template(..., add_generation_prompt=True)``) renders for one user turn holding the image
 and the text. Candidates get no instruction: then the markers and the separating space are left out.
 
@@ -74,6 +75,10 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+#: :attr:`TemplateSpec.system_prompt`'s default: the system turn the backbone's chat template adds to a
+#: conversation without one (:attr:`mmret.models.backbone.Backbone.default_system_prompt`: Qwen2-VL's and
+#: Qwen2.5-VL's "You are a helpful assistant.", none for Qwen3-VL), filled in by the processor.
+CHAT_TEMPLATE_DEFAULT = "<the chat template's default>"
 
 #: The tokens U-MARVEL's loader adds to the tokenizer, in the order it adds them (so their ids are
 #: ``len(tokenizer)``, ``+1``, ``+2`` for a tokenizer that lacks all three).
@@ -108,13 +113,14 @@ class TemplateSpec:
 
     ``instruction_start`` / ``instruction_end`` wrap the instruction (``umarvel`` only);
     ``embed_token`` ends ``umarvel`` and ``last_token`` prompts; ``summary_suffix`` (``umarvel`` only)
-    may use ``{modality}``; ``system_prompt`` None drops the system turn (note the Qwen2-VL chat
-    template would add its default one). ``umarvel_exact`` sets these four strings itself
-    (:data:`UMARVEL_EXACT_STRINGS`) and refuses other values.
+    may use ``{modality}``; ``system_prompt`` is the system turn's text, None for no system turn (the
+    Qwen2-VL chat template would add its default one), or :data:`CHAT_TEMPLATE_DEFAULT` (the default) for
+    what the backbone's chat template adds (:meth:`with_default_system`, which the processor applies).
+    ``umarvel_exact`` sets these four strings itself (:data:`UMARVEL_EXACT_STRINGS`) and refuses other values.
     """
 
     name: TemplateName = "umarvel"
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = CHAT_TEMPLATE_DEFAULT
     instruction_start: str = "<|object_ref_start|>"
     instruction_end: str = "<|object_ref_end|>"
     embed_token: str = "<|endoftext|>"
@@ -129,6 +135,13 @@ class TemplateSpec:
                 if getattr(self, field) not in (defaults[field], exact):
                     raise ValueError(f"umarvel_exact: {field} is fixed to {exact!r}, got {getattr(self, field)!r}")
                 object.__setattr__(self, field, exact)
+
+    def with_default_system(self, default: str | None) -> TemplateSpec:
+        """This spec with :data:`CHAT_TEMPLATE_DEFAULT` replaced by ``default`` (the backbone's chat template's
+        default system turn, None for none); an explicit ``system_prompt`` stays."""
+        if self.system_prompt != CHAT_TEMPLATE_DEFAULT:
+            return self
+        return dataclasses.replace(self, system_prompt=default)
 
     def added_tokens(self) -> tuple[str, ...]:
         """Tokens the processor adds to a tokenizer that lacks them (in this order)."""
@@ -182,6 +195,11 @@ class TemplateSpec:
     def _chat_turns(self, user: list[Piece]) -> list[Piece]:
         """The system turn (unless ``system_prompt`` is None) and the user turn holding ``user``."""
         pieces: list[Piece] = []
+        if self.system_prompt == CHAT_TEMPLATE_DEFAULT:
+            raise ValueError(
+                "TemplateSpec.system_prompt is the chat template's default: resolve it with with_default_system "
+                "(the processor does, from its backbone)"
+            )
         if self.system_prompt is not None:
             pieces += [
                 Piece("special", IM_START),

@@ -64,17 +64,15 @@ IMAGE_MAX_PIXELS = 28 * 28 * 16384  # 12845056
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-#: Qwen2-VL chat template (written for this project). A message's ``content`` is a string or a list of
-#: items of type ``text``, ``image`` (or ``image_url``) or ``video``; a default system turn is added when
-#: the conversation has none; ``add_vision_id=True`` prefixes each picture / video with "Picture N: ".
-#: Whitespace control (``{%-``, ``-%}``, ``{{-``) drops the layout whitespace of this source, so every
-#: emitted newline comes from a ``'\n'`` inside a string literal.
-CHAT_TEMPLATE = r"""
+#: The chat templates (written for this project). A message's ``content`` is a string or a list of items of
+#: type ``text``, ``image`` (or ``image_url``) or ``video``; ``add_vision_id=True`` prefixes each picture / video
+#: with "Picture N: ". Whitespace control (``{%-``, ``-%}``, ``{{-``) drops the layout whitespace of this source,
+#: so every emitted newline comes from a ``'\n'`` inside a string literal. ``{default_system}`` is the default
+#: system turn's block (see :func:`chat_template`).
+_CHAT_TEMPLATE_SOURCE = r"""
 {%- set image_count = namespace(value=0) -%}
 {%- set video_count = namespace(value=0) -%}
-{%- if messages | length == 0 or messages[0]['role'] != 'system' -%}
-    {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
-{%- endif -%}
+{default_system}
 {%- for message in messages -%}
     {{- '<|im_start|>' + message['role'] + '\n' -}}
     {%- if message['content'] is string -%}
@@ -105,6 +103,25 @@ CHAT_TEMPLATE = r"""
     {{- '<|im_start|>assistant\n' -}}
 {%- endif -%}
 """.strip()
+
+
+def chat_template(default_system_prompt: str | None) -> str:
+    """The chat template; a conversation that does not open with a system turn gets one of
+    ``default_system_prompt`` (Qwen2-VL's and Qwen2.5-VL's templates add "You are a helpful assistant.") or,
+    with None, none (Qwen3-VL's released template adds no system turn; U-MARVEL's Qwen3-VL reranker collator,
+    ``collators/mbeir_rerank_qwen3_vl.py``, relies on that)."""
+    block = ""
+    if default_system_prompt is not None:
+        block = (
+            "{%- if messages | length == 0 or messages[0]['role'] != 'system' -%}\n"
+            f"    {{{{- '<|im_start|>system\\n{default_system_prompt}<|im_end|>\\n' -}}}}\n"
+            "{%- endif -%}"
+        )
+    return _CHAT_TEMPLATE_SOURCE.replace("{default_system}", block)
+
+
+#: Qwen2-VL's chat template (the default system turn when there is none).
+CHAT_TEMPLATE = chat_template(DEFAULT_SYSTEM_PROMPT)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -213,8 +230,9 @@ def build_tokenizer(tiktoken_path: str | Path | None = None) -> tokenizers.Token
     return tok
 
 
-def tokenizer_config() -> dict[str, Any]:
-    """``tokenizer_config.json`` contents (``Qwen2Tokenizer``, as in the Qwen2-VL hub repos)."""
+def tokenizer_config(template: str = CHAT_TEMPLATE) -> dict[str, Any]:
+    """``tokenizer_config.json`` contents (``Qwen2Tokenizer``, as in the Qwen2-VL hub repos) with the chat
+    template ``template``."""
     added = {
         str(token_id): {
             "content": content,
@@ -241,21 +259,25 @@ def tokenizer_config() -> dict[str, Any]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": MODEL_MAX_LENGTH,
         "processor_class": "Qwen2VLProcessor",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": template,
     }
 
 
 def write_tokenizer_files(
-    out_dir: str | Path, tiktoken_path: str | Path | None = None, processor_class: str = "Qwen2VLProcessor"
+    out_dir: str | Path,
+    tiktoken_path: str | Path | None = None,
+    processor_class: str = "Qwen2VLProcessor",
+    template: str = CHAT_TEMPLATE,
 ) -> list[Path]:
-    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` into ``out_dir``."""
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` (``template``) into
+    ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "tokenizer.json", out / "tokenizer_config.json", out / "chat_template.jinja"]
     build_tokenizer(tiktoken_path).save(str(paths[0]), pretty=False)
-    config = {**tokenizer_config(), "processor_class": processor_class}
+    config = {**tokenizer_config(template), "processor_class": processor_class}
     paths[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths[2].write_text(CHAT_TEMPLATE, encoding="utf-8")
+    paths[2].write_text(template, encoding="utf-8")
     return paths
 
 
@@ -293,11 +315,12 @@ def write_processor_files(
     image_std: Sequence[float] = tuple(OPENAI_CLIP_STD),
     min_pixels: int = IMAGE_MIN_PIXELS,
     max_pixels: int = IMAGE_MAX_PIXELS,
+    template: str = CHAT_TEMPLATE,
 ) -> list[Path]:
     """Write the tokenizer files and ``preprocessor_config.json`` into ``out_dir``; return their paths.
     ``processor_class``: the transformers processor the files name (``Qwen2_5_VLProcessor`` for Qwen2.5-VL,
-    same tokenizer and image processor); the image settings default to Qwen2-VL's."""
-    paths = write_tokenizer_files(out_dir, tiktoken_path, processor_class)
+    same tokenizer and image processor); the image settings and the chat ``template`` default to Qwen2-VL's."""
+    paths = write_tokenizer_files(out_dir, tiktoken_path, processor_class, template)
     path = Path(out_dir) / "preprocessor_config.json"
     cfg = {
         **preprocessor_config(patch_size, temporal_patch_size, merge_size),

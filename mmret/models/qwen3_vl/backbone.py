@@ -1,6 +1,6 @@
 """Qwen3-VL's backbone spec (registered under the Hugging Face model_type ``qwen3_vl``): the Qwen2 tokenizer
-and special tokens, Qwen2-VL's position ids for still images, patch 16 with mean/std 0.5, its own model and
-presets."""
+and special tokens, a chat template without a default system turn, Qwen2-VL's position ids for still images,
+patch 16 with mean/std 0.5, its own model and presets."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from mmret.models.backbone import ImagePatching
 from mmret.models.qwen2_vl.backbone import BACKBONE as QWEN2_VL
+from mmret.models.qwen2_vl.processor_files import chat_template
 from mmret.models.qwen2_vl.processor_files import write_processor_files as _write_files
 from mmret.models.qwen3_vl import presets
 from mmret.models.qwen3_vl.config import Qwen3VLConfig
@@ -30,8 +31,9 @@ PATCHING = ImagePatching(
 
 
 def write_processor_files(out_dir: Path, hf: Mapping[str, Any]) -> list[Path]:
-    """The offline Qwen2 tokenizer files and a ``preprocessor_config.json`` of Qwen3-VL's image settings
-    matching ``hf``'s vision config."""
+    """The offline Qwen2 tokenizer files, a chat template that adds no default system turn (as Qwen3-VL's
+    released one) and a ``preprocessor_config.json`` of Qwen3-VL's image settings matching ``hf``'s vision
+    config."""
     vision = hf.get("vision_config") or {}
     return _write_files(
         out_dir,
@@ -43,6 +45,7 @@ def write_processor_files(out_dir: Path, hf: Mapping[str, Any]) -> list[Path]:
         image_std=PATCHING.image_std,
         min_pixels=PATCHING.min_pixels,
         max_pixels=PATCHING.max_pixels,
+        template=chat_template(None),
     )
 
 
@@ -58,4 +61,5 @@ BACKBONE = dataclasses.replace(
     preset_config=presets.hf_config,
     hf_model_class="Qwen3VLForConditionalGeneration",
     write_processor_files=write_processor_files,
+    default_system_prompt=None,  # Qwen/Qwen3-VL-*-Instruct's chat template adds no system turn
 )
