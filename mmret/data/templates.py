@@ -74,7 +74,6 @@ IM_END = "<|im_end|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 #: :attr:`TemplateSpec.system_prompt`'s default: the system turn the backbone's chat template adds to a
 #: conversation without one (:attr:`mmret.models.backbone.Backbone.default_system_prompt`: Qwen2-VL's and
 #: Qwen2.5-VL's "You are a helpful assistant.", none for Qwen3-VL), filled in by the processor.

@@ -110,7 +110,7 @@ class Backbone:
     write_processor_files: Callable[[Path, Mapping[str, Any]], list[Path]] | None = None
     # The system turn the family's chat template adds to a conversation that has none (None: it adds none);
     # prompt templates and reranker pairs render it as the chat template would.
-    default_system_prompt: str | None = "You are a helpful assistant."
+    default_system_prompt: str | None = None
 
     def config(self, hf: Mapping[str, Any], **options: Any) -> BackboneConfig:
         """The config for a Hugging Face ``config.json`` dict, with run options (``dtype``,

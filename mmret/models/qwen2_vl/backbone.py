@@ -12,6 +12,7 @@ from mmret.models.qwen2_vl.config import Qwen2VLConfig
 from mmret.models.qwen2_vl.model import Qwen2VL
 from mmret.models.qwen2_vl.position_ids import mrope_position_ids
 from mmret.models.qwen2_vl.processor_files import (
+    DEFAULT_SYSTEM_PROMPT,
     IMAGE_MAX_PIXELS,
     IMAGE_MIN_PIXELS,
     OPENAI_CLIP_MEAN,
@@ -66,4 +67,5 @@ BACKBONE = Backbone(
     embed_path=("language_model", "embed_tokens", "embedding"),
     lm_head_path=("lm_head", "kernel"),
     write_processor_files=write_processor_files,
+    default_system_prompt=DEFAULT_SYSTEM_PROMPT,  # Qwen2-VL's (and Qwen2.5-VL's) chat template adds it
 )
