@@ -13,8 +13,8 @@ last resort). Reported per side: real / computed LLM tokens, real / budgeted pat
 was taken, and first fit's bound (every batch in the fewest rows it needs).
 
 Part 2: the bi-encoder train step with GradCache (``--step_preset``, float32, ``--step_chunk`` queries a chunk,
-two chunks), the same batches padded and packed (each side's buckets chosen as above), examples/s, the two
-interleaved in one process.
+``--step_chunks`` chunks, the vision tower frozen as U-MARVEL trains unless ``--step_train_vision``), the same
+batches padded and packed (each side's buckets chosen as above), examples/s, the two interleaved in one process.
 
 The length model (assumptions, stated so they can be argued with). A task is drawn with probability
 proportional to its training queries (approx., UniIR's training-set sizes, thousands, no up-sampling). An input's
@@ -287,6 +287,7 @@ def step_benchmark(args, template) -> dict:
     from mmret.data.bad_records import BadRecords
     from mmret.data.pipeline import PipelineConfig, TrainExample, collate_train
     from mmret.data.processor import Processor, ProcessorConfig
+    from mmret.lora import trainable_filter
     from mmret.losses import Temperature
     from mmret.models.encoder import Encoder, EncoderConfig
     from mmret.models.qwen2_vl.processor_files import write_processor_files
@@ -300,7 +301,7 @@ def step_benchmark(args, template) -> dict:
     with tempfile.TemporaryDirectory() as d:
         write_processor_files(Path(d))
         proc = Processor(d, ProcessorConfig(template="umarvel", max_pixels=UMARVEL_MAX_PIXELS))
-    chunk, n_chunks, neg, length = args.step_chunk, 2, args.negatives, args.length
+    chunk, n_chunks, neg, length = args.step_chunk, args.step_chunks, args.negatives, args.length
     batch = chunk * n_chunks
     model_lengths = LengthModel(template, seed=args.seed + 7, max_length=length, mix=args.mix)
     calib = [[model_lengths.example(neg) for _ in range(chunk)] for _ in range(args.calibration)]
@@ -343,7 +344,10 @@ def step_benchmark(args, template) -> dict:
     backbone = models.from_preset(args.step_preset, seed=0, max_image_patches=1200)
     model = Retriever(Encoder(backbone, EncoderConfig()), Temperature(0.05, learnable=False))
     tx = optax.adamw(1e-5)
-    graphdef, params, rest = split_model(model)
+    # U-MARVEL's stages train the LLM with the vision tower and merger frozen (configs/umarvel.py ``freeze``):
+    # no vision backward then. ``--step_train_vision`` trains every parameter.
+    frozen = () if args.step_train_vision else (r"encoder\.backbone\.visual\..*",)
+    graphdef, params, rest = split_model(model, trainable_filter(frozen))
     inner = make_train_step(graphdef, tx, StepConfig(grad_cache=True))
 
     def step(state, b):
@@ -385,7 +389,14 @@ def step_benchmark(args, template) -> dict:
         out[k]["real_tokens"] = real[k][0] / real[k][1]
         out[k]["first_pass_s"] = compile_s[k]
     out["speedup"] = out["packed"]["examples_per_s"] / out["padded"]["examples_per_s"]
-    out["shapes"] = {"chunk": chunk, "chunks": n_chunks, "length": length, "negatives": neg, "preset": args.step_preset}
+    out["shapes"] = {
+        "chunk": chunk,
+        "chunks": n_chunks,
+        "length": length,
+        "negatives": neg,
+        "preset": args.step_preset,
+        "vision": "trained" if args.step_train_vision else "frozen",
+    }
     out["buckets"] = {"query": dataclasses.asdict(q_cfg), "candidates": dataclasses.asdict(c_cfg)}
     return out
 
@@ -412,6 +423,8 @@ def main() -> None:
     p.add_argument("--no-step", dest="step", action="store_false")
     p.add_argument("--step_preset", default="small")
     p.add_argument("--step_chunk", type=int, default=4)
+    p.add_argument("--step_chunks", type=int, default=2, help="GradCache chunks a step")
+    p.add_argument("--step_train_vision", action="store_true", help="train the vision tower too (default: frozen)")
     p.add_argument("--step_batches", type=int, default=2)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
